@@ -1,0 +1,12 @@
+"""Pallas GPU kernels. Each module registers its impl with its op's registry on import.
+
+On a machine without a GPU the kernels run in Pallas interpret mode (how CI tests them); `impl="auto"`
+only picks them on a GPU.
+"""
+
+import jax
+
+
+def interpret_mode() -> bool:
+  """True when Pallas kernels must run in interpret mode (no GPU backend)."""
+  return jax.default_backend() != "gpu"
