@@ -1,0 +1,163 @@
+"""The configuration schema: every field a run can set, with its default and type.
+
+Config files (`configs/*.py`) define `get_config()` that starts from `base_config()` and changes what
+they need. `validate(config)` runs before anything compiles: a field the schema does not know, a value
+of the wrong type or an inconsistent setting raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+LAYER_LETTERS = {
+    "A": "causal self-attention (RoPE, grouped KV heads)",
+    "M": "Mamba-1 mixer (selective scan)",
+    "S": "Mamba-2 mixer (SSD)",
+    "F": "MLP-only block (SwiGLU)",
+}
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, ill-typed or inconsistent; the message names it."""
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      pattern="MMMM",          # one letter per block, see LAYER_LETTERS
+      d_model=128,
+      vocab_size=-1,           # -1: take the task's vocabulary size
+      block_mlp=False,         # a SwiGLU sublayer after each mixer (Transformer/Jamba style)
+      d_ff=0,                  # MLP hidden width; 0: round(8/3 * d_model) to a multiple of 64
+      tie_embeddings=True,
+      norm_eps=1e-5,
+      # attention
+      num_heads=4,
+      num_kv_heads=4,
+      head_dim=0,              # 0: d_model // num_heads
+      rope_theta=10000.0,
+      sliding_window=0,        # 0: full causal attention
+      attention_impl="auto",
+      # Mamba-1
+      d_state=16,
+      expand=2,
+      d_conv=4,
+      dt_rank=0,               # 0: ceil(d_model / 16), as in Mamba
+      dt_min=0.001,
+      dt_max=0.1,
+      dt_init_floor=1e-4,
+      scan_impl="auto",
+      # Mamba-2
+      ssd_d_state=64,
+      ssd_head_dim=64,
+      ssd_n_groups=1,
+      ssd_chunk_size=64,
+      ssd_impl="auto",
+      # numerics and heads
+      dtype="float32",         # compute dtype of activations: float32 or bfloat16
+      param_dtype="float32",
+      head="lm",               # "lm" (next-token logits) or "classifier" (pooled logits)
+      num_classes=0,           # classifier: number of classes; 0 takes the task's
+      pooling="last",          # classifier: "last" (last real token) or "mean"
+      remat="none",            # rematerialisation policy: none | block | dots
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with defaults. Config files copy and change this."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      task=ml_collections.ConfigDict(dict(name="mqar")),  # task fields depend on the task name
+      model=model_defaults(),
+      train=ml_collections.ConfigDict(dict(
+          batch_size=64,
+          num_steps=1000,
+          learning_rate=1e-3,
+          warmup_steps=100,
+          min_lr_ratio=0.1,        # cosine decays to learning_rate * min_lr_ratio
+          weight_decay=0.1,
+          b1=0.9,
+          b2=0.98,
+          grad_clip_norm=1.0,
+          grad_accum_steps=1,
+          log_every=10,
+          eval_every=100,
+          eval_batch_size=0,       # 0: same as batch_size
+          checkpoint_every=200,
+          keep_checkpoints=3,
+          max_bad_steps=10,        # consecutive non-finite steps before the run stops
+          progress_bar=True,
+          profile_steps="",       # "start:stop" writes a jax.profiler trace over those steps
+          peak_flops=0.0,          # device peak for MFU; 0: look it up from the device kind
+      )),
+  ))
+
+
+_TYPES = {bool: (bool,), int: (int,), float: (float, int), str: (str,)}
+
+
+def _check_against(cfg: Any, schema: Any, prefix: str) -> None:
+  for key in cfg.keys():
+    path = f"{prefix}.{key}"
+    if key not in schema:
+      raise ConfigError(f"unknown config field {path!r}; known fields of {prefix!r}: "
+                        f"{sorted(schema.keys())}")
+    value, default = cfg[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config field {path!r} must be a group of fields, got {value!r}")
+      _check_against(value, default, path)
+    else:
+      allowed = _TYPES.get(type(default))
+      if allowed and (not isinstance(value, allowed) or (type(default) is not bool
+                                                         and isinstance(value, bool))):
+        raise ConfigError(f"config field {path!r} must be {type(default).__name__}, got "
+                          f"{value!r} ({type(value).__name__})")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first unknown, ill-typed or inconsistent field."""
+  schema = base_config()
+  for key in config.keys():
+    if key not in schema:
+      raise ConfigError(f"unknown config field 'config.{key}'; known: {sorted(schema.keys())}")
+  for group in ("model", "train"):
+    if group in config:
+      _check_against(config[group], schema[group], f"config.{group}")
+  if "task" not in config or "name" not in config.task:
+    raise ConfigError("config.task.name is required (for example 'mqar')")
+  m = config.model
+  bad = sorted(set(m.pattern) - set(LAYER_LETTERS))
+  if not m.pattern or bad:
+    raise ConfigError(f"config.model.pattern={m.pattern!r} has unknown letters {bad}; letters: "
+                      + ", ".join(f"{k} = {v}" for k, v in LAYER_LETTERS.items()))
+  if "A" in m.pattern:
+    if m.num_heads < 1 or m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
+      raise ConfigError(f"config.model.num_heads={m.num_heads} must be a positive multiple of "
+                        f"config.model.num_kv_heads={m.num_kv_heads}")
+    if not m.head_dim and m.d_model % m.num_heads:
+      raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
+                        f"config.model.num_heads={m.num_heads}; set config.model.head_dim")
+  if "S" in m.pattern and (m.expand * m.d_model) % m.ssd_head_dim:
+    raise ConfigError(f"config.model.ssd_head_dim={m.ssd_head_dim} must divide expand * d_model = "
+                      f"{m.expand * m.d_model}")
+  for field, choices in (("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32",
+                                                                              "bfloat16")),
+                         ("head", ("lm", "classifier")), ("pooling", ("last", "mean")),
+                         ("remat", ("none", "block", "dots"))):
+    if m[field] not in choices:
+      raise ConfigError(f"config.model.{field}={m[field]!r} must be one of {list(choices)}")
+  for field in ("d_model", "expand", "d_conv", "d_state"):
+    if m[field] < 1:
+      raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
+  t = config.train
+  for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints", "grad_accum_steps", "max_bad_steps"):
+    if t[field] < 1:
+      raise ConfigError(f"config.train.{field} must be >= 1, got {t[field]}")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} must be divisible by "
+                      f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if t.learning_rate <= 0:
+    raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
