@@ -6,6 +6,7 @@ Importing this package registers every implementation (the Pallas kernels regist
 
 from ssm_lab.ops.attention import attention
 from ssm_lab.ops.selective_scan import selective_scan
+from ssm_lab.ops.ssd import ssd
 from ssm_lab.ops import pallas as _pallas  # noqa: F401  (registers the Pallas impls)
 
-__all__ = ["attention", "selective_scan"]
+__all__ = ["attention", "selective_scan", "ssd"]

@@ -10,3 +10,4 @@ import jax
 def interpret_mode() -> bool:
   """True when Pallas kernels must run in interpret mode (no GPU backend)."""
   return jax.default_backend() != "gpu"
+from ssm_lab.ops.pallas import ssd as _ssd  # noqa: F401,E402

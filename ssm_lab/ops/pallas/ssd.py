@@ -1,0 +1,393 @@
+"""Pallas GPU (Triton backend) kernels for Mamba-2's SSD, forward and backward through a custom VJP.
+
+Registers `impl="pallas"` with `ssm_lab.ops.ssd.REGISTRY`. Derivation: Dao & Gu 2024 ("Transformers are
+SSMs"), sections 6-7; the kernels and the gradient algebra below are this project's own.
+
+Layout of the work. One program owns one (batch, head, segment) and walks the segment's chunks of Q
+tokens in order, carrying the head's [head_dim, d_state] state in float32 registers. Per chunk it
+does the SSD block products on tensor cores (operands in the input dtype, bf16 in training,
+float32 accumulation):
+
+  y   = (L o C B^T) u + exp(acum) * C S^T + D x          u = dt * x,  acum = in-chunk cumsum(dt A)
+  S  <- exp(acum_Q) S + (exp(acum_Q - acum) * u)^T B
+
+so no per-chunk state ever goes to memory. When batch * heads is too small to fill the GPU (long
+sequences), the sequence is cut into `segments`; the state each segment starts from is computed
+first with one XLA matrix product per segment plus a short sequential hand-over, then every segment
+runs in parallel.
+
+Backward (dy, dS_final given). With S_t the state after token t and dS_t the total gradient that
+reaches it:
+  dC_t = S_t^T dy_t                    needs S: kernel `_bwd_dc` walks forward, as the forward does;
+  du_s = dS_s B_s,  dB_s = dS_s^T u_s  need dS: kernel `_bwd_dx_db` walks backward, carrying
+                                       dS <- exp(acum_Q) dS + (exp(acum) * dy)^T C per chunk;
+  d a_t = sum_{t' >= t} (C_t'.dC_t' - B_t'.dB_t') + <dS_final, S_final>   (a_t = dt_t A)
+The last identity follows from <dS_t, exp(a_t) S_{t-1}> = <dS_t, S_t> - B_t.dB_t and
+<dS_t, S_t> = C_t.dC_t + <dS_{t+1}, S_{t+1}> - B_{t+1}.dB_{t+1}; so the kernels only emit the
+per-token dot products and the reverse cumsum runs in XLA. dB and dC are emitted per head (float32)
+and summed over the heads of a group afterwards.
+
+Shapes inside: head_dim and d_state are zero-padded to powers of two >= 16 (Triton tiles), the length
+to a multiple of Q * segments with dt = 0 tokens, which leave the state untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ssm_lab.ops import registry as reg
+# Names, not the module: the package attribute `ssm_lab.ops.ssd` is the function.
+from ssm_lab.ops.ssd import DEFAULT_CHUNK, REGISTRY, process_dt
+from ssm_lab.ops.pallas import interpret_mode
+
+f32 = jnp.float32
+# Programs wanted in flight before the sequence is cut into segments (an H100 has 132 SMs and fits
+# about two of these programs per SM).
+MIN_PROGRAMS = 264
+MIN_CHUNKS_PER_SEGMENT = 8
+
+
+class Config(NamedTuple):
+  """Static kernel parameters (hashable: the custom VJP keys on them)."""
+  chunk: int
+  segments: int
+  rep: int                      # heads per B/C group
+  num_warps_fwd: int = 4
+  num_warps_bwd: int = 8
+  num_stages: int = 2
+  interpret: bool = False
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def choose_segments(batch: int, heads: int, n_chunks: int, min_programs: int = MIN_PROGRAMS) -> int:
+  """Smallest power of two K with batch * heads * K >= min_programs, keeping >= 8 chunks a segment."""
+  k = 1
+  while batch * heads * k < min_programs and n_chunks // (2 * k) >= MIN_CHUNKS_PER_SEGMENT:
+    k *= 2
+  return k
+
+
+def _dot(a, b, contract, prec):
+  """2-D matrix product contracting a's axis contract[0] with b's axis contract[1], f32 result."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             precision=prec, preferred_element_type=f32)
+
+
+def _masks(q):
+  rows = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+  return rows >= cols, jax.lax.broadcasted_iota(jnp.int32, (q,), 0) == q - 1
+
+
+def _chunk_decays(ac, causal, is_last):
+  """ac [Q] in-chunk inclusive cumsum of dt*A -> (L [Q, Q], acum_Q scalar)."""
+  seg = ac[:, None] - ac[None, :]
+  # -inf above the diagonal: exp of a positive difference there could overflow before masking.
+  decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+  last = jnp.sum(jnp.where(is_last, ac, 0.0))
+  return decay, last
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *, q, cps, rep,
+                prec):
+  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  gi = hi // rep
+  cd = x_ref.dtype
+  d_h = d_ref[hi]
+  causal, is_last = _masks(q)
+
+  def body(c, s):
+    t0 = pl.multiple_of((ki * cps + c) * q, q)
+    xs = x_ref[bi, pl.ds(t0, q), hi, :]                         # [Q, P]
+    dts = dt_ref[bi, hi, pl.ds(t0, q)]                          # [Q]
+    ac = ac_ref[bi, hi, pl.ds(t0, q)]                           # [Q]
+    bs = b_ref[bi, pl.ds(t0, q), gi, :]                         # [Q, N]
+    cs = c_ref[bi, pl.ds(t0, q), gi, :]
+    decay, last = _chunk_decays(ac, causal, is_last)
+    u = xs.astype(f32) * dts[:, None]
+    cb = _dot(cs, bs, (1, 1), prec)                             # [Q, Q]
+    y = _dot((cb * decay).astype(cd), u.astype(cd), (1, 0), prec)
+    y = y + jnp.exp(ac)[:, None] * _dot(cs, s.astype(cd), (1, 1), prec)
+    y = y + d_h * xs.astype(f32)
+    y_ref[bi, pl.ds(t0, q), hi, :] = y.astype(y_ref.dtype)
+    uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
+    return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [P, N]
+
+  s = jax.lax.fori_loop(0, cps, body, s0_ref[bi, hi, ki])
+  s_ref[bi, hi, ki] = s
+
+
+def _bwd_dc_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, s0_ref, dc_ref, cdc_ref, *, q, cps,
+                   rep, prec):
+  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  gi = hi // rep
+  cd = x_ref.dtype
+  causal, is_last = _masks(q)
+
+  def body(c, s):
+    t0 = pl.multiple_of((ki * cps + c) * q, q)
+    xs = x_ref[bi, pl.ds(t0, q), hi, :]
+    dts = dt_ref[bi, hi, pl.ds(t0, q)]
+    ac = ac_ref[bi, hi, pl.ds(t0, q)]
+    bs = b_ref[bi, pl.ds(t0, q), gi, :]
+    cs = c_ref[bi, pl.ds(t0, q), gi, :]
+    dys = dy_ref[bi, pl.ds(t0, q), hi, :].astype(cd)
+    decay, last = _chunk_decays(ac, causal, is_last)
+    u = xs.astype(f32) * dts[:, None]
+    du_t = _dot(dys, u.astype(cd), (1, 1), prec)                 # [t, s] = dy_t . u_s
+    dc = _dot((du_t * decay).astype(cd), bs, (1, 0), prec)      # [Q, N]
+    dc = dc + jnp.exp(ac)[:, None] * _dot(dys, s.astype(cd), (1, 0), prec)
+    dc_ref[bi, pl.ds(t0, q), hi, :] = dc
+    cdc_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(cs.astype(f32) * dc, axis=1)
+    uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
+    return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)
+
+  jax.lax.fori_loop(0, cps, body, s0_ref[bi, hi, ki])
+
+
+def _bwd_dx_db_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, ds_end_ref,
+                      dx_ref, db_ref, bdb_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
+  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  gi = hi // rep
+  cd = x_ref.dtype
+  d_h = d_ref[hi]
+  causal, is_last = _masks(q)
+
+  def body(c, ds):                                              # ds: grad of the chunk's end state
+    t0 = pl.multiple_of((ki * cps + cps - 1 - c) * q, q)
+    xs = x_ref[bi, pl.ds(t0, q), hi, :]
+    dts = dt_ref[bi, hi, pl.ds(t0, q)]
+    ac = ac_ref[bi, hi, pl.ds(t0, q)]
+    bs = b_ref[bi, pl.ds(t0, q), gi, :]
+    cs = c_ref[bi, pl.ds(t0, q), gi, :]
+    dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
+    dys = dy_raw.astype(cd)
+    decay, last = _chunk_decays(ac, causal, is_last)
+    xf = xs.astype(f32)
+    u = xf * dts[:, None]
+    ucd = u.astype(cd)
+    w_end = jnp.exp(last - ac)[:, None]                         # [Q, 1]
+    ds_cd = ds.astype(cd)
+    # du_s = sum_t L[t,s] (C_t.B_s) dy_t + exp(acum_Q - acum_s) dS B_s
+    cb = _dot(cs, bs, (1, 1), prec)                             # [t, s]
+    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec)        # [s, P]
+    du = du + w_end * _dot(bs, ds_cd, (1, 1), prec)
+    # dB_s = sum_t L[t,s] (dy_t.u_s) C_t + exp(acum_Q - acum_s) dS^T u_s
+    du_t = _dot(dys, ucd, (1, 1), prec)                          # [t, s]
+    db = _dot((du_t * decay).astype(cd), cs, (0, 0), prec)       # [s, N]
+    db = db + w_end * _dot(ucd, ds_cd, (1, 0), prec)
+    dy_f = dy_raw.astype(f32)
+    dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
+    db_ref[bi, pl.ds(t0, q), hi, :] = db
+    bdb_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(bs.astype(f32) * db, axis=1)
+    ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
+    xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
+    dyw = (dy_f * jnp.exp(ac)[:, None]).astype(cd)
+    return jnp.exp(last) * ds + _dot(dyw, cs, (0, 0), prec)     # [P, N]: grad of the start state
+
+  ds0_ref[bi, hi, ki] = jax.lax.fori_loop(0, cps, body, ds_end_ref[bi, hi, ki])
+
+
+# ------------------------------------------------------------------------------ pallas_call wrappers
+
+def _prec(dtype):
+  # float32 inputs: true float32 products (Triton's default for f32 dots is tf32).
+  return jax.lax.Precision.HIGHEST if dtype == f32 else None
+
+
+def _call(kernel, cfg, num_warps, grid, out_shape, *args):
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages),
+  )(*args)
+
+
+def _common(x, dt, A, cfg):
+  """dtT, acT [b, h, Lp]: dt and the in-chunk inclusive cumsum of dt*A, time contiguous per head."""
+  b, lp, h, _ = x.shape
+  a = dt * A[None, None, :]
+  ac = jnp.cumsum(a.reshape(b, lp // cfg.chunk, cfg.chunk, h), axis=2).reshape(b, lp, h)
+  return a, jnp.swapaxes(dt, 1, 2), jnp.swapaxes(ac, 1, 2)
+
+
+def _segment_starts(x, dt, a, B, s0, cfg):
+  """The state each segment starts from: [b, h, K, P, N] float32 (one XLA product per segment)."""
+  k = cfg.segments
+  b, lp, h, p = x.shape
+  g, n = B.shape[2:]
+  if k == 1:
+    return s0[:, :, None]
+  ls = lp // k
+  a_s = a.reshape(b, k, ls, h)
+  after = jnp.flip(jnp.cumsum(jnp.flip(a_s, 2), 2), 2) - a_s    # sum of a over later tokens
+  w = (jnp.exp(after) * dt.reshape(b, k, ls, h)).reshape(b, k, ls, g, cfg.rep)
+  uw = (x.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(x.dtype)
+  local = jnp.einsum("bksgrp,bksgn->bkgrpn", uw, B.reshape(b, k, ls, g, n).astype(x.dtype),
+                     preferred_element_type=f32, precision=_prec(x.dtype)).reshape(b, k, h, p, n)
+  total = jnp.exp(a_s.sum(2))                                    # [b, k, h]
+  starts, s = [], s0
+  for j in range(k):
+    starts.append(s)
+    s = total[:, j, :, None, None] * s + local[:, j]
+  return jnp.stack(starts, axis=2)
+
+
+def _segment_grad_ends(dy, a, C, ds_final, cfg):
+  """Gradient reaching each segment's end state from later tokens: [b, h, K, P, N] float32."""
+  k = cfg.segments
+  b, lp, h, p = dy.shape
+  g, n = C.shape[2:]
+  if k == 1:
+    return ds_final[:, :, None]
+  ls = lp // k
+  a_s = a.reshape(b, k, ls, h)
+  w = jnp.exp(jnp.cumsum(a_s, 2)).reshape(b, k, ls, g, cfg.rep)
+  dyw = (dy.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(C.dtype)
+  local = jnp.einsum("bktgrp,bktgn->bkgrpn", dyw, C.reshape(b, k, ls, g, n),
+                     preferred_element_type=f32, precision=_prec(C.dtype)).reshape(b, k, h, p, n)
+  total = jnp.exp(a_s.sum(2))
+  ends, d = [None] * k, ds_final
+  for j in reversed(range(k)):
+    ends[j] = d
+    d = total[:, j, :, None, None] * d + local[:, j]            # grad of segment j-1's end state
+  return jnp.stack(ends, axis=2)
+
+
+def _forward(x, dt, A, B, C, D, s0, cfg):
+  b, lp, h, p = x.shape
+  n = B.shape[-1]
+  k = cfg.segments
+  cps = lp // (cfg.chunk * k)
+  a, dt_t, ac_t = _common(x, dt, A, cfg)
+  s_seg = _segment_starts(x, dt, a, B, s0, cfg)
+  kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=_prec(x.dtype))
+  y, s_end = _call(kern, cfg, cfg.num_warps_fwd, (b, h, k),
+                   (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                    jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
+                   x, dt_t, ac_t, B, C, D, s_seg)
+  return y, s_end[:, :, -1], s_seg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(x, dt, A, B, C, D, s0, cfg):
+  y, s_final, _ = _forward(x, dt, A, B, C, D, s0, cfg)
+  return y, s_final
+
+
+def _core_fwd(x, dt, A, B, C, D, s0, cfg):
+  y, s_final, s_seg = _forward(x, dt, A, B, C, D, s0, cfg)
+  return (y, s_final), (x, dt, A, B, C, D, s_seg, s_final)
+
+
+def _core_bwd(cfg, res, cts):
+  x, dt, A, B, C, D, s_seg, s_final = res
+  dy, ds_final = cts
+  b, lp, h, p = x.shape
+  g, n = B.shape[2:]
+  k = cfg.segments
+  cps = lp // (cfg.chunk * k)
+  prec = _prec(x.dtype)
+  a, dt_t, ac_t = _common(x, dt, A, cfg)
+  dy = dy.astype(x.dtype)
+  ds_final = ds_final.astype(f32)
+  ds_end = _segment_grad_ends(dy, a, C, ds_final, cfg)
+
+  kern = functools.partial(_bwd_dc_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
+  dc_h, cdc = _call(kern, cfg, cfg.num_warps_bwd, (b, h, k),
+                    (jax.ShapeDtypeStruct((b, lp, h, n), f32),
+                     jax.ShapeDtypeStruct((b, h, lp), f32)),
+                    x, dt_t, ac_t, B, C, dy, s_seg)
+  kern = functools.partial(_bwd_dx_db_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
+  vec = jax.ShapeDtypeStruct((b, h, lp), f32)
+  dx, db_h, bdb, ddt_u, xdy, ds_start = _call(
+      kern, cfg, cfg.num_warps_bwd, (b, h, k),
+      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), f32), vec, vec,
+       vec, jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
+      x, dt_t, ac_t, B, C, dy, D, ds_end)
+
+  # d a_t = sum_{t' >= t} (C.dC - B.dB)_t' + <dS_final, S_final>  (module docstring)
+  dg = cdc - bdb
+  da = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), -1), -1)
+  da = da + jnp.sum(ds_final * s_final, axis=(2, 3))[:, :, None]
+  ddt = jnp.swapaxes(ddt_u + da * A[None, :, None], 1, 2)          # [b, lp, h]
+  dA = jnp.sum(da * dt_t, axis=(0, 2))
+  db = db_h.reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
+  dc = dc_h.reshape(b, lp, g, cfg.rep, n).sum(3).astype(C.dtype)
+  dD = jnp.sum(xdy, axis=(0, 2))
+  return dx, ddt.astype(dt.dtype), dA.astype(A.dtype), db, dc, dD.astype(D.dtype), ds_start[:, :, 0]
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ------------------------------------------------------------------------------------- public entry
+
+def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+               D: jax.Array | None = None, dt_bias: jax.Array | None = None,
+               dt_softplus: bool = False, chunk_size: int | None = None,
+               initial_state: jax.Array | None = None, return_final_state: bool = False,
+               segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
+               num_stages: int = 2, interpret: bool | None = None) -> Any:
+  """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
+
+  Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
+  `choose_segments`), Triton `num_warps_*` / `num_stages`, `interpret` (None: on when no GPU).
+  """
+  batch, length, heads, head_dim = x.shape
+  groups, d_state = B.shape[2], B.shape[3]
+  q = chunk_size or DEFAULT_CHUNK
+  n_chunks = -(-length // q)
+  k = segments or choose_segments(batch, heads, n_chunks)
+  lp = -(-n_chunks // k) * k * q
+  pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
+  cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
+               num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+               interpret=interpret_mode() if interpret is None else interpret)
+
+  # Matrix products run in x's dtype; B and C are cast once here, not per program.
+  cd = x.dtype
+  dt = process_dt(dt, dt_bias, dt_softplus)
+  pad_l = lp - length
+  xp = jnp.pad(x, ((0, 0), (0, pad_l), (0, 0), (0, pp - head_dim)))
+  dtp = jnp.pad(dt, ((0, 0), (0, pad_l), (0, 0)))
+  Bp = jnp.pad(B.astype(cd), ((0, 0), (0, pad_l), (0, 0), (0, nn - d_state)))
+  Cp = jnp.pad(C.astype(cd), ((0, 0), (0, pad_l), (0, 0), (0, nn - d_state)))
+  Dp = jnp.zeros((heads,), f32) if D is None else D.astype(f32)
+  s0 = (jnp.zeros((batch, heads, pp, nn), f32) if initial_state is None else
+        jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, pp - head_dim), (0, nn - d_state))))
+  y, s_final = _core(xp, dtp, A.astype(f32), Bp, Cp, Dp, s0, cfg)
+  y = y[:, :length, :, :head_dim]
+  if return_final_state:
+    return y, s_final[:, :, :head_dim, :d_state]
+  return y
+
+
+def _pallas(x, dt, A, B, C, *, D, dt_bias, dt_softplus, chunk_size, initial_state,
+            return_final_state):
+  return ssd_pallas(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                    chunk_size=chunk_size, initial_state=initial_state,
+                    return_final_state=return_final_state)
+
+
+def _supports(*, x, B, chunk_size, **_: Any) -> str | None:
+  q = chunk_size or DEFAULT_CHUNK
+  if q < 16 or q > 128 or q & (q - 1):
+    return f"chunk_size must be a power of two in [16, 128] for the Triton tiles, got {q}"
+  if x.shape[-1] > 128 or B.shape[-1] > 256:
+    return (f"head_dim <= 128 and d_state <= 256 (the state lives in registers), got head_dim="
+            f"{x.shape[-1]}, d_state={B.shape[-1]}")
+  return None
+
+
+REGISTRY.register(reg.Impl("pallas", _pallas, _supports, auto_priority={"gpu": 20}))
