@@ -4,7 +4,7 @@ Importing this package registers every implementation (the Pallas kernels regist
 `ssm_lab.ops.pallas`), so `impl="auto"` sees all of them.
 """
 
-from ssm_lab.ops.attention import attention
+from ssm_lab.ops.attention import attention, attention_decode
 from ssm_lab.ops.selective_scan import selective_scan
 from ssm_lab.ops.ssd import ssd
 from ssm_lab.ops import pallas as _pallas  # noqa: F401  (registers the Pallas impls)

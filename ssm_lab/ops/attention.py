@@ -16,6 +16,7 @@ Implementations (see `REGISTRY`):
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from ssm_lab.ops import registry as reg
@@ -82,9 +83,45 @@ def _xla(q, k, v, *, causal, sliding_window, segment_ids, scale):
   return out
 
 
+def _cudnn(q, k, v, *, causal, sliding_window, segment_ids, scale):
+  del segment_ids  # `_cudnn_supports` refuses them
+  # q_len == kv_len here, so jax's top-left aligned causal/local masks equal ours.
+  window = None if sliding_window is None else (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                      local_window_size=window, implementation="cudnn")
+
+
+def _on_cuda() -> str | None:
+  """None on an NVIDIA GPU backend, else why not."""
+  if jax.default_backend() != "gpu":
+    return f"needs a CUDA GPU backend, got {jax.default_backend()!r}"
+  platform_version = jax.extend.backend.get_backend().platform_version
+  if "cuda" not in str(platform_version).lower():
+    return f"needs a CUDA GPU, got platform {platform_version!r}"
+  return None
+
+
+def _cudnn_supports(*, q, k, v, causal, sliding_window, segment_ids, scale) -> str | None:
+  del v, causal, sliding_window, scale
+  if q.dtype != jnp.bfloat16:
+    return f"cuDNN flash attention takes bfloat16 (or float16) inputs, got {q.dtype.name}"
+  head_dim = q.shape[-1]
+  if head_dim % 8 or head_dim > 128:
+    return f"cuDNN needs head_dim a multiple of 8 and <= 128, got {head_dim}"
+  if segment_ids is not None:
+    return "segment_ids are not expressible through jax.nn.dot_product_attention's cuDNN path"
+  if q.shape[1] != k.shape[1]:
+    return (f"q_len {q.shape[1]} != kv_len {k.shape[1]}: cuDNN's causal mask is top-left aligned, "
+            f"the contract's is bottom-right")
+  return _on_cuda()
+
+
+# Auto order on the GPU (measured on the H100, bf16, benchmarks/results/attention.md): cuDNN first
+# where it serves the call, then the Pallas kernel (f32, segment ids, q_len != kv_len), then XLA.
 REGISTRY.register(reg.Impl("reference", _reference, reg.always, auto_priority={}))
 REGISTRY.register(reg.Impl("xla", _xla, reg.always, auto_priority={"cpu": 10, "gpu": 10,
                                                                    "tpu": 10}))
+REGISTRY.register(reg.Impl("cudnn", _cudnn, _cudnn_supports, auto_priority={"gpu": 30}))
 
 
 def validate(q, k, v, causal, sliding_window, segment_ids):
@@ -139,4 +176,118 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
               segment_ids=segment_ids, scale=scale)
   chosen = REGISTRY.resolve(impl, **call)
   q_, k_, v_ = call.pop("q"), call.pop("k"), call.pop("v")
+  return chosen.fn(q_, k_, v_, **call)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding: a short query block against a preallocated KV cache.
+
+DECODE_REGISTRY = reg.OpRegistry("attention_decode")
+
+
+def decode_visibility_mask(q_positions: jax.Array, kv_positions: jax.Array,
+                           sliding_window: int | None) -> jax.Array:
+  """[batch, 1, q_len, cache_len] bool: key j visible to query i iff 0 <= kv_pos[j] <= q_pos[i]
+  (and kv_pos[j] > q_pos[i] - sliding_window when set)."""
+  qp = q_positions[:, :, None]
+  kp = kv_positions[:, None, :]
+  mask = (kp >= 0) & (kp <= qp)
+  if sliding_window is not None:
+    mask = mask & (kp > qp - sliding_window)
+  return mask[:, None]
+
+
+def _decode_reference(q, k_cache, v_cache, *, q_positions, kv_positions, sliding_window, scale):
+  batch, q_len, heads, head_dim = q.shape
+  cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  groups = heads // kv_heads
+  f32 = jnp.float32
+  qg = q.astype(f32).reshape(batch, q_len, kv_heads, groups, head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache.astype(f32)) * scale
+  logits = logits.reshape(batch, heads, q_len, cache_len)
+  mask = decode_visibility_mask(q_positions, kv_positions, sliding_window)
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(logits - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  p = p.reshape(batch, kv_heads, groups, q_len, cache_len)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v_cache.astype(f32))
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def _decode_xla(q, k_cache, v_cache, *, q_positions, kv_positions, sliding_window, scale):
+  mask = decode_visibility_mask(q_positions, kv_positions, sliding_window)
+  out = jax.nn.dot_product_attention(q, k_cache, v_cache, scale=scale, mask=mask,
+                                     implementation="xla")
+  # A query with no visible slot outputs zeros (the contract), not jax's uniform average.
+  seen = jnp.any(mask[:, 0], axis=-1)  # [batch, q_len]
+  return jnp.where(seen[:, :, None, None], out, jnp.zeros_like(out))
+
+
+DECODE_REGISTRY.register(reg.Impl("reference", _decode_reference, reg.always, auto_priority={}))
+DECODE_REGISTRY.register(reg.Impl("xla", _decode_xla, reg.always,
+                                  auto_priority={"cpu": 10, "gpu": 10, "tpu": 10}))
+
+
+def validate_decode(q, k_cache, v_cache, q_positions, kv_positions, sliding_window):
+  for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    reg.check_float(name, x)
+  reg.check_rank("q", q, 4, "[batch, q_len, heads, head_dim]")
+  reg.check_rank("k_cache", k_cache, 4, "[batch, cache_len, kv_heads, head_dim]")
+  reg.check_rank("v_cache", v_cache, 4, "[batch, cache_len, kv_heads, head_dim]")
+  batch, q_len, heads, head_dim = q.shape
+  if k_cache.shape != v_cache.shape:
+    raise ValueError(f"k_cache and v_cache must have the same shape [batch, cache_len, kv_heads, "
+                     f"head_dim], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+  if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+    raise ValueError(f"k_cache {tuple(k_cache.shape)} must match q {tuple(q.shape)} in batch and "
+                     f"head_dim")
+  if heads % k_cache.shape[2]:
+    raise ValueError(f"heads={heads} (q {tuple(q.shape)}) must be a multiple of kv_heads="
+                     f"{k_cache.shape[2]} (k_cache {tuple(k_cache.shape)})")
+  if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+    raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype.name}, "
+                     f"{k_cache.dtype.name}, {v_cache.dtype.name}")
+  reg.check_shape("q_positions", q_positions, (batch, q_len), "[batch, q_len]")
+  reg.check_shape("kv_positions", kv_positions, (batch, k_cache.shape[1]), "[batch, cache_len]")
+  for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers, got {x.dtype.name}")
+  if sliding_window is not None and int(sliding_window) < 1:
+    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+
+
+def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+                     q_positions: jax.Array, kv_positions: jax.Array,
+                     sliding_window: int | None = None, scale: float | None = None,
+                     impl: str = "auto") -> jax.Array:
+  """Attention of a short query block (1 to n tokens) against a preallocated KV cache.
+
+  Visibility is by absolute position, so one function serves a linear cache (slots past the count
+  of valid entries hold -1) and a sliding-window ring buffer (slot j holds whichever position was
+  written there last): key j is visible to query i iff kv_positions[j] >= 0 and
+  kv_positions[j] <= q_positions[i] (and kv_positions[j] > q_positions[i] - sliding_window when
+  set). A query with no visible slot outputs zeros. Softmax and accumulation are float32.
+
+  Args:
+    q: [batch, q_len, heads, head_dim].
+    k_cache, v_cache: [batch, cache_len, kv_heads, head_dim]; heads % kv_heads == 0.
+    q_positions: [batch, q_len] ints, absolute positions of the queries.
+    kv_positions: [batch, cache_len] ints, absolute position held in each slot, -1 if empty.
+    sliding_window: keep keys with position > q_position - sliding_window.
+    scale: logit scale, default 1/sqrt(head_dim).
+    impl: "auto", "reference" or "xla".
+
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype.
+  """
+  validate_decode(q, k_cache, v_cache, q_positions, kv_positions, sliding_window)
+  scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+  call = dict(q=q, k_cache=k_cache, v_cache=v_cache, q_positions=q_positions.astype(jnp.int32),
+              kv_positions=kv_positions.astype(jnp.int32),
+              sliding_window=None if sliding_window is None else int(sliding_window), scale=scale)
+  chosen = DECODE_REGISTRY.resolve(impl, **call)
+  q_, k_, v_ = call.pop("q"), call.pop("k_cache"), call.pop("v_cache")
   return chosen.fn(q_, k_, v_, **call)

@@ -11,3 +11,4 @@ def interpret_mode() -> bool:
   """True when Pallas kernels must run in interpret mode (no GPU backend)."""
   return jax.default_backend() != "gpu"
 from ssm_lab.ops.pallas import ssd as _ssd  # noqa: F401,E402
+from ssm_lab.ops.pallas import attention as _attention  # noqa: F401,E402
