@@ -2,12 +2,14 @@
 
 A checkpoint holds the train state (step, params, optimizer state, skipped-step counters) and a JSON
 record (the data position and the config). A latest checkpoint that fails to restore (truncated,
-corrupt) is reported with a warning and the previous one is used instead.
+corrupt) is reported with a warning, moved to `<workdir>/checkpoints_unreadable/`, and the previous
+one is used instead.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -43,11 +45,23 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as err:  # orbax raises assorted types for truncated or corrupt files
-        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s); trying the "
-                        "previous one", step, self.directory, type(err).__name__, err)
+        aside = self._set_aside(step)
+        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s); moved it to "
+                        "%s and trying the previous one", step, self.directory,
+                        type(err).__name__, err, aside)
         continue
       return step, out.state, dict(out.meta)
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a broken checkpoint out of the manager's way (kept for inspection, never deleted)."""
+    src = os.path.join(self.directory, str(step))
+    dst_root = self.directory + "_unreadable"
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+    os.replace(src, dst)
+    self.manager.reload()
+    return dst
 
   def close(self) -> None:
     self.manager.wait_until_finished()

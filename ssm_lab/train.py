@@ -189,8 +189,13 @@ class _Preempted:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at: int | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics.
+
+  `stop_at` ends this invocation after that step with a checkpoint, as a preemption would (the
+  schedule still follows `config.train.num_steps`); rerunning resumes from there.
+  """
   config_lib.validate(config)
   t = config.train
   task = make_task(config.task)
@@ -318,8 +323,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_writer.flush()
         bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in last_eval.items()))
         window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
-      save(step, force=step == t.num_steps)
+      save(step, force=step == t.num_steps or step == stop_at)
       bar.update(1)
+      if step == stop_at:
+        break
       if preempted.flag:
         save(step, force=True)
         bar.write(f"SIGTERM: checkpointed step {step} in {ckpt.directory}; rerun to resume")

@@ -1,0 +1,134 @@
+"""The training loop: learning, exact resume, TensorBoard scalars, config validation, fault paths."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ssm_lab import config as config_lib
+from ssm_lab import train
+from ssm_lab.metrics import read_scalars
+
+
+def tiny_config(pattern="MA", steps=12, **train_kw):
+  config = config_lib.base_config()
+  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=24,
+                                               num_kv_pairs=3, num_eval_examples=32))
+  config.model.pattern = pattern
+  config.model.d_model = 32
+  config.model.num_heads = 2
+  config.model.num_kv_heads = 2
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps = 8, steps, 2
+  t.log_every, t.eval_every, t.checkpoint_every = 2, 6, 3
+  t.progress_bar = False
+  for k, v in train_kw.items():
+    t[k] = v
+  return config
+
+
+def load_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  return step, state["params"]
+
+
+def test_quickstart_loss_falls_within_a_few_dozen_steps(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "quickstart", os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.train.num_steps = 60
+  config.train.eval_every = 60
+  config.train.progress_bar = False
+  config.task.num_eval_examples = 64
+  train.train_and_evaluate(config, str(tmp_path))
+  loss = [v for _, v in read_scalars(str(tmp_path / "train"))["loss"]]
+  assert loss[-1] < loss[0] - 0.5, loss
+
+
+def test_tensorboard_has_the_promised_scalars(tmp_path):
+  train.train_and_evaluate(tiny_config(steps=6), str(tmp_path))
+  train_tags = set(read_scalars(str(tmp_path / "train")))
+  assert {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s",
+          "step_time_s"} <= train_tags
+  assert {"loss", "accuracy"} <= set(read_scalars(str(tmp_path / "eval")))
+
+
+def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
+  config = tiny_config(steps=8, checkpoint_every=4)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(config, resumed, stop_at=4)
+  assert load_params(resumed)[0] == 4
+  train.train_and_evaluate(config, resumed)
+  (s1, p1), (s2, p2) = load_params(straight), load_params(resumed)
+  assert s1 == s2 == 8
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(a, b)
+  # The resumed run logged the second half's losses exactly as the straight run did.
+  l1 = dict(read_scalars(os.path.join(straight, "train"))["loss"])
+  l2 = dict(read_scalars(os.path.join(resumed, "train"))["loss"])
+  for step in (6, 8):
+    assert l1[step] == pytest.approx(l2[step], rel=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  config = tiny_config(steps=6, checkpoint_every=3)
+  train.train_and_evaluate(config, str(tmp_path), stop_at=6)
+  # Truncate every file of the newest checkpoint's state.
+  newest = tmp_path / "checkpoints" / "6"
+  for root, _, files in os.walk(newest / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb"):
+        pass
+  ckpt = train.Checkpointer(str(tmp_path), keep=3, save_every=3)
+  restored = ckpt.restore_latest(None)
+  ckpt.close()
+  assert restored is not None and restored[0] == 3
+  # And training resumes from step 3 to the end.
+  train.train_and_evaluate(config, str(tmp_path))
+  assert load_params(str(tmp_path))[0] == 6
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+  config = tiny_config(steps=20, learning_rate=1e30, max_bad_steps=3, grad_clip_norm=1e30)
+  config.train.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.train.__setattr__("batch_sise", 3), "batch_sise"),
+    (lambda c: c.model.__setitem__("pattern", "MQ"), "pattern"),
+    (lambda c: c.model.__setitem__("num_kv_heads", 3), "num_kv_heads"),
+    (lambda c: c.train.__setitem__("batch_size", 0), "batch_size"),
+    (lambda c: c.model.__setitem__("dtype", "float16"), "dtype"),
+])
+def test_config_errors_name_the_field(tmp_path, mutate, match):
+  config = tiny_config()
+  mutate(config)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ill_typed_field_is_rejected():
+  config = tiny_config()
+  with pytest.raises((config_lib.ConfigError, TypeError)):
+    config.train.batch_size = "eight"
+    config_lib.validate(config)
+
+
+def test_unknown_task_lists_the_available_ones(tmp_path):
+  config = tiny_config()
+  config.task = ml_collections.ConfigDict(dict(name="nope"))
+  with pytest.raises(ValueError, match="mqar"):
+    train.train_and_evaluate(config, str(tmp_path))
