@@ -84,7 +84,7 @@ def test_remat_gives_the_same_gradients():
   remat = build_model(model_cfg(pattern="MA", block_mlp=True, remat="block"), vocab_size=50)
   params = plain.init(KEY, tokens)["params"]
   grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, tokens).sum())(params)
-  for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+  for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
