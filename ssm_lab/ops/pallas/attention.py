@@ -129,8 +129,10 @@ def _kv_range(q_start, bq: int, bk: int, s: _Static):
     hi = _cdiv(jnp.maximum(hi_key + 1, 0), bk)
     fhi = jnp.minimum(lax.div(jnp.maximum(qpos_min + 1, 0), bk), n_full_kv)
     if s.window is not None:
-      lo = lax.div(jnp.maximum(qpos_min - s.window + 1, 0), bk)
+      lo_key = jnp.maximum(qpos_min - s.window + 1, 0)
+      lo = lax.div(lo_key, bk)
       flo = _cdiv(jnp.maximum(qpos_max - s.window + 1, 0), bk)
+      hi = jnp.where(hi_key < lo_key, lo, hi)  # the whole window lies past the last key
     else:
       lo = jnp.int32(0)
       flo = jnp.int32(0)
@@ -152,11 +154,13 @@ def _q_range(k_start, bk: int, bq: int, s: _Static):
   k_end = k_start + bk - 1
   n_q = -(-s.q_len // bq)
   if s.causal:
-    lo = lax.div(jnp.maximum(k_start - s.offset, 0), bq)
+    first_row = jnp.maximum(k_start - s.offset, 0)
+    lo = lax.div(first_row, bq)
     flo = _cdiv(jnp.maximum(k_end - s.offset, 0), bq)
     if s.window is not None:
       last_row = jnp.minimum(k_end + s.window - 1 - s.offset, s.q_len - 1)
       hi = _cdiv(jnp.maximum(last_row + 1, 0), bq)
+      hi = jnp.where(last_row < first_row, lo, hi)
       fhi = lax.div(jnp.maximum(k_start + s.window - s.offset, 0), bq)
     else:
       hi = jnp.int32(n_q)
