@@ -1,11 +1,12 @@
 """Multi-query associative recall (MQAR), as defined in Zoology (Arora et al. 2023, section 3).
 
 A sequence opens with `num_kv_pairs` key-value pairs (keys drawn without replacement from the lower
-half of the vocabulary, values from the upper half). The rest of the sequence holds every key again as
-a query, at positions whose distance from the context follows a power law with exponent `power_a`
-(small a: most queries come soon after the context, a few far away). The model must emit the matching
-value right after each query key; only those positions are scored. Other positions hold random tokens
-(`random_non_queries`) or zeros. Generated on the fly from a seed: nothing is downloaded.
+half of the vocabulary, values without replacement from the upper half). The rest of the sequence
+holds every key again as a query, at positions whose distance from the context follows a power law
+with exponent `power_a` (small a: most queries come soon after the context, a few far away). The
+model must emit the matching value right after each query key; only those positions are scored. Other
+positions hold random tokens (`random_non_queries`) or zeros. Generated on the fly from a seed:
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class MQAR:
     half = self.vocab_size // 2
     # Keys without replacement per example: argsort of uniform noise picks a random subset.
     keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :kv] + 1
-    values = rng.integers(half, self.vocab_size, size=(n, kv))
+    # Values are distinct too, as in Zoology's generator (each value then names exactly one key).
+    values = np.argsort(rng.random((n, self.vocab_size - half)), axis=1)[:, :kv] + half
     context = np.empty((n, 2 * kv), np.int64)
     context[:, 0::2], context[:, 1::2] = keys, values
     # Query slots (even offsets after the context), chosen without replacement with power-law odds.
