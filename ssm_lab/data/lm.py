@@ -59,23 +59,36 @@ class PackedStream:
     ids = np.asarray(ids, np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= self.num_windows):
       raise ValueError(f"window ids must be in [0, {self.num_windows}), got {ids.min()}..{ids.max()}")
-    length = self.seq_len
+    length, rows = self.seq_len, len(ids)
     start = ids * length
-    pos = start[:, None] + np.arange(length + 1, dtype=np.int64)      # [batch, L + 1]
-    doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
-    doc_start = self.doc_starts[doc]
-    is_eos = pos == doc_start
-    phys = np.where(is_eos, 0, pos - doc - 1)
-    tokens = self.cache.tokens[phys].astype(np.int32)
-    tokens[is_eos] = self.eos_id
-    seg = doc - doc[:, :1]
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "loss_mask": (seg[:, 1:] == seg[:, :-1]).astype(np.float32),
-        "segment_ids": seg[:, :-1].astype(np.int32),
-        "positions": (pos[:, :-1] - np.maximum(doc_start[:, :-1], start[:, None])).astype(np.int32),
-    }
+    tokens = np.empty((rows, length + 1), np.int32)
+    loss_mask = np.ones((rows, length), np.float32)
+    segment_ids = np.zeros((rows, length), np.int32)
+    positions = np.empty((rows, length), np.int32)
+    positions[:] = np.arange(length, dtype=np.int32)
+    # Most windows of long documents lie inside one document past its eos: a plain slice of the
+    # cache, no per-token search. The others take the general path below.
+    first = np.searchsorted(self.doc_starts, start, side="right") - 1
+    last = np.searchsorted(self.doc_starts, start + length, side="right") - 1
+    simple = (first == last) & (start != self.doc_starts[first])
+    for row in np.flatnonzero(simple):
+      phys = start[row] - first[row] - 1
+      tokens[row] = self.cache.tokens[phys:phys + length + 1]
+    mixed = np.flatnonzero(~simple)
+    if len(mixed):
+      pos = start[mixed, None] + np.arange(length + 1, dtype=np.int64)      # [rows, L + 1]
+      doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
+      doc_start = self.doc_starts[doc]
+      is_eos = pos == doc_start
+      t = self.cache.tokens[np.where(is_eos, 0, pos - doc - 1)].astype(np.int32)
+      t[is_eos] = self.eos_id
+      tokens[mixed] = t
+      seg = doc - doc[:, :1]
+      loss_mask[mixed] = seg[:, 1:] == seg[:, :-1]
+      segment_ids[mixed] = seg[:, :-1]
+      positions[mixed] = pos[:, :-1] - np.maximum(doc_start[:, :-1], start[mixed, None])
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,
+            "segment_ids": segment_ids, "positions": positions}
 
 
 def open_corpus(dataset: str, data_dir: str = "", text_field: str = "text",

@@ -53,6 +53,8 @@ def test_windows_reproduce_the_packed_stream(toy):
   assert st.cache.meta["dtype"] == "uint8" and st.cache.num_docs == len(train)
   b = st.windows(np.arange(st.num_windows))
   L = 16
+  has_eos = (np.c_[b["inputs"], b["targets"][:, -1:]] == EOS).any(axis=1)
+  assert has_eos.any() and (~has_eos).any()   # both the plain-slice and the general path run
   for w in range(st.num_windows):
     np.testing.assert_array_equal(b["inputs"][w], stream[w * L:(w + 1) * L])
     np.testing.assert_array_equal(b["targets"][w], stream[w * L + 1:(w + 1) * L + 1])
