@@ -210,7 +210,8 @@ def read_trec_docs(path: Path) -> dict[str, str]:
 
 def read_trec_topics(path: Path, field: str = "title") -> dict[str, str]:
   """Topics of a TREC topic file: {num: the `field` text} ("Number:"/"Topic:" prefixes removed)."""
-  raw = open_text(path).read()
+  with open_text(path) as f:
+    raw = f.read()
   out: dict[str, str] = {}
   for m in re.finditer(r"<top>(.*?)</top>", raw, re.I | re.S):
     block = m.group(1)
@@ -236,12 +237,13 @@ def sniff(path: Path) -> str | None:
       head = f.read(4096)
   except (UnicodeDecodeError, OSError, EOFError):
     return None
-  upper = head.upper()
-  if "<DOC>" in upper:
-    return "trec_docs"
-  if "<TOP>" in upper:
-    return "trec_topics"
   first = next((ln for ln in head.splitlines() if ln.strip()), "")
+  # SGML files open with their first tag; text that merely mentions "<doc>" is not one.
+  opening = first.lstrip().upper()
+  if opening.startswith("<DOC>"):
+    return "trec_docs"
+  if opening.startswith("<TOP>"):
+    return "trec_topics"
   parts = first.split()
   if len(parts) == 6 and parts[1].upper() == "Q0":
     return "trec_run"
@@ -370,7 +372,10 @@ def load_wikiqa(root: Path, name: str) -> Collection:
     for n, f in files.items():
       if not f.is_file():
         raise ValueError(f"{folder}: the WikiQA layout needs {list(files)}; {n} is missing")
-    cols = {n: open_text(f).read().splitlines() for n, f in files.items()}
+    cols = {}
+    for n, f in files.items():
+      with open_text(f) as fh:
+        cols[n] = fh.read().splitlines()
     lengths = {n: len(v) for n, v in cols.items()}
     if len(set(lengths.values())) != 1:
       raise ValueError(f"{folder}: a.toks, b.toks, id.txt and sim.txt must have the same number of "

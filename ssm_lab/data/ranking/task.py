@@ -144,9 +144,10 @@ class RankingTask:
         if pool:
           d = pool[rng.integers(len(pool))]
         else:  # no first-stage negatives: a random document that is not judged relevant
-          d = self._doc_ids[rng.integers(len(self._doc_ids))]
-          while self.qrels.get(q, {}).get(d, 0) > 0:
+          for _ in range(100):  # bounded: a collection could hold only relevant documents
             d = self._doc_ids[rng.integers(len(self._doc_ids))]
+            if self.qrels.get(q, {}).get(d, 0) <= 0:
+              break
         pairs.append((q, d))
         labels.append(0)
     pairs, labels = pairs[:n], labels[:n]
