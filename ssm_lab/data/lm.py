@@ -112,9 +112,10 @@ def get_tokenizer(spec: str, dataset: str, *, data_dir: str = "", cache_dir: str
         f"{key}-bpe{m.group(1)}-*/tokenizer.json"))
     if stored and not (paths.cache_root(cache_dir) / "tokenizers" / f"{key}-bpe{m.group(1)}.json"
                        ).is_file():
-      return load_tokenizer_file(stored[-1], f"{key}-bpe{m.group(1)}")
-  return load_tokenizer(spec, cache_dir=cache_dir, data_dir=data_dir,
-                        dataset_key=paths.dataset_key(dataset), train_texts=train_texts,
+      newest = max(stored, key=lambda p: p.stat().st_mtime)
+      return load_tokenizer_file(newest, f"{key}-bpe{m.group(1)}")
+  return load_tokenizer(spec, cache_dir=cache_dir, data_dir=data_dir, dataset_key=key,
+                        train_texts=train_texts,
                         bpe_train_bytes=bpe_train_bytes, show_progress=progress)
 
 
