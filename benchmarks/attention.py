@@ -189,12 +189,13 @@ def phase_check(results):
       ref = jax.jit(fwd_bwd(attn_fn("reference", causal=causal, window=window, seg=seg)))(
           q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
           do.astype(jnp.float32))
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    # bf16 operands: ~2e-3 seen; float32 inputs: the GPU matmuls run in TF32 (~4e-4 seen).
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
     for impl in impls:
       row = dict(phase="check", case=name, impl=impl, dtype=jnp.dtype(dtype).name)
       try:
         got = jax.jit(fwd_bwd(attn_fn(impl, causal=causal, window=window, seg=seg)))(q, k, v, do)
-        errs = [rel(g, r) for g, r in zip(got, ref)]
+        errs = [rel(g, r) for g, r in zip(got, ref, strict=True)]
         row.update(err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3],
                    ok=bool(all(e < tol for e in errs) and all(math.isfinite(e) for e in errs)))
       except Exception as e:  # noqa: BLE001  (record and go on)
@@ -344,7 +345,7 @@ def phase_bench(results, tuned, lengths, dump=None):
           if impl == "cudnn":
             ref_out[passes] = out
           elif passes in ref_out:
-            errs = [rel(o, r) for o, r in zip(out, ref_out[passes])]
+            errs = [rel(o, r) for o, r in zip(out, ref_out[passes], strict=True)]
             row["err_vs_cudnn"] = max(errs)
           del out
         except Exception as e:  # noqa: BLE001  (OOM or unsupported: record, go on)

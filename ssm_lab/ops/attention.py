@@ -9,8 +9,27 @@ Logits, softmax and accumulation are float32; the output has q's dtype.
 
 Implementations (see `REGISTRY`):
   "reference"  einsum + masked softmax; materialises [batch, heads, q_len, kv_len]: the oracle.
-  "xla"        `jax.nn.dot_product_attention(implementation="xla")`.
-  "cudnn", "pallas"  GPU kernels, registered by their own modules when they exist.
+  "xla"        `jax.nn.dot_product_attention(implementation="xla")`; also materialises the L x L
+               logits (34 GB of float32 logits alone at L = 16K, 32K tokens x 16 heads: not run there).
+  "cudnn"      `jax.nn.dot_product_attention(implementation="cudnn")`: bfloat16, head_dim a multiple of
+               8 up to 128, q_len == kv_len, no segment ids, CUDA GPUs only (`supports` says which).
+  "pallas"     our FlashAttention-2 Pallas (Triton) kernel, `ssm_lab.ops.pallas.attention`: head_dim 64
+               or 128, everything else in the contract (f32, segment ids, q_len != kv_len).
+
+`impl="auto"`: xla on the CPU; on a GPU cudnn, then pallas, then xla, by measurement on the H100
+(bf16, causal, 16 heads, 32K tokens per batch, forward+backward, ms; benchmarks/results/attention.md):
+
+  head_dim 64      L=1K    4K     16K    64K        head_dim 128   L=1K   4K     16K    64K
+  cudnn            1.12    2.65   9.02   69.6       cudnn          1.76   4.29   14.5   108
+  pallas           1.03    3.24   11.7   89.0       pallas         1.80   5.46   19.9   150
+  xla              10.3    35.2   -      -          xla            11.1   36.3   -      -
+
+cuDNN is 22-45% faster from 4K on (GQA included) and at most 8% slower at 1K, so it goes first
+wherever it serves the call; the Pallas kernel serves the rest at 6-11x XLA's speed and without its
+L x L memory.
+
+`attention_decode` (below) attends a short query block to a preallocated KV cache by absolute
+positions (linear caches and sliding-window ring buffers alike); impls "reference" and "xla".
 """
 
 from __future__ import annotations
@@ -116,8 +135,7 @@ def _cudnn_supports(*, q, k, v, causal, sliding_window, segment_ids, scale) -> s
   return _on_cuda()
 
 
-# Auto order on the GPU (measured on the H100, bf16, benchmarks/results/attention.md): cuDNN first
-# where it serves the call, then the Pallas kernel (f32, segment ids, q_len != kv_len), then XLA.
+# Auto order on the GPU: see the module docstring for the measurements behind it.
 REGISTRY.register(reg.Impl("reference", _reference, reg.always, auto_priority={}))
 REGISTRY.register(reg.Impl("xla", _xla, reg.always, auto_priority={"cpu": 10, "gpu": 10,
                                                                    "tpu": 10}))
