@@ -12,3 +12,4 @@ def interpret_mode() -> bool:
   return jax.default_backend() != "gpu"
 from ssm_lab.ops.pallas import ssd as _ssd  # noqa: F401,E402
 from ssm_lab.ops.pallas import attention as _attention  # noqa: F401,E402
+from ssm_lab.ops.pallas import selective_scan as _selective_scan  # noqa: F401,E402

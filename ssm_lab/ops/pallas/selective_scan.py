@@ -1,0 +1,656 @@
+"""Pallas (Triton) GPU kernels for the Mamba-1 selective scan: `selective_scan(..., impl="pallas")`.
+
+The hardware-aware scan of Gu & Dao 2023 (section 3.3, appendix D): the [d_state] state of every channel
+lives in registers while the kernel walks time, so [batch, length, d_inner, d_state] is never written
+to HBM. One program owns `block_d` channels of one batch row (and, optionally, one time segment); its
+state tile is [d_state, block_d] float32 (channels fastest, so per-token vectors load coalesced and the
+C contraction over d_state stays inside a thread). Per token it fuses softplus(delta + delta_bias), the
+discretisation exp(delta * A) and delta * B * u, the C contraction, the D skip and the z gate.
+
+Backward (`jax.custom_vjp`): the forward saves the state at the start of every `chunk` tokens
+([batch, length / chunk, d_state, d_inner] float32). The backward walks chunks in reverse; for each it
+recomputes the chunk's states in registers from the saved one, then runs the adjoint recurrence
+
+  g_t = dL/dh_t = exp(delta_{t+1} A) g_{t+1} + dy_t C_t   (dy: the gradient before the C contraction)
+
+token by token backwards, with w_t = h_t - delta_t u_t B_t (= exp(delta_t A) h_{t-1}):
+  d delta_t = sum_n g_t (A w_t + u_t B_t),  du_t = D dy_t + delta_t sum_n g_t B_t,
+  dA += g_t w_t delta_t,  dB_t = sum_d g_t delta_t u_t,  dC_t = sum_d dy_t h_t.
+dA, dD and d(delta_bias) are accumulated per program and summed over batch (and segments) in XLA;
+dB and dC are written per channel block and summed over the blocks of each group in XLA.
+
+Time segments (`segments` > 1, for calls with few channels and long sequences): a first pass runs every
+segment from a zero state (forward: the segment's end state and sum of delta; backward: the adjoint at
+the segment's start). Because A does not depend on time, a segment's total decay is exp(A * sum delta),
+so the true state entering each segment follows from a short XLA scan over segments, and the main
+kernels then run all segments in parallel.
+
+Padding: d_state is padded to a power of two (A = 0, B = C = 0 keep padded states at zero); channels
+are padded per group to a multiple of block_d (padded channels are independent and sliced away);
+time is padded at the end to a multiple of chunk * segments, and the kernels zero delta on padded
+tokens so the state (and so the final state) passes through them unchanged.
+
+Without a GPU the kernels run in Pallas interpret mode (how CI checks them against the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ssm_lab.ops import registry as reg
+from ssm_lab.ops.selective_scan import REGISTRY
+from ssm_lab.ops.pallas import interpret_mode
+
+F32 = jnp.float32
+LOG2E = 1.4426950408889634
+MAX_D_STATE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling of one call (all powers of two; `None` fields are chosen by `default_config`).
+
+  Attributes:
+    block_d: channels per program in the forward kernels.
+    num_warps: warps per program in the forward kernels.
+    bwd_block_d: channels per program in the backward kernel.
+    bwd_num_warps: warps per program in the backward kernel.
+    chunk: the checkpoint interval; the backward recomputes (and holds in registers) `chunk` state
+      tiles at a time. Triton's compile time grows steeply with the unrolled body, so keep it small.
+    unroll: tokens unrolled per loop step in the forward-direction kernels (a multiple of chunk).
+    segments: time segments run in parallel (two-pass scan); 1 = one program walks the whole length.
+    num_stages: Triton software-pipelining depth.
+  """
+
+  block_d: int | None = None
+  num_warps: int | None = None
+  bwd_block_d: int | None = None
+  bwd_num_warps: int | None = None
+  chunk: int | None = None
+  unroll: int | None = None
+  segments: int | None = None
+  num_stages: int = 1
+
+
+def _pow2_ceil(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _padded_d_state(d_state: int) -> int:
+  return max(2, _pow2_ceil(d_state))
+
+
+def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups: int = 1,
+                   config: Config | None = None) -> Config:
+  """Fills the `None` fields of `config` from the call's shape (see benchmarks/NOTES_selective_scan.md)."""
+  c = config or Config()
+  n_p = _padded_d_state(d_state)
+  d_group = d_inner // n_groups
+  # One warp per program, one channel per lane while d_state <= 16; past that, lanes split the
+  # states of a channel so that a lane keeps at most 16 of them.
+  block_d = c.block_d or max(4, min(32, _pow2_ceil(d_group), 512 // n_p))
+  bwd_block_d = c.bwd_block_d or block_d
+  # The backward holds `chunk` recomputed state tiles in registers.
+  chunk = c.chunk or (4 if n_p <= 16 else 2)
+  unroll = c.unroll or max(chunk, 8 if n_p <= 16 else 4)
+  if unroll % chunk:
+    raise ValueError(f"Config.unroll={unroll} must be a multiple of Config.chunk={chunk}")
+  segments = c.segments
+  if segments is None:
+    # Split time until there are enough programs to fill the GPU (~4 per SM on 132 SMs), while each
+    # segment keeps at least 32 chunks (the first pass costs about one more forward).
+    programs = batch * -(-d_inner // block_d)
+    segments = 1
+    while programs * segments < 512 and length // (segments * 2) >= 64 * chunk:
+      segments *= 2
+  return Config(block_d=block_d, num_warps=c.num_warps or 1, bwd_block_d=bwd_block_d,
+                bwd_num_warps=c.bwd_num_warps or 1, chunk=chunk, unroll=unroll, segments=segments,
+                num_stages=c.num_stages)
+
+
+def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             initial_state=None, return_final_state=False) -> str | None:
+  """None when the Pallas kernel computes this (already validated) call; else the reason."""
+  del delta, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
+  batch, length, d_inner = u.shape
+  d_state = A.shape[1]
+  if d_state > MAX_D_STATE:
+    return (f"d_state={d_state} (A {tuple(A.shape)}) is above {MAX_D_STATE}: the state tile and the "
+            f"backward's recomputed chunk would not fit in registers")
+  if min(batch, length, d_inner, d_state) < 1:
+    return f"empty call: u {tuple(u.shape)}, A {tuple(A.shape)}"
+  return None
+
+
+# --------------------------------------------------------------------------------------------------
+# In-kernel helpers.
+#
+# Layout. A program's state is a [block_d, d_state] tile, one channel per lane with all of its states
+# in that lane's registers, so the per-token channel vectors (u, delta, z, y: [block_d], one element
+# per lane) are exactly the tile's column layout and sums over d_state are in-thread adds. Triton
+# derives layouts from memory accesses, and for a tile access that it can prove contiguous it picks
+# 16-byte vectors spread over several lanes per channel, which costs a shared-memory layout conversion
+# of every per-token vector. Tiles are therefore loaded and stored through index arrays scaled by
+# `_one()` (1 at run time, opaque to Triton's analysis): the lanes still touch consecutive addresses,
+# so the accesses coalesce, and B_t, C_t load as [block_d, d_state] tiles broadcast over the lanes.
+
+
+def _ex2(x: jax.Array, interpret: bool) -> jax.Array:
+  """2**x; the GPU uses the special-function unit directly (relative error ~2**-22)."""
+  if interpret:
+    return jnp.exp2(x)
+  return plt.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
+                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _sigmoid(x, interpret):
+  return 1.0 / (1.0 + _ex2(-x * LOG2E, interpret))
+
+
+def _softplus(x, interpret):
+  # Same form as jax.nn.softplus (logaddexp(x, 0)): exact for large |x| in both directions.
+  return jnp.maximum(x, 0.0) + jnp.log1p(_ex2(-jnp.abs(x) * LOG2E, interpret))
+
+
+def _one():
+  """The int32 1, computed from the program id so that Triton cannot fold it before choosing layouts."""
+  return jnp.minimum(pl.program_id(0), 0) + 1
+
+
+class _TileIndex:
+  """Index arrays addressing a [block_d, d_state] register tile of a [d_state, channels] block.
+
+  Channels are the tile's first axis: with no provable contiguity Triton orders a tensor's axes as
+  given and spreads the lanes over the first one.
+  """
+
+  def __init__(self, n: int, bd: int):
+    one = _one()
+    self.states = jnp.broadcast_to((jax.lax.iota(jnp.int32, n) * one)[None, :], (bd, n))
+    self.chans = jnp.broadcast_to((jax.lax.iota(jnp.int32, bd) * one)[:, None], (bd, n))
+
+  def load(self, ref, *lead):
+    return ref[(*lead, self.states, self.chans)]
+
+  def store(self, ref, value, *lead):
+    ref[(*lead, self.states, self.chans)] = value
+
+  def per_state(self, ref, t):
+    """Row t of a [tokens, d_state] block, broadcast over the tile's channels (f32 [bd, n])."""
+    return ref[t, self.states].astype(F32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels are specialised on (hashable: a custom_vjp nondiff argument)."""
+
+  batch: int
+  length: int        # true length L (tokens at and past it are padding)
+  padded_length: int
+  d_pad: int         # padded channels (n_groups * padded group width)
+  d_group_pad: int
+  n_pad: int         # padded d_state (a power of two)
+  n_groups: int
+  has_z: bool
+  softplus: bool
+  cfg: Config
+  interpret: bool
+
+  @property
+  def seg_len(self) -> int:
+    return self.padded_length // self.cfg.segments
+
+  @property
+  def masked(self) -> bool:
+    return self.padded_length != self.length
+
+
+def _delta(dl_ref, bias, t, t_base, st: _Static):
+  """(delta + bias, discretisation step) for local token t; the step is zero on padded tokens."""
+  x = dl_ref[t, :].astype(F32) + bias
+  dt = _softplus(x, st.interpret) if st.softplus else x
+  if st.masked:
+    dt = dt * (t_base + t < st.length).astype(F32)
+  return x, dt
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels. Grid (channel block j, segment p, batch b); refs are that program's blocks.
+
+
+def _fwd_kernel(*refs, st: _Static, save_ck: bool):
+  """y and the segment's end state from the segment's start state; optionally the chunk checkpoints."""
+  it = iter(refs)
+  u_ref, dl_ref = next(it), next(it)
+  z_ref = next(it) if st.has_z else None
+  b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref, y_ref, hend_ref = (next(it) for _ in range(8))
+  ck_ref = next(it) if save_ck else None
+  T, U, S = st.cfg.chunk, st.cfg.unroll, st.seg_len
+  ix = _TileIndex(st.n_pad, d_ref.shape[0])
+  t_base = pl.program_id(1) * S
+  a2 = ix.load(a_ref) * LOG2E                               # [bd, n]
+  d_skip = d_ref[...]
+  bias = bias_ref[...]
+
+  def token(t, h):
+    u = u_ref[t, :].astype(F32)                             # [bd]
+    _, dt = _delta(dl_ref, bias, t, t_base, st)
+    h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
+    y = jnp.sum(h * ix.per_state(c_ref, t), axis=1) + d_skip * u
+    if st.has_z:
+      zt = z_ref[t, :].astype(F32)
+      y = y * zt * _sigmoid(zt, st.interpret)
+    y_ref[t, :] = y.astype(y_ref.dtype)
+    return h
+
+  def step(si, h):
+    for i in range(U):
+      if save_ck and i % T == 0:
+        ix.store(ck_ref, h, si * (U // T) + i // T)
+      h = token(si * U + i, h)
+    return h
+
+  ix.store(hend_ref, jax.lax.fori_loop(0, S // U, step, ix.load(h0_ref)))
+
+
+def _state_kernel(u_ref, dl_ref, b_ref, a_ref, bias_ref, hloc_ref, dts_ref, *, st: _Static):
+  """First forward pass of a segment: its end state from a zero start, and its sum of delta."""
+  T, S = st.cfg.unroll, st.seg_len
+  ix = _TileIndex(st.n_pad, bias_ref.shape[0])
+  t_base = pl.program_id(1) * S
+  a2 = ix.load(a_ref) * LOG2E
+  bias = bias_ref[...]
+
+  def chunk(ci, carry):
+    h, dts = carry
+    for i in range(T):
+      t = ci * T + i
+      u = u_ref[t, :].astype(F32)
+      _, dt = _delta(dl_ref, bias, t, t_base, st)
+      h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
+      dts = dts + dt
+    return h, dts
+
+  h, dts = jax.lax.fori_loop(0, S // T, chunk, (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32)))
+  ix.store(hloc_ref, h)
+  dts_ref[...] = dts
+
+
+def _adjoint_kernel(*refs, st: _Static):
+  """First backward pass of a segment: the adjoint of the state entering it, from outputs inside it."""
+  it = iter(refs)
+  dl_ref = next(it)
+  z_ref = next(it) if st.has_z else None
+  c_ref, a_ref, bias_ref, dy_ref, gloc_ref, dts_ref = (next(it) for _ in range(6))
+  T, S = st.cfg.unroll, st.seg_len
+  ix = _TileIndex(st.n_pad, bias_ref.shape[0])
+  t_base = pl.program_id(1) * S + S                         # this grid runs segments 1..P-1
+  a2 = ix.load(a_ref) * LOG2E
+  bias = bias_ref[...]
+  n_chunks = S // T
+
+  def chunk(k, carry):
+    g, dts = carry
+    ci = n_chunks - 1 - k
+    for i in reversed(range(T)):
+      t = ci * T + i
+      _, dt = _delta(dl_ref, bias, t, t_base, st)
+      dys = dy_ref[t, :].astype(F32)
+      if st.has_z:
+        zt = z_ref[t, :].astype(F32)
+        dys = dys * zt * _sigmoid(zt, st.interpret)
+      g = g + dys[:, None] * ix.per_state(c_ref, t)
+      g = _ex2(dt[:, None] * a2, st.interpret) * g
+      dts = dts + dt
+    return g, dts
+
+  g, dts = jax.lax.fori_loop(0, n_chunks, chunk, (jnp.zeros(a2.shape, F32),
+                                                  jnp.zeros(bias.shape, F32)))
+  ix.store(gloc_ref, g)
+  dts_ref[...] = dts
+
+
+def _bwd_kernel(*refs, st: _Static):
+  """Gradients of one segment's tokens, walking chunks backwards from the adjoint at its end."""
+  it = iter(refs)
+  u_ref, dl_ref = next(it), next(it)
+  z_ref = next(it) if st.has_z else None
+  (b_ref, c_ref, a_ref, d_ref, bias_ref, ck_ref, dy_ref, gend_ref,
+   du_ref, ddl_ref) = (next(it) for _ in range(10))
+  dz_ref = next(it) if st.has_z else None
+  dbp_ref, dcp_ref, da_ref, dd_ref, dbias_ref, dh0_ref = (next(it) for _ in range(6))
+  interp = st.interpret
+  T, S = st.cfg.chunk, st.seg_len
+  ix = _TileIndex(st.n_pad, d_ref.shape[0])
+  n_chunks = S // T
+  t_base = pl.program_id(1) * S
+  a2 = ix.load(a_ref) * LOG2E
+  d_skip = d_ref[...]
+  bias = bias_ref[...]
+
+  def chunk(k, carry):
+    g, d_a, d_d, d_bias = carry
+    ci = n_chunks - 1 - k
+    h = ix.load(ck_ref, ci)
+    hs, us, dts = [], [], []
+    for i in range(T):                                      # recompute the chunk's states
+      t = ci * T + i
+      u = u_ref[t, :].astype(F32)
+      _, dt = _delta(dl_ref, bias, t, t_base, st)
+      h = _ex2(dt[:, None] * a2, interp) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
+      hs.append(h)
+      us.append(u)
+      dts.append(dt)
+    for i in reversed(range(T)):
+      t = ci * T + i
+      h, u, dt = hs[i], us[i], dts[i]
+      bt = ix.per_state(b_ref, t)
+      ct = ix.per_state(c_ref, t)
+      dout = dy_ref[t, :].astype(F32)
+      if st.has_z:
+        zt = z_ref[t, :].astype(F32)
+        sg = _sigmoid(zt, interp)
+        y = jnp.sum(h * ct, axis=1) + d_skip * u
+        dz_ref[t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(dz_ref.dtype)
+        dys = dout * zt * sg
+      else:
+        dys = dout
+      d_d = d_d + dys * u
+      g = g + dys[:, None] * ct                             # the adjoint of h_t
+      dtu = dt * u
+      w = h - dtu[:, None] * bt                             # exp(dt A) h_{t-1}
+      g_b = jnp.sum(g * bt, axis=1)
+      ddt = jnp.sum(g * a2 * w, axis=1) * (1.0 / LOG2E) + u * g_b
+      du_ref[t, :] = (dys * d_skip + dt * g_b).astype(du_ref.dtype)
+      d_a = d_a + g * w * dt[:, None]
+      dbp_ref[t, :] = jnp.sum(g * dtu[:, None], axis=0)
+      dcp_ref[t, :] = jnp.sum(h * dys[:, None], axis=0)
+      # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)), from dt without reloading x.
+      dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
+      if st.masked:
+        dx = dx * (t_base + t < st.length).astype(F32)
+      d_bias = d_bias + dx
+      ddl_ref[t, :] = dx.astype(ddl_ref.dtype)
+      g = _ex2(dt[:, None] * a2, interp) * g
+    return g, d_a, d_d, d_bias
+
+  zeros_d = jnp.zeros(bias.shape, F32)
+  g, d_a, d_d, d_bias = jax.lax.fori_loop(
+      0, n_chunks, chunk, (ix.load(gend_ref), jnp.zeros(a2.shape, F32), zeros_d, zeros_d))
+  ix.store(da_ref, d_a)
+  dd_ref[...] = d_d
+  dbias_ref[...] = d_bias
+  ix.store(dh0_ref, g)
+
+
+# --------------------------------------------------------------------------------------------------
+# pallas_call wrappers.
+
+
+def _params(st: _Static, num_warps: int):
+  return plt.CompilerParams(num_warps=num_warps, num_stages=st.cfg.num_stages)
+
+
+def _specs(st: _Static, bd: int, seg_offset: int = 0):
+  """BlockSpecs for grid (j, p, b): token arrays, B/C, channel vectors, state tiles, per-segment."""
+  S, n = st.seg_len, st.n_pad
+  blocks_per_group = st.d_group_pad // bd
+  o = seg_offset
+  tok = pl.BlockSpec((None, S, bd), lambda j, p, b: (b, p + o, j))
+  grp = pl.BlockSpec((None, S, None, n), lambda j, p, b: (b, p + o, j // blocks_per_group, 0))
+  chan = pl.BlockSpec((bd,), lambda j, p, b: (j,))
+  tile = pl.BlockSpec((n, bd), lambda j, p, b: (0, j))
+  seg_tile = pl.BlockSpec((None, None, n, bd), lambda j, p, b: (b, p + o, 0, j))
+  seg_chan = pl.BlockSpec((None, None, bd), lambda j, p, b: (b, p + o, j))
+  return tok, grp, chan, tile, seg_tile, seg_chan
+
+
+def _fwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0seg, save_ck: bool):
+  bd = st.cfg.block_d
+  b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
+  tok, grp, chan, tile, seg_tile, _ = _specs(st, bd)
+  S = st.seg_len
+  in_specs = [tok, tok] + ([tok] if st.has_z else []) + [grp, grp, tile, chan, chan, seg_tile]
+  args = [u, dl] + ([z] if st.has_z else []) + [bm, cm, a, d_skip, bias, h0seg]
+  out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype), jax.ShapeDtypeStruct((b, P, n, dp), F32)]
+  out_specs = [tok, seg_tile]
+  if save_ck:
+    out_shape.append(jax.ShapeDtypeStruct((b, lp // T, n, dp), F32))
+    out_specs.append(pl.BlockSpec((None, S // T, n, bd), lambda j, p, b: (b, p, 0, j)))
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st, save_ck=save_ck), out_shape=out_shape,
+      grid=(dp // bd, P, b), in_specs=in_specs, out_specs=out_specs,
+      compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
+      name="selective_scan_fwd")(*args)
+
+
+def _state_call(st: _Static, u, dl, bm, a, bias):
+  bd = st.cfg.block_d
+  b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
+  tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
+  return pl.pallas_call(
+      functools.partial(_state_kernel, st=st),
+      out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
+                 jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
+      grid=(dp // bd, P - 1, b), in_specs=[tok, tok, grp, tile, chan],
+      out_specs=[seg_tile, seg_chan], compiler_params=_params(st, st.cfg.num_warps),
+      interpret=st.interpret, name="selective_scan_state")(u, dl, bm, a, bias)
+
+
+def _adjoint_call(st: _Static, dl, z, cm, a, bias, dy):
+  bd = st.cfg.block_d
+  b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
+  tok, grp, chan, tile, _, _ = _specs(st, bd, seg_offset=1)
+  seg_tile = pl.BlockSpec((None, None, n, bd), lambda j, p, b: (b, p, 0, j))
+  seg_chan = pl.BlockSpec((None, None, bd), lambda j, p, b: (b, p, j))
+  in_specs = [tok] + ([tok] if st.has_z else []) + [grp, tile, chan, tok]
+  args = [dl] + ([z] if st.has_z else []) + [cm, a, bias, dy]
+  return pl.pallas_call(
+      functools.partial(_adjoint_kernel, st=st),
+      out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
+                 jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
+      grid=(dp // bd, P - 1, b), in_specs=in_specs, out_specs=[seg_tile, seg_chan],
+      compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
+      name="selective_scan_adjoint")(*args)
+
+
+def _bwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend):
+  bd = st.cfg.bwd_block_d
+  b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
+  S = st.seg_len
+  nblk = dp // bd
+  tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
+  ck_spec = pl.BlockSpec((None, S // T, n, bd), lambda j, p, b: (b, p, 0, j))
+  part = pl.BlockSpec((None, S, None, n), lambda j, p, b: (b, p, j, 0))
+  in_specs = ([tok, tok] + ([tok] if st.has_z else [])
+              + [grp, grp, tile, chan, chan, ck_spec, tok, seg_tile])
+  args = [u, dl] + ([z] if st.has_z else []) + [bm, cm, a, d_skip, bias, ck, dy, gend]
+  out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype), jax.ShapeDtypeStruct((b, lp, dp), dl.dtype)]
+  out_specs = [tok, tok]
+  if st.has_z:
+    out_shape.append(jax.ShapeDtypeStruct((b, lp, dp), z.dtype))
+    out_specs.append(tok)
+  out_shape += [jax.ShapeDtypeStruct((b, lp, nblk, n), F32), jax.ShapeDtypeStruct((b, lp, nblk, n), F32),
+                jax.ShapeDtypeStruct((b, P, n, dp), F32), jax.ShapeDtypeStruct((b, P, dp), F32),
+                jax.ShapeDtypeStruct((b, P, dp), F32), jax.ShapeDtypeStruct((b, P, n, dp), F32)]
+  out_specs += [part, part, seg_tile, seg_chan, seg_chan, seg_tile]
+  return pl.pallas_call(
+      functools.partial(_bwd_kernel, st=st), out_shape=out_shape, grid=(nblk, P, b),
+      in_specs=in_specs, out_specs=out_specs, compiler_params=_params(st, st.cfg.bwd_num_warps),
+      interpret=st.interpret, name="selective_scan_bwd")(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# custom_vjp over the padded canonical arrays:
+#   u, dl, z [b, Lp, Dp]; bm, cm [b, Lp, G, Np]; a [Np, Dp] f32; d_skip, bias [Dp] f32; h0 [b, Np, Dp] f32.
+
+
+def _segment_starts(st: _Static, u, dl, bm, a, bias, h0):
+  """[b, P, Np, Dp]: the state entering each segment (first pass + an XLA scan over segments)."""
+  if st.cfg.segments == 1:
+    return h0[:, None]
+  hloc, dts = _state_call(st, u, dl, bm, a, bias)          # segments 0..P-2
+
+  def step(h, xs):
+    hl, ds = xs                                             # [b, Np, Dp], [b, Dp]
+    h = jnp.exp(a[None] * ds[:, None, :]) * h + hl
+    return h, h
+
+  _, later = jax.lax.scan(step, h0, (jnp.moveaxis(hloc, 1, 0), jnp.moveaxis(dts, 1, 0)))
+  return jnp.concatenate([h0[:, None], jnp.moveaxis(later, 0, 1)], axis=1)
+
+
+def _forward(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck: bool):
+  h0seg = _segment_starts(st, u, dl, bm, a, bias, h0)
+  return _fwd_call(st, u, dl, z, bm, cm, a, d_skip, bias, h0seg, save_ck)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0):
+  y, hend = _forward(st, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck=False)
+  return y, hend[:, -1]
+
+
+def _scan_fwd(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0):
+  y, hend, ck = _forward(st, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck=True)
+  return (y, hend[:, -1]), (u, dl, z, bm, cm, a, d_skip, bias, ck, h0)
+
+
+def _scan_bwd(st: _Static, res, cts):
+  u, dl, z, bm, cm, a, d_skip, bias, ck, h0 = res
+  dy, dh_final = cts
+  dy = dy.astype(u.dtype)
+  dh_final = dh_final.astype(F32)
+  P = st.cfg.segments
+  if P == 1:
+    gend = dh_final[:, None]
+  else:
+    gloc, dts = _adjoint_call(st, dl, z, cm, a, bias, dy)   # segments 1..P-1
+
+    def step(g, xs):                                        # from the last segment backwards
+      gl, ds = xs
+      g = gl + jnp.exp(a[None] * ds[:, None, :]) * g
+      return g, g
+
+    _, earlier = jax.lax.scan(step, dh_final, (jnp.moveaxis(gloc, 1, 0), jnp.moveaxis(dts, 1, 0)),
+                              reverse=True)
+    gend = jnp.concatenate([jnp.moveaxis(earlier, 0, 1), dh_final[:, None]], axis=1)
+  outs = _bwd_call(st, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend)
+  du, ddl = outs[0], outs[1]
+  dz = outs[2] if st.has_z else None
+  dbp, dcp, dap, ddp, dbiasp, dh0p = outs[3:] if st.has_z else outs[2:]
+  b, lp, G, n = bm.shape
+  per_group = dbp.shape[2] // G
+  d_bm = dbp.reshape(b, lp, G, per_group, n).sum(3).astype(bm.dtype)
+  d_cm = dcp.reshape(b, lp, G, per_group, n).sum(3).astype(cm.dtype)
+  return (du, ddl, dz, d_bm, d_cm, dap.sum((0, 1)), ddp.sum((0, 1)), dbiasp.sum((0, 1)),
+          dh0p[:, 0].astype(h0.dtype))
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry (the registry's fn): padding to the canonical layout and back.
+
+
+def _pad_channels(x: jax.Array, axis: int, groups: int, group_pad: int) -> jax.Array:
+  """Pads each of the `groups` equal slices of `axis` to `group_pad` entries (zeros at the end)."""
+  d = x.shape[axis]
+  width = d // groups
+  if width == group_pad:
+    return x
+  shape = x.shape[:axis] + (groups, width) + x.shape[axis + 1:]
+  pads = [(0, 0)] * (len(shape))
+  pads[axis + 1] = (0, group_pad - width)
+  x = jnp.pad(x.reshape(shape), pads)
+  return x.reshape(x.shape[:axis] + (groups * group_pad,) + x.shape[axis + 2:])
+
+
+def _unpad_channels(x: jax.Array, axis: int, groups: int, width: int) -> jax.Array:
+  group_pad = x.shape[axis] // groups
+  if width == group_pad:
+    return x
+  shape = x.shape[:axis] + (groups, group_pad) + x.shape[axis + 1:]
+  x = jax.lax.slice_in_dim(x.reshape(shape), 0, width, axis=axis + 1)
+  return x.reshape(x.shape[:axis] + (groups * width,) + x.shape[axis + 2:])
+
+
+def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, initial_state=None, return_final_state=False,
+                          config: Config | None = None):
+  """The selective scan of `ssm_lab.ops.selective_scan` through the Pallas kernels.
+
+  Args are the op's (validated; B, C as [batch, length, n_groups, d_state]). `config` overrides the
+  tiling chosen by `default_config` (benchmarks and tests use it).
+
+  Returns:
+    y [batch, length, d_inner] in u's dtype, or (y, final_state [batch, d_inner, d_state] float32).
+  """
+  batch, length, d_inner = u.shape
+  d_state = A.shape[1]
+  groups = B.shape[2]
+  cfg = default_config(batch, length, d_inner, d_state, groups, config)
+  d_group = d_inner // groups
+  n_pad = _padded_d_state(d_state)
+  block_max = max(cfg.block_d, cfg.bwd_block_d)
+  d_group_pad = -(-d_group // block_max) * block_max
+  step = cfg.unroll * cfg.segments
+  padded_length = -(-length // step) * step
+  st = _Static(batch=batch, length=length, padded_length=padded_length,
+               d_pad=groups * d_group_pad, d_group_pad=d_group_pad, n_pad=n_pad, n_groups=groups,
+               has_z=z is not None, softplus=bool(delta_softplus), cfg=cfg,
+               interpret=interpret_mode())
+
+  def tokens(x):                                            # [b, L, D] -> [b, Lp, Dp]
+    x = _pad_channels(x, 2, groups, d_group_pad)
+    return jnp.pad(x, ((0, 0), (0, padded_length - length), (0, 0)))
+
+  def group_inputs(x):                                      # [b, L, G, N] -> [b, Lp, G, Np]
+    return jnp.pad(x, ((0, 0), (0, padded_length - length), (0, 0), (0, n_pad - d_state)))
+
+  def channel_vec(x):
+    x = jnp.zeros((d_inner,), F32) if x is None else x.astype(F32)
+    return _pad_channels(x, 0, groups, d_group_pad)
+
+  a = _pad_channels(jnp.pad(A.astype(F32), ((0, 0), (0, n_pad - d_state))), 0, groups, d_group_pad).T
+  if initial_state is None:
+    h0 = jnp.zeros((batch, n_pad, st.d_pad), F32)
+  else:
+    h0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, n_pad - d_state)))
+    h0 = jnp.swapaxes(_pad_channels(h0, 1, groups, d_group_pad), 1, 2)
+  y, h_final = _scan(st, tokens(u), tokens(delta), None if z is None else tokens(z),
+                     group_inputs(B), group_inputs(C), a, channel_vec(D), channel_vec(delta_bias), h0)
+  y = _unpad_channels(y[:, :length], 2, groups, d_group)
+  if not return_final_state:
+    return y
+  h_final = _unpad_channels(jnp.swapaxes(h_final, 1, 2), 1, groups, d_group)[:, :, :d_state]
+  return y, h_final
+
+
+def _registry_fn(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus, initial_state,
+                 return_final_state):
+  return selective_scan_pallas(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                               delta_softplus=delta_softplus, initial_state=initial_state,
+                               return_final_state=return_final_state)
+
+
+REGISTRY.register(reg.Impl("pallas", _registry_fn, supports, auto_priority={"gpu": 20}))
+
+
+def padded_sizes(batch: int, length: int, d_inner: int, d_state: int, n_groups: int = 1,
+                 config: Config | None = None) -> dict[str, Any]:
+  """The padded problem the kernels see (for benchmarks' byte counts and tests)."""
+  cfg = default_config(batch, length, d_inner, d_state, n_groups, config)
+  block_max = max(cfg.block_d, cfg.bwd_block_d)
+  d_group_pad = -(-(d_inner // n_groups) // block_max) * block_max
+  step = cfg.unroll * cfg.segments
+  return dict(config=cfg, padded_length=-(-length // step) * step, d_pad=n_groups * d_group_pad,
+              n_pad=_padded_d_state(d_state), checkpoints=-(-length // step) * step // cfg.chunk)
