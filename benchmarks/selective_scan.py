@@ -182,7 +182,7 @@ def compile_all(jobs: dict[str, tuple[Callable[..., Any], tuple]], workers: int)
 
 def time_exe(exe, args, reps: int, warmup: int = 2) -> float:
   """Median wall time in ms of exe(*args) (synchronised with block_until_ready)."""
-  for _ in range(warmup):
+  for _ in range(warmup if reps > 3 else 1):
     jax.block_until_ready(exe(*args))
   ts = []
   for _ in range(reps):
@@ -259,12 +259,22 @@ def main() -> None:
     SHAPES = [(2, 64, 64, 4)]
     CHECKS = [(n, (s[0], min(s[1], 50), min(s[2], 40), min(s[3], 5), 1 if s[4] == 1 else 2), *rest)
               for n, s, *rest in CHECKS[:2]]
-    SWEEP = [((2, 64, 64, 4), dict(segments=2, chunk=2, unroll=4))]
+    SWEEP = [
+    ((8, 2048, 1536, 16), dict(segments=1)),
+    ((8, 2048, 1536, 16), dict(segments=4)),
+    ((8, 2048, 1536, 16), dict(segments=2, block_d=16, bwd_block_d=16)),
+    ((2, 8192, 1536, 16), dict(segments=4)),
+    ((2, 8192, 1536, 16), dict(segments=16)),
+    ((1, 65536, 2048, 16), dict(segments=4)),
+    ((1, 65536, 2048, 16), dict(segments=16)),
+    ((1, 65536, 2048, 16), dict(segments=32)),
+    ((8, 2048, 5120, 16), dict(segments=2)),
+]
   os.makedirs(opts.out, exist_ok=True)
   t_start = time.time()
   dev = jax.devices()[0]
   try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
   except OSError:
     commit = "unknown"
