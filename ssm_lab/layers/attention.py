@@ -1,6 +1,15 @@
-"""Causal self-attention with rotary position embeddings (RoPE) and grouped KV heads (GQA)."""
+"""Causal self-attention with rotary position embeddings (RoPE) and grouped KV heads (GQA).
+
+Decoding shares this module's parameters and code: in the cache modes ("prefill", "decode") the layer
+also reads and returns a KV cache {"k", "v": [batch, cache_len, kv_heads, head_dim], "pos": [batch,
+cache_len] int32}, where "pos" holds the absolute position stored in each slot (-1 = empty). Position
+p lives in slot p % cache_len, so one layout serves a linear cache (cache_len >= every position) and
+a sliding-window ring buffer (cache_len == sliding_window).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,12 +35,44 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def attention_cache_len(max_len: int, sliding_window: int) -> int:
+  """Slots a layer needs to decode up to `max_len` positions: the window when it is shorter (a ring
+  buffer), else `max_len`."""
+  return min(max_len, sliding_window) if sliding_window else max_len
+
+
+def init_attention_cache(batch: int, cache_len: int, num_kv_heads: int, head_dim: int,
+                         dtype: Any) -> dict[str, jax.Array]:
+  """An empty KV cache: k, v [batch, cache_len, num_kv_heads, head_dim] zeros; pos -1 everywhere."""
+  shape = (batch, cache_len, num_kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.full((batch, cache_len), -1, jnp.int32)}
+
+
+def _write(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
+           positions: jax.Array) -> dict[str, jax.Array]:
+  """Stores k, v [batch, n, kv_heads, head_dim] of `positions` [batch, n] in slots position % len.
+  The caller keeps n <= cache_len so that no two tokens share a slot."""
+  cache_len = cache["k"].shape[1]
+  rows = jnp.arange(k.shape[0])[:, None]
+  slots = positions % cache_len
+  return {"k": cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype)),
+          "v": cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype)),
+          "pos": cache["pos"].at[rows, slots].set(positions.astype(jnp.int32))}
+
+
 class CausalSelfAttention(nn.Module):
   """x: [batch, length, d_model] -> [batch, length, d_model].
 
   `num_kv_heads` < `num_heads` gives grouped-query attention (1 is multi-query). `sliding_window`
   (0 = off) keeps the w most recent keys. `segment_ids` [batch, length] keeps packed documents apart;
   `positions` [batch, length] restarts RoPE per document (default 0..length-1).
+
+  Modes: "full" returns y (training, scoring). "prefill" computes exactly what "full" does for a
+  prompt starting at position 0 and also returns the filled cache: (y, cache). "decode" appends
+  x's tokens at `positions` (absolute, [batch, length]) to `cache` and attends over the cache through
+  `ops.attention_decode`: (y, cache). A ring buffer (cache_len < the positions reached) decodes one
+  token per call.
   """
 
   num_heads: int
@@ -42,11 +83,17 @@ class CausalSelfAttention(nn.Module):
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  decode_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+               mode: str = "full") -> Any:
     batch, length, d_model = x.shape
+    if mode not in ("full", "prefill", "decode"):
+      raise ValueError(f"mode must be 'full', 'prefill' or 'decode', got {mode!r}")
+    if mode != "full" and cache is None:
+      raise ValueError(f"mode={mode!r} needs a cache (see init_attention_cache)")
     dense = lambda feats, name: nn.DenseGeneral(feats, use_bias=False, dtype=self.dtype,
                                                 param_dtype=self.param_dtype, name=name)
     q = dense((self.num_heads, self.head_dim), "q_proj")(x)
@@ -56,7 +103,25 @@ class CausalSelfAttention(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    out = ops.attention(q, k, v, causal=True, sliding_window=self.sliding_window or None,
-                        segment_ids=segment_ids, impl=self.impl)
-    return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="o_proj")(out)
+    window = self.sliding_window or None
+    if mode == "decode":
+      cache_len = cache["k"].shape[1]
+      if length > cache_len or (window is not None and cache_len <= window and length > 1):
+        raise ValueError(f"decode of {length} tokens into a cache of {cache_len} slots (sliding "
+                         f"window {self.sliding_window}): a ring buffer takes one token per call, "
+                         f"a linear cache at most cache_len")
+      cache = _write(cache, k, v, positions)
+      out = ops.attention_decode(q, cache["k"], cache["v"], q_positions=positions,
+                                 kv_positions=cache["pos"], sliding_window=window,
+                                 impl=self.decode_impl)
+    else:
+      out = ops.attention(q, k, v, causal=True, sliding_window=window, segment_ids=segment_ids,
+                          impl=self.impl)
+      if mode == "prefill":
+        # Only the last cache_len tokens can still be attended to (all of them for a linear cache).
+        keep = min(length, cache["k"].shape[1])
+        cache = _write(cache, k[:, length - keep:], v[:, length - keep:],
+                       positions[:, length - keep:])
+    y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="o_proj")(out)
+    return y if mode == "full" else (y, cache)

@@ -3,11 +3,15 @@
   x -> in_proj -> (x, z);  x -> causal depthwise conv1d -> silu -> x_proj -> (dt_low, B, C)
   delta = dt_low @ dt_proj (+ dt_bias inside the scan, softplus);  A = -exp(A_log)
   y = selective_scan(x, delta, A, B, C, D, z) -> out_proj
+
+Decoding carries a constant-size cache {"conv": [batch, d_conv - 1, d_inner] (the last conv inputs),
+"ssm": [batch, d_inner, d_state] float32} whatever the context length.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,11 +47,30 @@ def a_log_init(key, shape, dtype=jnp.float32):
                                   (d_inner, d_state))).astype(dtype)
 
 
+def init_mamba_cache(batch: int, d_inner: int, d_state: int, d_conv: int,
+                     dtype: Any) -> dict[str, jax.Array]:
+  """An empty decoding cache: conv [batch, d_conv - 1, d_inner] (`dtype`), ssm [batch, d_inner,
+  d_state] float32, both zeros (the state before the first token)."""
+  return {"conv": jnp.zeros((batch, d_conv - 1, d_inner), dtype),
+          "ssm": jnp.zeros((batch, d_inner, d_state), jnp.float32)}
+
+
+def conv_tail(history: jax.Array, xs: jax.Array, d_conv: int) -> jax.Array:
+  """The last d_conv - 1 conv inputs after `xs` [batch, length, ch] follows `history` [batch,
+  d_conv - 1, ch]: the next call's conv state."""
+  return jnp.concatenate([history, xs.astype(history.dtype)], axis=1)[:, xs.shape[1]:]
+
+
 class MambaMixer(nn.Module):
   """x: [batch, length, d_model] -> [batch, length, d_model].
 
   The conv and the scan run across the whole row: packed documents (segment_ids) are not isolated,
   as in the reference Mamba-1 implementation.
+
+  Modes: "full" returns y. "prefill" runs exactly the "full" computation from a zero state and also
+  returns the cache after the last token: (y, cache). "decode" continues from `cache` (any number of
+  tokens; one in generation): the conv reads the cached inputs instead of zero padding and the scan
+  starts from the cached state: (y, cache).
   """
 
   d_model: int
@@ -61,6 +84,7 @@ class MambaMixer(nn.Module):
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  decode_impl: str = "reference"       # one-token decode steps: the plain recurrence is all they need
 
   @property
   def d_inner(self) -> int:
@@ -71,16 +95,30 @@ class MambaMixer(nn.Module):
     return self.dt_rank or math.ceil(self.d_model / 16)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: dict[str, jax.Array] | None = None, mode: str = "full") -> Any:
     del segment_ids
+    if mode not in ("full", "prefill", "decode"):
+      raise ValueError(f"mode must be 'full', 'prefill' or 'decode', got {mode!r}")
+    if mode != "full" and cache is None:
+      raise ValueError(f"mode={mode!r} needs a cache (see init_mamba_cache)")
     d_inner, rank = self.d_inner, self.rank
     dense = lambda feats, name, **kw: nn.Dense(feats, use_bias=False, dtype=self.dtype,
                                                param_dtype=self.param_dtype, name=name, **kw)
     xz = dense(2 * d_inner, "in_proj")(x)
     xs, z = jnp.split(xz, 2, axis=-1)
-    xs = nn.Conv(d_inner, kernel_size=(self.d_conv,), feature_group_count=d_inner,
-                 padding=[(self.d_conv - 1, 0)], use_bias=True, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="conv1d")(xs)
+    conv = lambda padding: nn.Conv(d_inner, kernel_size=(self.d_conv,), feature_group_count=d_inner,
+                                   padding=padding, use_bias=True, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name="conv1d")
+    new_conv = None
+    if mode == "decode":
+      # The cached inputs take the place of the causal zero padding.
+      new_conv = conv_tail(cache["conv"], xs, self.d_conv)
+      xs = conv("VALID")(jnp.concatenate([cache["conv"].astype(xs.dtype), xs], axis=1))
+    else:
+      if mode == "prefill":
+        new_conv = conv_tail(jnp.zeros_like(cache["conv"]), xs, self.d_conv)
+      xs = conv([(self.d_conv - 1, 0)])(xs)
     xs = jax.nn.silu(xs)
     x_dbl = dense(rank + 2 * self.d_state, "x_proj")(xs)
     dt_low, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)
@@ -91,7 +129,15 @@ class MambaMixer(nn.Module):
     A_log = self.param("A_log", a_log_init, (d_inner, self.d_state), self.param_dtype)
     D = self.param("D", nn.initializers.ones, (d_inner,), self.param_dtype)
     delta = jnp.einsum("blr,rd->bld", dt_low, dt_kernel.astype(self.dtype))
-    y = ops.selective_scan(xs, delta, -jnp.exp(A_log.astype(jnp.float32)), B, C,
-                           D=D.astype(jnp.float32), z=z, delta_bias=dt_bias.astype(jnp.float32),
-                           delta_softplus=True, impl=self.impl)
-    return dense(self.d_model, "out_proj")(y)
+    scan = lambda **kw: ops.selective_scan(xs, delta, -jnp.exp(A_log.astype(jnp.float32)), B, C,
+                                           D=D.astype(jnp.float32), z=z,
+                                           delta_bias=dt_bias.astype(jnp.float32),
+                                           delta_softplus=True, **kw)
+    if mode == "full":
+      return dense(self.d_model, "out_proj")(scan(impl=self.impl))
+    if mode == "prefill":
+      y, ssm = scan(impl=self.impl, return_final_state=True)
+    else:
+      impl = self.decode_impl if xs.shape[1] == 1 else self.impl
+      y, ssm = scan(impl=impl, initial_state=cache["ssm"], return_final_state=True)
+    return dense(self.d_model, "out_proj")(y), {"conv": new_conv, "ssm": ssm}
