@@ -39,12 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _import_ssd():
-  """Returns (ssd, the ssm_lab.ops.pallas.ssd module). Falls back to loading our two modules alone when the package's
-  __init__ (which imports every op and kernel in the shared tree) fails to import."""
+  """Returns (ssd, the ssm_lab.ops.pallas.ssd module). Falls back to loading those two modules alone
+  when the package's __init__ (which imports every op and kernel of the shared tree) fails."""
   try:
-    from ssm_lab.ops import ssd
-    from ssm_lab.ops.pallas.ssd import ssd_pallas
     import ssm_lab.ops.pallas.ssd as pal
+    from ssm_lab.ops import ssd
     return ssd, pal
   except Exception:  # noqa: BLE001  (any breakage elsewhere in the tree: isolate)
     traceback.print_exc()
@@ -236,6 +235,8 @@ def main():
   ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse)")
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--variants", action="store_true", help="also time pallas tuning variants")
+  ap.add_argument("--shapes", default="8x2048,2x8192,1x65536",
+                  help="comma-separated BATCHxLENGTH (24 heads, head_dim 64, d_state 128)")
   opts = ap.parse_args()
   out = pathlib.Path(opts.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,7 @@ def main():
 
   checks = [] if opts.no_check else correctness(opts.smoke)
   shapes = ([(1, 128, 4, 64, 128)] if opts.smoke else
-            [(8, 2048, 24, 64, 128), (2, 8192, 24, 64, 128), (1, 65536, 24, 64, 128)])
+            [(*map(int, bl.split("x")), 24, 64, 128) for bl in opts.shapes.split(",")])
   reps = 2 if opts.smoke else opts.reps
   results = []
   for shape in shapes:
@@ -273,7 +274,8 @@ def main():
       impls += [(f"pallas segments={s} (default {k})", ours("pallas", segments=s))
                 for s in sorted({max(1, k // 2), 2 * k})]
       impls += [("pallas bwd warps=4", ours("pallas", num_warps_bwd=4)),
-                ("pallas stages=3", ours("pallas", num_stages=3))]
+                ("pallas bwd stages=3", ours("pallas", num_stages_bwd=3)),
+                ("pallas fwd stages=2", ours("pallas", num_stages_fwd=2))]
     if linear_attention is not None and jax.default_backend() == "gpu":
       impls.append(("jla simple_gla mosaic_gpu", jla_fn(linear_attention)))
     for name, f in impls:

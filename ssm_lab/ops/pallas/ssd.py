@@ -11,21 +11,28 @@ float32 accumulation):
   y   = (L o C B^T) u + exp(acum) * C S^T + D x          u = dt * x,  acum = in-chunk cumsum(dt A)
   S  <- exp(acum_Q) S + (exp(acum_Q - acum) * u)^T B
 
-so no per-chunk state ever goes to memory. When batch * heads is too small to fill the GPU (long
+so the plain forward writes no per-chunk state. When batch * heads is too small to fill the GPU (long
 sequences), the sequence is cut into `segments`; the state each segment starts from is computed
 first with one XLA matrix product per segment plus a short sequential hand-over, then every segment
 runs in parallel.
 
-Backward (dy, dS_final given). With S_t the state after token t and dS_t the total gradient that
-reaches it:
-  dC_t = S_t^T dy_t                    needs S: kernel `_bwd_dc` walks forward, as the forward does;
-  du_s = dS_s B_s,  dB_s = dS_s^T u_s  need dS: kernel `_bwd_dx_db` walks backward, carrying
-                                       dS <- exp(acum_Q) dS + (exp(acum) * dy)^T C per chunk;
-  d a_t = sum_{t' >= t} (C_t'.dC_t' - B_t'.dB_t') + <dS_final, S_final>   (a_t = dt_t A)
-The last identity follows from <dS_t, exp(a_t) S_{t-1}> = <dS_t, S_t> - B_t.dB_t and
-<dS_t, S_t> = C_t.dC_t + <dS_{t+1}, S_{t+1}> - B_{t+1}.dB_{t+1}; so the kernels only emit the
-per-token dot products and the reverse cumsum runs in XLA. dB and dC are emitted per head (float32)
-and summed over the heads of a group afterwards.
+Backward (dy, dS_final given). Under the VJP the forward also saves the state each chunk starts from
+([b, h, chunks, P, N] in the input dtype). One kernel then walks each segment's chunks backwards,
+carrying dS, the gradient reaching the chunk's end state, in float32:
+
+  du = (L o C B^T)^T dy + exp(acum_Q - acum) * B dS^T          (dx = dt du + D dy, ddt += x.du)
+  dB = (L o dy u^T)^T C + exp(acum_Q - acum) * u dS
+  dC = (L o dy u^T) B   + exp(acum) * dy S0
+  dS <- exp(acum_Q) dS + (exp(acum) * dy)^T C
+
+and the gradient of the log-decays a_t = dt_t A without any sum longer than a chunk:
+
+  d a_s = sum_{t >= s} (C_t.dC_t - B_t.dB_t) + <dS_end, S_end>       (t, s in the chunk)
+
+(from <dS_t, exp(a_t) S_{t-1}> = <dS_t, S_t> - B_t.dB_t and <dS_t, S_t> = C_t.dC_t + <dS_{t+1},
+exp(a_{t+1}) S_t>). Summed over the whole sequence instead, these large, cancelling per-token terms
+carried their bf16 rounding into dA (15% error at 2k tokens); the kernel comment says how the in-chunk
+terms keep float32 accuracy. dB and dC leave per head and are summed over each group's heads in XLA.
 
 Shapes inside: head_dim and d_state are zero-padded to powers of two >= 16 (Triton tiles), the length
 to a multiple of Q * segments with dt = 0 tokens, which leave the state untouched.
@@ -60,7 +67,8 @@ class Config(NamedTuple):
   rep: int                      # heads per B/C group
   num_warps_fwd: int = 4
   num_warps_bwd: int = 8
-  num_stages: int = 2
+  num_stages_fwd: int = 3       # measured best of 2/3 on the H100 (notes)
+  num_stages_bwd: int = 2       # the backward streams one more tile a chunk (the saved state)
   interpret: bool = False
 
 
@@ -99,8 +107,9 @@ def _chunk_decays(ac, causal, is_last):
 
 # ----------------------------------------------------------------------------------------- kernels
 
-def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *, q, cps, rep,
-                prec):
+def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *st_ref, q, cps,
+                rep, prec):
+  # st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts from, for the backward.
   bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   gi = hi // rep
   cd = x_ref.dtype
@@ -109,6 +118,8 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
 
   def body(c, s):
     t0 = pl.multiple_of((ki * cps + c) * q, q)
+    if st_ref:
+      st_ref[0][bi, hi, ki * cps + c] = s.astype(st_ref[0].dtype)
     xs = x_ref[bi, pl.ds(t0, q), hi, :]                         # [Q, P]
     dts = dt_ref[bi, hi, pl.ds(t0, q)]                          # [Q]
     ac = ac_ref[bi, hi, pl.ds(t0, q)]                           # [Q]
@@ -128,36 +139,8 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
   s_ref[bi, hi, ki] = s
 
 
-def _bwd_dc_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, s0_ref, dc_ref, cdc_ref, *, q, cps,
-                   rep, prec):
-  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  gi = hi // rep
-  cd = x_ref.dtype
-  causal, is_last = _masks(q)
-
-  def body(c, s):
-    t0 = pl.multiple_of((ki * cps + c) * q, q)
-    xs = x_ref[bi, pl.ds(t0, q), hi, :]
-    dts = dt_ref[bi, hi, pl.ds(t0, q)]
-    ac = ac_ref[bi, hi, pl.ds(t0, q)]
-    bs = b_ref[bi, pl.ds(t0, q), gi, :]
-    cs = c_ref[bi, pl.ds(t0, q), gi, :]
-    dys = dy_ref[bi, pl.ds(t0, q), hi, :].astype(cd)
-    decay, last = _chunk_decays(ac, causal, is_last)
-    u = xs.astype(f32) * dts[:, None]
-    du_t = _dot(dys, u.astype(cd), (1, 1), prec)                 # [t, s] = dy_t . u_s
-    dc = _dot((du_t * decay).astype(cd), bs, (1, 0), prec)      # [Q, N]
-    dc = dc + jnp.exp(ac)[:, None] * _dot(dys, s.astype(cd), (1, 0), prec)
-    dc_ref[bi, pl.ds(t0, q), hi, :] = dc
-    cdc_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(cs.astype(f32) * dc, axis=1)
-    uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
-    return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)
-
-  jax.lax.fori_loop(0, cps, body, s0_ref[bi, hi, ki])
-
-
-def _bwd_dx_db_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, ds_end_ref,
-                      dx_ref, db_ref, bdb_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
+def _bwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, ds_end_ref,
+                dx_ref, db_ref, dc_ref, da_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
   bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   gi = hi // rep
   cd = x_ref.dtype
@@ -165,13 +148,15 @@ def _bwd_dx_db_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, ds_end
   causal, is_last = _masks(q)
 
   def body(c, ds):                                              # ds: grad of the chunk's end state
-    t0 = pl.multiple_of((ki * cps + cps - 1 - c) * q, q)
+    chunk = ki * cps + cps - 1 - c
+    t0 = pl.multiple_of(chunk * q, q)
     xs = x_ref[bi, pl.ds(t0, q), hi, :]
     dts = dt_ref[bi, hi, pl.ds(t0, q)]
     ac = ac_ref[bi, hi, pl.ds(t0, q)]
     bs = b_ref[bi, pl.ds(t0, q), gi, :]
     cs = c_ref[bi, pl.ds(t0, q), gi, :]
     dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
+    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
     dys = dy_raw.astype(cd)
     decay, last = _chunk_decays(ac, causal, is_last)
     xf = xs.astype(f32)
@@ -181,16 +166,37 @@ def _bwd_dx_db_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, ds_end
     ds_cd = ds.astype(cd)
     # du_s = sum_t L[t,s] (C_t.B_s) dy_t + exp(acum_Q - acum_s) dS B_s
     cb = _dot(cs, bs, (1, 1), prec)                             # [t, s]
-    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec)        # [s, P]
-    du = du + w_end * _dot(bs, ds_cd, (1, 1), prec)
+    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
     # dB_s = sum_t L[t,s] (dy_t.u_s) C_t + exp(acum_Q - acum_s) dS^T u_s
-    du_t = _dot(dys, ucd, (1, 1), prec)                          # [t, s]
-    db = _dot((du_t * decay).astype(cd), cs, (0, 0), prec)       # [s, N]
-    db = db + w_end * _dot(ucd, ds_cd, (1, 0), prec)
+    # dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
+    dyu = _dot(dys, ucd, (1, 1), prec) * decay                  # [t, s] L o (dy u^T)
+    m2 = dyu.astype(cd)
+    db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
+    dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
+    db = _dot(m2, cs, (0, 0), prec) + db_state
+    dc = _dot(m2, bs, (1, 0), prec) + dc_state
+    # d a_s = sum_{t>=s in chunk} (C_t.dC_t - B_t.dB_t) + <dS_end, S_end> (module docstring), with
+    #   C_t.dC_t = (row sums of W)_t + Y_t,   W = L o (C B^T) o (dy u^T),  Y_t = C_t.dC_state_t
+    #   B_t.dB_t = (column sums of W)_t + F_t,  F_t = B_t.dB_state_t = u_t.du_state_t
+    #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t.
+    # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
+    # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
+    w = cb * dyu
+    y_in = jnp.sum(cs.astype(f32) * dc_state, axis=1)
+    if cd != f32:
+      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+      # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
+      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
+      db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
+    f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
+    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + y_in
+    da = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
+          + jnp.exp(last) * jnp.sum(ds * s0.astype(f32)))
     dy_f = dy_raw.astype(f32)
     dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
-    db_ref[bi, pl.ds(t0, q), hi, :] = db
-    bdb_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(bs.astype(f32) * db, axis=1)
+    db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
+    dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
+    da_ref[bi, hi, pl.ds(t0, q)] = da
     ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
     xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
     dyw = (dy_f * jnp.exp(ac)[:, None]).astype(cd)
@@ -206,10 +212,10 @@ def _prec(dtype):
   return jax.lax.Precision.HIGHEST if dtype == f32 else None
 
 
-def _call(kernel, cfg, num_warps, grid, out_shape, *args):
+def _call(kernel, cfg, num_warps, num_stages, grid, out_shape, *args):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*args)
 
 
@@ -264,7 +270,7 @@ def _segment_grad_ends(dy, a, C, ds_final, cfg):
   return jnp.stack(ends, axis=2)
 
 
-def _forward(x, dt, A, B, C, D, s0, cfg):
+def _forward(x, dt, A, B, C, D, s0, cfg, save_states):
   b, lp, h, p = x.shape
   n = B.shape[-1]
   k = cfg.segments
@@ -272,60 +278,52 @@ def _forward(x, dt, A, B, C, D, s0, cfg):
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   s_seg = _segment_starts(x, dt, a, B, s0, cfg)
   kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=_prec(x.dtype))
-  y, s_end = _call(kern, cfg, cfg.num_warps_fwd, (b, h, k),
-                   (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                    jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
-                   x, dt_t, ac_t, B, C, D, s_seg)
-  return y, s_end[:, :, -1], s_seg
+  outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, k, p, n), f32)]
+  if save_states:
+    outs.append(jax.ShapeDtypeStruct((b, h, k * cps, p, n), x.dtype))
+  res = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k), tuple(outs),
+              x, dt_t, ac_t, B, C, D, s_seg)
+  return res[0], res[1][:, :, -1], (res[2] if save_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(x, dt, A, B, C, D, s0, cfg):
-  y, s_final, _ = _forward(x, dt, A, B, C, D, s0, cfg)
+  y, s_final, _ = _forward(x, dt, A, B, C, D, s0, cfg, save_states=False)
   return y, s_final
 
 
 def _core_fwd(x, dt, A, B, C, D, s0, cfg):
-  y, s_final, s_seg = _forward(x, dt, A, B, C, D, s0, cfg)
-  return (y, s_final), (x, dt, A, B, C, D, s_seg, s_final)
+  y, s_final, states = _forward(x, dt, A, B, C, D, s0, cfg, save_states=True)
+  return (y, s_final), (x, dt, A, B, C, D, states)
 
 
 def _core_bwd(cfg, res, cts):
-  x, dt, A, B, C, D, s_seg, s_final = res
+  x, dt, A, B, C, D, states = res
   dy, ds_final = cts
   b, lp, h, p = x.shape
   g, n = B.shape[2:]
   k = cfg.segments
   cps = lp // (cfg.chunk * k)
-  prec = _prec(x.dtype)
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   dy = dy.astype(x.dtype)
-  ds_final = ds_final.astype(f32)
-  ds_end = _segment_grad_ends(dy, a, C, ds_final, cfg)
-
-  kern = functools.partial(_bwd_dc_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
-  dc_h, cdc = _call(kern, cfg, cfg.num_warps_bwd, (b, h, k),
-                    (jax.ShapeDtypeStruct((b, lp, h, n), f32),
-                     jax.ShapeDtypeStruct((b, h, lp), f32)),
-                    x, dt_t, ac_t, B, C, dy, s_seg)
-  kern = functools.partial(_bwd_dx_db_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
+  ds_end = _segment_grad_ends(dy, a, C, ds_final.astype(f32), cfg)
+  # Per-head dB/dC: float32 when nothing is summed afterwards, else the compute dtype (the f32 sum over
+  # a group's heads then rounds once, and the round trip moves half the bytes).
+  part = f32 if (cfg.rep == 1 or x.dtype == f32) else x.dtype
   vec = jax.ShapeDtypeStruct((b, h, lp), f32)
-  dx, db_h, bdb, ddt_u, xdy, ds_start = _call(
-      kern, cfg, cfg.num_warps_bwd, (b, h, k),
-      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), f32), vec, vec,
-       vec, jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
-      x, dt_t, ac_t, B, C, dy, D, ds_end)
-
-  # d a_t = sum_{t' >= t} (C.dC - B.dB)_t' + <dS_final, S_final>  (module docstring)
-  dg = cdc - bdb
-  da = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), -1), -1)
-  da = da + jnp.sum(ds_final * s_final, axis=(2, 3))[:, :, None]
+  kern = functools.partial(_bwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=_prec(x.dtype))
+  dx, db_h, dc_h, da, ddt_u, xdy, ds_start = _call(
+      kern, cfg, cfg.num_warps_bwd, cfg.num_stages_bwd, (b, h, k),
+      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), part),
+       jax.ShapeDtypeStruct((b, lp, h, n), part), vec, vec, vec,
+       jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
+      x, dt_t, ac_t, B, C, dy, D, states, ds_end)
   ddt = jnp.swapaxes(ddt_u + da * A[None, :, None], 1, 2)          # [b, lp, h]
   dA = jnp.sum(da * dt_t, axis=(0, 2))
-  db = db_h.reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
-  dc = dc_h.reshape(b, lp, g, cfg.rep, n).sum(3).astype(C.dtype)
+  group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
   dD = jnp.sum(xdy, axis=(0, 2))
-  return dx, ddt.astype(dt.dtype), dA.astype(A.dtype), db, dc, dD.astype(D.dtype), ds_start[:, :, 0]
+  return (dx, ddt.astype(dt.dtype), dA.astype(A.dtype), group_sum(db_h), group_sum(dc_h),
+          dD.astype(D.dtype), ds_start[:, :, 0])
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -338,11 +336,12 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                dt_softplus: bool = False, chunk_size: int | None = None,
                initial_state: jax.Array | None = None, return_final_state: bool = False,
                segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
-               num_stages: int = 2, interpret: bool | None = None) -> Any:
+               num_stages_fwd: int = 3, num_stages_bwd: int = 2,
+               interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
   Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
-  `choose_segments`), Triton `num_warps_*` / `num_stages`, `interpret` (None: on when no GPU).
+  `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `interpret` (None: on when no GPU).
   """
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2], B.shape[3]
@@ -352,7 +351,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   lp = -(-n_chunks // k) * k * q
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
   cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
-               num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+               num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
+               num_stages_bwd=num_stages_bwd,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.

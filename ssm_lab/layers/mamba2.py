@@ -1,0 +1,187 @@
+"""The Mamba-2 mixer (Dao & Gu 2024) with the official parameterisation and initialisation.
+
+  x -> in_proj -> (z, xBC, dt);  xBC -> causal depthwise conv1d -> silu -> (x, B, C)
+  y = ssd(x, dt, A, B, C, D, dt_bias, softplus)      A = -exp(A_log), one scalar per head
+  y = rmsnorm_per_group(y * silu(z)) * scale -> out_proj
+
+Parameter names follow Hugging Face's Mamba2Mixer, so a checkpoint maps one to one: in_proj/kernel
+(= in_proj.weight^T, output features ordered [z, x, B, C, dt]), conv1d/kernel [d_conv, 1, conv_dim]
+(= conv1d.weight [conv_dim, 1, d_conv] transposed), conv1d/bias, dt_bias, A_log, D, norm/scale
+(= norm.weight), out_proj/kernel.
+
+Decoding carries a constant-size cache {"conv": [batch, d_conv - 1, conv_dim] (the last conv inputs),
+"ssm": [batch, heads, head_dim, d_state] float32}, conv_dim = d_inner + 2 * n_groups * d_state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ssm_lab import ops
+from ssm_lab.layers.mamba import conv_tail, dt_bias_init
+
+
+def a_log_init(key, shape, dtype=jnp.float32):
+  """A_log = log(U[1, 16]) per head (Mamba-2's A_init_range), so A = -exp(A_log) in [-16, -1]."""
+  return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def torch_conv_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv1d weight and bias init, which the
+  official Mamba-2 keeps (fan_in = d_conv for a depthwise conv)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def init_mamba2_cache(batch: int, *, d_inner: int, d_state: int, head_dim: int, n_groups: int,
+                      d_conv: int, dtype: Any) -> dict[str, jax.Array]:
+  """An empty decoding cache: conv [batch, d_conv - 1, d_inner + 2 * n_groups * d_state] (`dtype`),
+  ssm [batch, d_inner // head_dim, head_dim, d_state] float32, both zeros."""
+  return {"conv": jnp.zeros((batch, d_conv - 1, d_inner + 2 * n_groups * d_state), dtype),
+          "ssm": jnp.zeros((batch, d_inner // head_dim, head_dim, d_state), jnp.float32)}
+
+
+def mamba2_flops_per_token(d_model: int, d_state: int, head_dim: int, expand: int, n_groups: int,
+                           d_conv: int, chunk_size: int) -> float:
+  """Forward FLOPs per token of `Mamba2Mixer` (2 per multiply-add), as the chunked SSD computes them.
+
+  Counted: in_proj, the depthwise conv, the SSD products (per chunk of Q tokens: C B^T per group,
+  Q x Q by Q x head_dim per head, the chunk state and the state read-out, each head_dim x d_state
+  per token and head) and out_proj. Not counted: element-wise work (decays, gates, norm, softplus).
+  """
+  d_inner = expand * d_model
+  heads = d_inner // head_dim
+  gn = n_groups * d_state
+  in_proj = 2 * d_model * (2 * d_inner + 2 * gn + heads)
+  conv = 2 * d_conv * (d_inner + 2 * gn)
+  ssd = 2 * chunk_size * gn + 2 * chunk_size * d_inner + 2 * 2 * d_inner * d_state
+  out_proj = 2 * d_inner * d_model
+  return float(in_proj + conv + ssd + out_proj)
+
+
+class GatedRMSNorm(nn.Module):
+  """rmsnorm(y * silu(z)) * scale, the RMS taken over each of `n_groups` equal channel groups: Mamba-2
+  gates first, then normalises per group. y, z: [..., d_inner] -> [..., d_inner] in `dtype`."""
+
+  n_groups: int = 1
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    d = y.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+    h = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    hg = h.reshape(*h.shape[:-1], self.n_groups, d // self.n_groups)
+    hg = hg * jax.lax.rsqrt(jnp.mean(hg * hg, axis=-1, keepdims=True) + self.eps)
+    return (hg.reshape(h.shape) * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+  """x: [batch, length, d_model] -> [batch, length, d_model].
+
+  `segment_ids` is ignored: the conv and the state run across the whole row, so packed documents
+  are not isolated (as in the reference Mamba-2 without its cu_seqlens path).
+
+  Modes: "full" returns y. "prefill" runs exactly the "full" computation from a zero state and also
+  returns the cache after the last token: (y, cache). "decode" continues from `cache` (any number of
+  tokens; one in generation): the conv reads the cached inputs instead of zero padding and the SSD
+  starts from the cached state: (y, cache).
+  """
+
+  d_model: int
+  d_state: int = 64
+  head_dim: int = 64
+  expand: int = 2
+  n_groups: int = 1
+  d_conv: int = 4
+  chunk_size: int = 64
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  norm_eps: float = 1e-5
+  impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32        # compute dtype
+  param_dtype: jnp.dtype = jnp.float32
+  decode_impl: str = "reference"        # one-token decode steps: the plain recurrence is all they need
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def heads(self) -> int:
+    return self.d_inner // self.head_dim
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: dict[str, jax.Array] | None = None, mode: str = "full") -> Any:
+    del segment_ids
+    d_inner, heads, gn = self.d_inner, self.heads, self.n_groups * self.d_state
+    if d_inner % self.head_dim:
+      raise ValueError(f"Mamba2Mixer: d_inner = expand * d_model = {d_inner} must be a multiple of "
+                       f"head_dim={self.head_dim}")
+    if heads % self.n_groups:
+      raise ValueError(f"Mamba2Mixer: n_groups={self.n_groups} must divide heads = d_inner / "
+                       f"head_dim = {heads}")
+    if mode not in ("full", "prefill", "decode"):
+      raise ValueError(f"mode must be 'full', 'prefill' or 'decode', got {mode!r}")
+    if mode != "full" and cache is None:
+      raise ValueError(f"mode={mode!r} needs a cache (see init_mamba2_cache)")
+    batch, length, _ = x.shape
+    conv_dim = d_inner + 2 * gn
+    dense = lambda feats, name: nn.Dense(feats, use_bias=False, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+
+    zxbcdt = dense(2 * d_inner + 2 * gn + heads, "in_proj")(x)
+    z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
+    conv = lambda padding: nn.Conv(
+        conv_dim, kernel_size=(self.d_conv,), feature_group_count=conv_dim, padding=padding,
+        use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=torch_conv_init(self.d_conv), bias_init=torch_conv_init(self.d_conv),
+        name="conv1d")
+    new_conv = None
+    if mode == "decode":
+      # The cached inputs take the place of the causal zero padding.
+      new_conv = conv_tail(cache["conv"], xbc, self.d_conv)
+      xbc = conv("VALID")(jnp.concatenate([cache["conv"].astype(xbc.dtype), xbc], axis=1))
+    else:
+      if mode == "prefill":
+        new_conv = conv_tail(jnp.zeros_like(cache["conv"]), xbc, self.d_conv)
+      xbc = conv([(self.d_conv - 1, 0)])(xbc)
+    xbc = jax.nn.silu(xbc)
+    xs, B, C = jnp.split(xbc, [d_inner, d_inner + gn], axis=-1)
+    xs = xs.reshape(batch, length, heads, self.head_dim)
+    B = B.reshape(batch, length, self.n_groups, self.d_state)
+    C = C.reshape(batch, length, self.n_groups, self.d_state)
+
+    dt_bias = self.param("dt_bias", dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+                         (heads,), self.param_dtype)
+    A_log = self.param("A_log", a_log_init, (heads,), self.param_dtype)
+    D = self.param("D", nn.initializers.ones, (heads,), self.param_dtype)
+    A = -jnp.exp(A_log.astype(jnp.float32))
+    ssd = lambda **kw: ops.ssd(xs, dt, A, B, C, D=D.astype(jnp.float32),
+                               dt_bias=dt_bias.astype(jnp.float32), dt_softplus=True,
+                               chunk_size=self.chunk_size, **kw)
+    ssm = None
+    if mode == "full":
+      y = ssd(impl=self.impl)
+    elif mode == "prefill":
+      y, ssm = ssd(impl=self.impl, return_final_state=True)
+    else:
+      impl = self.decode_impl if length == 1 else self.impl
+      y, ssm = ssd(impl=impl, initial_state=cache["ssm"], return_final_state=True)
+
+    y = GatedRMSNorm(self.n_groups, self.norm_eps, self.dtype, self.param_dtype,
+                     name="norm")(y.reshape(batch, length, d_inner), z)
+    out = dense(self.d_model, "out_proj")(y)
+    return out if mode == "full" else (out, {"conv": new_conv, "ssm": ssm})
