@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_lab.models.flops import flops_per_token, param_count
+from ssm_lab.models.hf_import import from_pretrained
 from ssm_lab.models.lm import LanguageModel, ModelArgs
 
 
@@ -25,4 +26,4 @@ def abstract_params(model: LanguageModel, seq_len: int) -> Any:
 
 
 __all__ = ["LanguageModel", "ModelArgs", "abstract_params", "build_model", "flops_per_token",
-           "param_count"]
+           "from_pretrained", "param_count"]
