@@ -260,15 +260,15 @@ def main() -> None:
     CHECKS = [(n, (s[0], min(s[1], 50), min(s[2], 40), min(s[3], 5), 1 if s[4] == 1 else 2), *rest)
               for n, s, *rest in CHECKS[:2]]
     SWEEP = [
-    ((8, 2048, 1536, 16), dict(segments=1)),
     ((8, 2048, 1536, 16), dict(segments=4)),
-    ((8, 2048, 1536, 16), dict(segments=2, block_d=16, bwd_block_d=16)),
-    ((2, 8192, 1536, 16), dict(segments=4)),
+    ((8, 2048, 1536, 16), dict(segments=16)),
+    ((8, 2048, 1536, 16), dict(segments=8, chunk=8, unroll=8)),
     ((2, 8192, 1536, 16), dict(segments=16)),
-    ((1, 65536, 2048, 16), dict(segments=4)),
+    ((2, 8192, 1536, 16), dict(segments=64)),
     ((1, 65536, 2048, 16), dict(segments=16)),
-    ((1, 65536, 2048, 16), dict(segments=32)),
-    ((8, 2048, 5120, 16), dict(segments=2)),
+    ((1, 65536, 2048, 16), dict(segments=64)),
+    ((8, 2048, 5120, 16), dict(segments=1)),
+    ((8, 2048, 5120, 16), dict(segments=4)),
 ]
   os.makedirs(opts.out, exist_ok=True)
   t_start = time.time()

@@ -104,11 +104,12 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
     raise ValueError(f"Config.unroll={unroll} must be a multiple of Config.chunk={chunk}")
   segments = c.segments
   if segments is None:
-    # Split time until there are enough programs to fill the GPU (~4 per SM on 132 SMs), while each
-    # segment keeps at least 32 chunks (the first pass costs about one more forward).
+    # A program is one warp walking its segment token by token, latency-bound: split time until
+    # there are ~2048 programs (~16 warps per SM on 132 SMs), keeping segments of >= 256 tokens (the
+    # segment passes cost about one more forward). H200 sweep: notes file.
     programs = batch * -(-d_inner // block_d)
     segments = 1
-    while programs * segments < 512 and length // (segments * 2) >= 64 * chunk:
+    while programs * segments < 2048 and length // (segments * 2) >= 256:
       segments *= 2
   return Config(block_d=block_d, num_warps=c.num_warps or 1, bwd_block_d=bwd_block_d,
                 bwd_num_warps=c.bwd_num_warps or 1, chunk=chunk, unroll=unroll, segments=segments,
@@ -183,8 +184,44 @@ class _TileIndex:
     ref[(*lead, self.states, self.chans)] = value
 
   def per_state(self, ref, t):
-    """Row t of a [tokens, d_state] block, broadcast over the tile's channels (f32 [bd, n])."""
-    return ref[t, self.states].astype(F32)
+    """Row t of a [tokens, d_state] block, broadcast over the tile's channels ([bd, n])."""
+    return ref[t, self.states]
+
+
+class _BC:
+  """B_t and C_t as [block_d, d_state] tiles broadcast over the channels.
+
+  Every lane holds its own copy of the token's B and C rows, which costs registers and load
+  instructions; bf16 B and C therefore come packed in one uint32 array (B in the low half, C in the
+  high half: a bf16 is the high half of the float32 it widens to), so one load and 16 registers carry
+  both. `load` returns the raw tile(s); `b` and `c` widen them where they are used.
+  """
+
+  def __init__(self, ix: _TileIndex, b_ref, c_ref):
+    self.ix, self.b_ref, self.c_ref = ix, b_ref, c_ref    # c_ref is None when packed
+
+  def load(self, t, need_b=True, need_c=True):
+    if self.c_ref is None:
+      return (self.ix.per_state(self.b_ref, t),)
+    return (self.ix.per_state(self.b_ref, t) if need_b else None,
+            self.ix.per_state(self.c_ref, t) if need_c else None)
+
+  def b(self, raw):
+    if self.c_ref is None:
+      return jax.lax.bitcast_convert_type(raw[0] << 16, F32)
+    return raw[0].astype(F32)
+
+  def c(self, raw):
+    if self.c_ref is None:
+      return jax.lax.bitcast_convert_type(raw[0] & jnp.uint32(0xFFFF0000), F32)
+    return raw[1].astype(F32)
+
+
+def _pack_bc(bm, cm):
+  """uint32 [b, L, G, n] holding bf16 B (low half) and C (high half), or None for other dtypes."""
+  if bm.dtype != jnp.bfloat16 or cm.dtype != jnp.bfloat16:
+    return None
+  return jax.lax.bitcast_convert_type(jnp.stack([bm, cm], axis=-1), jnp.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +237,7 @@ class _Static:
   n_groups: int
   has_z: bool
   softplus: bool
+  packed_bc: bool    # bf16 B and C packed into one uint32 array (see _BC)
   cfg: Config
   interpret: bool
 
@@ -223,77 +261,97 @@ def _delta(dl_ref, bias, t, t_base, st: _Static):
 
 # --------------------------------------------------------------------------------------------------
 # Kernels. Grid (channel block j, segment p, batch b); refs are that program's blocks.
+#
+# Nothing tells the compiler that inputs and outputs do not alias, so no load moves above an earlier
+# store: a loop step therefore first loads everything its tokens need, then computes and stores. One
+# memory latency is then paid per step instead of per token.
+
+
+def _refs(refs, st: _Static, names: str):
+  """Unpacks a kernel's refs by name; 'z' and 'c' are skipped when absent (no z, packed B/C)."""
+  it = iter(refs)
+  out = {}
+  for name in names.split():
+    if (name == "z" or name == "dz") and not st.has_z:
+      out[name] = None
+    elif name == "c" and st.packed_bc:
+      out[name] = None
+    else:
+      out[name] = next(it)
+  rest = list(it)
+  return out, rest
 
 
 def _fwd_kernel(*refs, st: _Static, save_ck: bool):
   """y and the segment's end state from the segment's start state; optionally the chunk checkpoints."""
-  it = iter(refs)
-  u_ref, dl_ref = next(it), next(it)
-  z_ref = next(it) if st.has_z else None
-  b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref, y_ref, hend_ref = (next(it) for _ in range(8))
-  ck_ref = next(it) if save_ck else None
+  r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
+  ck_ref = rest[0] if save_ck else None
   T, U, S = st.cfg.chunk, st.cfg.unroll, st.seg_len
-  ix = _TileIndex(st.n_pad, d_ref.shape[0])
+  ix = _TileIndex(st.n_pad, r["d"].shape[0])
+  bc = _BC(ix, r["b"], r["c"])
   t_base = pl.program_id(1) * S
-  a2 = ix.load(a_ref) * LOG2E                               # [bd, n]
-  d_skip = d_ref[...]
-  bias = bias_ref[...]
-
-  def token(t, h):
-    u = u_ref[t, :].astype(F32)                             # [bd]
-    _, dt = _delta(dl_ref, bias, t, t_base, st)
-    h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
-    y = jnp.sum(h * ix.per_state(c_ref, t), axis=1) + d_skip * u
-    if st.has_z:
-      zt = z_ref[t, :].astype(F32)
-      y = y * zt * _sigmoid(zt, st.interpret)
-    y_ref[t, :] = y.astype(y_ref.dtype)
-    return h
+  a2 = ix.load(r["a"]) * LOG2E                              # [bd, n]
+  d_skip = r["d"][...]
+  bias = r["bias"][...]
 
   def step(si, h):
-    for i in range(U):
+    ts = [si * U + i for i in range(U)]
+    ins = []
+    for t in ts:                                            # all loads of the step first
+      u = r["u"][t, :]
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      z = r["z"][t, :] if st.has_z else None
+      ins.append((u, dt, z, bc.load(t)))
+    for i, (t, (u, dt, z, raw)) in enumerate(zip(ts, ins)):
       if save_ck and i % T == 0:
         ix.store(ck_ref, h, si * (U // T) + i // T)
-      h = token(si * U + i, h)
+      u = u.astype(F32)
+      h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * bc.b(raw)
+      y = jnp.sum(h * bc.c(raw), axis=1) + d_skip * u
+      if st.has_z:
+        zt = z.astype(F32)
+        y = y * zt * _sigmoid(zt, st.interpret)
+      r["y"][t, :] = y.astype(r["y"].dtype)
     return h
 
-  ix.store(hend_ref, jax.lax.fori_loop(0, S // U, step, ix.load(h0_ref)))
+  ix.store(r["hend"], jax.lax.fori_loop(0, S // U, step, ix.load(r["h0"])))
 
 
-def _state_kernel(u_ref, dl_ref, b_ref, a_ref, bias_ref, hloc_ref, dts_ref, *, st: _Static):
+def _state_kernel(*refs, st: _Static):
   """First forward pass of a segment: its end state from a zero start, and its sum of delta."""
+  r, _ = _refs(refs, st, "u dl b a bias hloc dts")
   T, S = st.cfg.unroll, st.seg_len
-  ix = _TileIndex(st.n_pad, bias_ref.shape[0])
+  ix = _TileIndex(st.n_pad, r["bias"].shape[0])
+  bc = _BC(ix, r["b"], None if st.packed_bc else r["b"])   # "b": the packed B/C array, or B
   t_base = pl.program_id(1) * S
-  a2 = ix.load(a_ref) * LOG2E
-  bias = bias_ref[...]
+  a2 = ix.load(r["a"]) * LOG2E
+  bias = r["bias"][...]
 
   def chunk(ci, carry):
     h, dts = carry
     for i in range(T):
       t = ci * T + i
-      u = u_ref[t, :].astype(F32)
-      _, dt = _delta(dl_ref, bias, t, t_base, st)
-      h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
+      u = r["u"][t, :].astype(F32)
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      h = _ex2(dt[:, None] * a2, st.interpret) * h + (dt * u)[:, None] * bc.b(bc.load(t, need_c=False))
       dts = dts + dt
     return h, dts
 
-  h, dts = jax.lax.fori_loop(0, S // T, chunk, (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32)))
-  ix.store(hloc_ref, h)
-  dts_ref[...] = dts
+  h, dts = jax.lax.fori_loop(0, S // T, chunk, (jnp.zeros(a2.shape, F32),
+                                                jnp.zeros(bias.shape, F32)))
+  ix.store(r["hloc"], h)
+  r["dts"][...] = dts
 
 
 def _adjoint_kernel(*refs, st: _Static):
   """First backward pass of a segment: the adjoint of the state entering it, from outputs inside it."""
-  it = iter(refs)
-  dl_ref = next(it)
-  z_ref = next(it) if st.has_z else None
-  c_ref, a_ref, bias_ref, dy_ref, gloc_ref, dts_ref = (next(it) for _ in range(6))
+  r, _ = _refs(refs, st, "dl z cc a bias dy gloc dts")   # cc: the packed B/C array, or C
   T, S = st.cfg.unroll, st.seg_len
-  ix = _TileIndex(st.n_pad, bias_ref.shape[0])
+  ix = _TileIndex(st.n_pad, r["bias"].shape[0])
+  bc = _BC(ix, r["cc"], None) if st.packed_bc else _BC(ix, None, r["cc"])
   t_base = pl.program_id(1) * S + S                         # this grid runs segments 1..P-1
-  a2 = ix.load(a_ref) * LOG2E
-  bias = bias_ref[...]
+  a2 = ix.load(r["a"]) * LOG2E
+  bias = r["bias"][...]
   n_chunks = S // T
 
   def chunk(k, carry):
@@ -301,64 +359,57 @@ def _adjoint_kernel(*refs, st: _Static):
     ci = n_chunks - 1 - k
     for i in reversed(range(T)):
       t = ci * T + i
-      _, dt = _delta(dl_ref, bias, t, t_base, st)
-      dys = dy_ref[t, :].astype(F32)
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      dys = r["dy"][t, :].astype(F32)
       if st.has_z:
-        zt = z_ref[t, :].astype(F32)
+        zt = r["z"][t, :].astype(F32)
         dys = dys * zt * _sigmoid(zt, st.interpret)
-      g = g + dys[:, None] * ix.per_state(c_ref, t)
+      g = g + dys[:, None] * bc.c(bc.load(t, need_b=False))
       g = _ex2(dt[:, None] * a2, st.interpret) * g
       dts = dts + dt
     return g, dts
 
   g, dts = jax.lax.fori_loop(0, n_chunks, chunk, (jnp.zeros(a2.shape, F32),
                                                   jnp.zeros(bias.shape, F32)))
-  ix.store(gloc_ref, g)
-  dts_ref[...] = dts
+  ix.store(r["gloc"], g)
+  r["dts"][...] = dts
 
 
 def _bwd_kernel(*refs, st: _Static):
   """Gradients of one segment's tokens, walking chunks backwards from the adjoint at its end."""
-  it = iter(refs)
-  u_ref, dl_ref = next(it), next(it)
-  z_ref = next(it) if st.has_z else None
-  (b_ref, c_ref, a_ref, d_ref, bias_ref, ck_ref, dy_ref, gend_ref,
-   du_ref, ddl_ref) = (next(it) for _ in range(10))
-  dz_ref = next(it) if st.has_z else None
-  dbp_ref, dcp_ref, da_ref, dd_ref, dbias_ref, dh0_ref = (next(it) for _ in range(6))
+  r, _ = _refs(refs, st, "u dl z b c a d bias ck dy gend du ddl dz dbp dcp da dd dbias dh0")
   interp = st.interpret
   T, S = st.cfg.chunk, st.seg_len
-  ix = _TileIndex(st.n_pad, d_ref.shape[0])
+  ix = _TileIndex(st.n_pad, r["d"].shape[0])
+  bc = _BC(ix, r["b"], r["c"])
   n_chunks = S // T
   t_base = pl.program_id(1) * S
-  a2 = ix.load(a_ref) * LOG2E
-  d_skip = d_ref[...]
-  bias = bias_ref[...]
+  a2 = ix.load(r["a"]) * LOG2E
+  d_skip = r["d"][...]
+  bias = r["bias"][...]
 
   def chunk(k, carry):
     g, d_a, d_d, d_bias = carry
     ci = n_chunks - 1 - k
-    h = ix.load(ck_ref, ci)
-    hs, us, dts = [], [], []
-    for i in range(T):                                      # recompute the chunk's states
-      t = ci * T + i
-      u = u_ref[t, :].astype(F32)
-      _, dt = _delta(dl_ref, bias, t, t_base, st)
-      h = _ex2(dt[:, None] * a2, interp) * h + (dt * u)[:, None] * ix.per_state(b_ref, t)
+    ts = [ci * T + i for i in range(T)]
+    h = ix.load(r["ck"], ci)
+    ins = []
+    for t in ts:                                            # all loads of the chunk first
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      ins.append((r["u"][t, :].astype(F32), dt, bc.load(t), r["dy"][t, :],
+                  r["z"][t, :] if st.has_z else None))
+    hs = []
+    for u, dt, raw, _, _ in ins:                            # recompute the chunk's states
+      h = _ex2(dt[:, None] * a2, interp) * h + (dt * u)[:, None] * bc.b(raw)
       hs.append(h)
-      us.append(u)
-      dts.append(dt)
-    for i in reversed(range(T)):
-      t = ci * T + i
-      h, u, dt = hs[i], us[i], dts[i]
-      bt = ix.per_state(b_ref, t)
-      ct = ix.per_state(c_ref, t)
-      dout = dy_ref[t, :].astype(F32)
+    for t, h, (u, dt, raw, dout, z) in reversed(list(zip(ts, hs, ins))):
+      bt, ct = bc.b(raw), bc.c(raw)
+      dout = dout.astype(F32)
       if st.has_z:
-        zt = z_ref[t, :].astype(F32)
+        zt = z.astype(F32)
         sg = _sigmoid(zt, interp)
         y = jnp.sum(h * ct, axis=1) + d_skip * u
-        dz_ref[t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(dz_ref.dtype)
+        r["dz"][t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(r["dz"].dtype)
         dys = dout * zt * sg
       else:
         dys = dout
@@ -368,26 +419,26 @@ def _bwd_kernel(*refs, st: _Static):
       w = h - dtu[:, None] * bt                             # exp(dt A) h_{t-1}
       g_b = jnp.sum(g * bt, axis=1)
       ddt = jnp.sum(g * a2 * w, axis=1) * (1.0 / LOG2E) + u * g_b
-      du_ref[t, :] = (dys * d_skip + dt * g_b).astype(du_ref.dtype)
+      r["du"][t, :] = (dys * d_skip + dt * g_b).astype(r["du"].dtype)
       d_a = d_a + g * w * dt[:, None]
-      dbp_ref[t, :] = jnp.sum(g * dtu[:, None], axis=0)
-      dcp_ref[t, :] = jnp.sum(h * dys[:, None], axis=0)
-      # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)), from dt without reloading x.
+      r["dbp"][t, :] = jnp.sum(g * dtu[:, None], axis=0)
+      r["dcp"][t, :] = jnp.sum(h * dys[:, None], axis=0)
+      # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without reloading x.
       dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
       if st.masked:
         dx = dx * (t_base + t < st.length).astype(F32)
       d_bias = d_bias + dx
-      ddl_ref[t, :] = dx.astype(ddl_ref.dtype)
+      r["ddl"][t, :] = dx.astype(r["ddl"].dtype)
       g = _ex2(dt[:, None] * a2, interp) * g
     return g, d_a, d_d, d_bias
 
   zeros_d = jnp.zeros(bias.shape, F32)
   g, d_a, d_d, d_bias = jax.lax.fori_loop(
-      0, n_chunks, chunk, (ix.load(gend_ref), jnp.zeros(a2.shape, F32), zeros_d, zeros_d))
-  ix.store(da_ref, d_a)
-  dd_ref[...] = d_d
-  dbias_ref[...] = d_bias
-  ix.store(dh0_ref, g)
+      0, n_chunks, chunk, (ix.load(r["gend"]), jnp.zeros(a2.shape, F32), zeros_d, zeros_d))
+  ix.store(r["da"], d_a)
+  r["dd"][...] = d_d
+  r["dbias"][...] = d_bias
+  ix.store(r["dh0"], g)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,13 +463,13 @@ def _specs(st: _Static, bd: int, seg_offset: int = 0):
   return tok, grp, chan, tile, seg_tile, seg_chan
 
 
-def _fwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0seg, save_ck: bool):
+def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool):
   bd = st.cfg.block_d
   b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
   tok, grp, chan, tile, seg_tile, _ = _specs(st, bd)
   S = st.seg_len
-  in_specs = [tok, tok] + ([tok] if st.has_z else []) + [grp, grp, tile, chan, chan, seg_tile]
-  args = [u, dl] + ([z] if st.has_z else []) + [bm, cm, a, d_skip, bias, h0seg]
+  in_specs = [tok, tok] + ([tok] if st.has_z else []) + [grp] * len(bcs) + [tile, chan, chan, seg_tile]
+  args = [u, dl] + ([z] if st.has_z else []) + list(bcs) + [a, d_skip, bias, h0seg]
   out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype), jax.ShapeDtypeStruct((b, P, n, dp), F32)]
   out_specs = [tok, seg_tile]
   if save_ck:
@@ -431,7 +482,7 @@ def _fwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0seg, save_ck: bo
       name="selective_scan_fwd")(*args)
 
 
-def _state_call(st: _Static, u, dl, bm, a, bias):
+def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
   bd = st.cfg.block_d
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
@@ -441,17 +492,17 @@ def _state_call(st: _Static, u, dl, bm, a, bias):
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=[tok, tok, grp, tile, chan],
       out_specs=[seg_tile, seg_chan], compiler_params=_params(st, st.cfg.num_warps),
-      interpret=st.interpret, name="selective_scan_state")(u, dl, bm, a, bias)
+      interpret=st.interpret, name="selective_scan_state")(u, dl, b_or_packed, a, bias)
 
 
-def _adjoint_call(st: _Static, dl, z, cm, a, bias, dy):
+def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
   bd = st.cfg.block_d
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, _, _ = _specs(st, bd, seg_offset=1)
   seg_tile = pl.BlockSpec((None, None, n, bd), lambda j, p, b: (b, p, 0, j))
   seg_chan = pl.BlockSpec((None, None, bd), lambda j, p, b: (b, p, j))
   in_specs = [tok] + ([tok] if st.has_z else []) + [grp, tile, chan, tok]
-  args = [dl] + ([z] if st.has_z else []) + [cm, a, bias, dy]
+  args = [dl] + ([z] if st.has_z else []) + [c_or_packed, a, bias, dy]
   return pl.pallas_call(
       functools.partial(_adjoint_kernel, st=st),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
@@ -461,7 +512,7 @@ def _adjoint_call(st: _Static, dl, z, cm, a, bias, dy):
       name="selective_scan_adjoint")(*args)
 
 
-def _bwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend):
+def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
   bd = st.cfg.bwd_block_d
   b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
   S = st.seg_len
@@ -469,9 +520,9 @@ def _bwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend):
   tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
   ck_spec = pl.BlockSpec((None, S // T, n, bd), lambda j, p, b: (b, p, 0, j))
   part = pl.BlockSpec((None, S, None, n), lambda j, p, b: (b, p, j, 0))
-  in_specs = ([tok, tok] + ([tok] if st.has_z else [])
-              + [grp, grp, tile, chan, chan, ck_spec, tok, seg_tile])
-  args = [u, dl] + ([z] if st.has_z else []) + [bm, cm, a, d_skip, bias, ck, dy, gend]
+  in_specs = ([tok, tok] + ([tok] if st.has_z else []) + [grp] * len(bcs)
+              + [tile, chan, chan, ck_spec, tok, seg_tile])
+  args = [u, dl] + ([z] if st.has_z else []) + list(bcs) + [a, d_skip, bias, ck, dy, gend]
   out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype), jax.ShapeDtypeStruct((b, lp, dp), dl.dtype)]
   out_specs = [tok, tok]
   if st.has_z:
@@ -492,11 +543,16 @@ def _bwd_call(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend):
 #   u, dl, z [b, Lp, Dp]; bm, cm [b, Lp, G, Np]; a [Np, Dp] f32; d_skip, bias [Dp] f32; h0 [b, Np, Dp] f32.
 
 
-def _segment_starts(st: _Static, u, dl, bm, a, bias, h0):
+def _bcs(st: _Static, bm, cm):
+  """The B/C arrays the kernels read: one packed uint32 array for bf16, else B and C."""
+  return [_pack_bc(bm, cm)] if st.packed_bc else [bm, cm]
+
+
+def _segment_starts(st: _Static, u, dl, bcs, a, bias, h0):
   """[b, P, Np, Dp]: the state entering each segment (first pass + an XLA scan over segments)."""
   if st.cfg.segments == 1:
     return h0[:, None]
-  hloc, dts = _state_call(st, u, dl, bm, a, bias)          # segments 0..P-2
+  hloc, dts = _state_call(st, u, dl, bcs[0], a, bias)      # segments 0..P-2
 
   def step(h, xs):
     hl, ds = xs                                             # [b, Np, Dp], [b, Dp]
@@ -508,8 +564,9 @@ def _segment_starts(st: _Static, u, dl, bm, a, bias, h0):
 
 
 def _forward(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck: bool):
-  h0seg = _segment_starts(st, u, dl, bm, a, bias, h0)
-  return _fwd_call(st, u, dl, z, bm, cm, a, d_skip, bias, h0seg, save_ck)
+  bcs = _bcs(st, bm, cm)
+  h0seg = _segment_starts(st, u, dl, bcs, a, bias, h0)
+  return _fwd_call(st, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -529,10 +586,11 @@ def _scan_bwd(st: _Static, res, cts):
   dy = dy.astype(u.dtype)
   dh_final = dh_final.astype(F32)
   P = st.cfg.segments
+  bcs = _bcs(st, bm, cm)
   if P == 1:
     gend = dh_final[:, None]
   else:
-    gloc, dts = _adjoint_call(st, dl, z, cm, a, bias, dy)   # segments 1..P-1
+    gloc, dts = _adjoint_call(st, dl, z, bcs[-1], a, bias, dy)   # segments 1..P-1
 
     def step(g, xs):                                        # from the last segment backwards
       gl, ds = xs
@@ -542,7 +600,7 @@ def _scan_bwd(st: _Static, res, cts):
     _, earlier = jax.lax.scan(step, dh_final, (jnp.moveaxis(gloc, 1, 0), jnp.moveaxis(dts, 1, 0)),
                               reverse=True)
     gend = jnp.concatenate([jnp.moveaxis(earlier, 0, 1), dh_final[:, None]], axis=1)
-  outs = _bwd_call(st, u, dl, z, bm, cm, a, d_skip, bias, ck, dy, gend)
+  outs = _bwd_call(st, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend)
   du, ddl = outs[0], outs[1]
   dz = outs[2] if st.has_z else None
   dbp, dcp, dap, ddp, dbiasp, dh0p = outs[3:] if st.has_z else outs[2:]
@@ -606,7 +664,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
   padded_length = -(-length // step) * step
   st = _Static(batch=batch, length=length, padded_length=padded_length,
                d_pad=groups * d_group_pad, d_group_pad=d_group_pad, n_pad=n_pad, n_groups=groups,
-               has_z=z is not None, softplus=bool(delta_softplus), cfg=cfg,
+               has_z=z is not None, softplus=bool(delta_softplus),
+               packed_bc=B.dtype == jnp.bfloat16 and C.dtype == jnp.bfloat16, cfg=cfg,
                interpret=interpret_mode())
 
   def tokens(x):                                            # [b, L, D] -> [b, Lp, Dp]
