@@ -26,6 +26,8 @@ CASES = {
     "attention_window_ring": dict(pattern="AA", sliding_window=3),
     "mamba": dict(pattern="MM"),
     "hybrid_jamba_like": dict(pattern="MAM", block_mlp=True),
+    "mamba2": dict(pattern="SS"),
+    "hybrid_nemotron_like": dict(pattern="SFSA"),
     # multi-query attention, a ring buffer, an MLP-only block and an untied head in one stack
     "hybrid_window_mqa_mlp_untied": dict(pattern="AMFA", sliding_window=4, num_kv_heads=1,
                                          tie_embeddings=False),
@@ -48,7 +50,8 @@ def random_params(model, tokens, seed=0):
 
 
 def make(pattern, **kw):
-  base = dict(d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2, d_state=8)
+  base = dict(d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2, d_state=8, ssd_d_state=8,
+              ssd_head_dim=16, ssd_n_groups=2, ssd_chunk_size=4)
   base.update(kw)
   args = ModelArgs(pattern=pattern, **base)
   model = LanguageModel(args)
@@ -92,7 +95,7 @@ def test_one_token_prompt_then_decoding():
 
 def test_multi_token_decode_chunks_equal_full_forward():
   # Linear caches take several tokens per decode call (chunked prefill, speculative checks).
-  model, params, tokens = make("MAM", block_mlp=True)
+  model, params, tokens = make("MAS", block_mlp=True)
   full = jitted(model)({"params": params}, tokens)
   decoded, _ = decode_all(model, params, tokens, prompt_len=3, chunk=4)
   np.testing.assert_allclose(decoded, full, atol=ATOL, rtol=RTOL)
@@ -106,8 +109,8 @@ def test_bfloat16_decode_tracks_full_forward():
 
 
 def test_cache_sizes_ring_buffer_and_constant_ssm_state():
-  args = ModelArgs(pattern="AMA", d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2,
-                   sliding_window=6)
+  args = ModelArgs(pattern="AMAS", d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2,
+                   sliding_window=6, ssd_d_state=8, ssd_head_dim=16, ssd_n_groups=2)
   short, long_ = (LanguageModel(args).init_cache(3, n) for n in (4, 1000))
   assert short["blocks"]["block_0"]["k"].shape == (3, 4, 2, 8)     # max_len < window: linear
   assert long_["blocks"]["block_0"]["k"].shape == (3, 6, 2, 8)     # ring buffer of window size
@@ -116,6 +119,8 @@ def test_cache_sizes_ring_buffer_and_constant_ssm_state():
     m = cache["blocks"]["block_1"]
     assert m["conv"].shape == (3, 3, 64) and m["ssm"].shape == (3, 64, 16)
     assert m["ssm"].dtype == jnp.float32
+    s2 = cache["blocks"]["block_3"]
+    assert s2["conv"].shape == (3, 3, 64 + 2 * 2 * 8) and s2["ssm"].shape == (3, 4, 16, 8)
 
 
 def test_ring_buffer_holds_the_last_window_positions():
@@ -170,7 +175,7 @@ def test_jitted_prefill_and_decode_step_follow_the_full_forward():
   assert gen.cache_capacity(cache) == 11
 
 
-@pytest.mark.parametrize("pattern", ["AA", "MAM"])
+@pytest.mark.parametrize("pattern", ["AA", "MAS"])
 def test_greedy_generate_equals_argmax_of_the_full_forward_loop(pattern):
   model, params, tokens = make(pattern, block_mlp=True)
   out = gen.generate(model, params, tokens[:, :4], 6, temperature=0.0)

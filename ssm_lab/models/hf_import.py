@@ -180,12 +180,6 @@ def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
 
 
 def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
-  from ssm_lab.layers import mamba2 as mamba2_layer  # noqa: PLC0415 (optional until it lands)
-
-  convert = getattr(mamba2_layer, "params_from_hf", None)
-  if convert is None:
-    raise ValueError("Mamba2ForCausalLM: this ssm_lab's Mamba-2 layer has no HF weight mapping yet "
-                     "(ssm_lab.layers.mamba2.params_from_hf)")
   _require(config, "use_bias", lambda v: not v, "ssm_lab's Mamba-2 projections have no bias",
            False)
   _require(config, "hidden_act", lambda v: v == "silu", "Mamba-2 uses silu", "silu")
@@ -199,19 +193,32 @@ def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]
   if int(config.get("num_heads", expand * d // head_dim)) * head_dim != expand * d:
     raise ValueError(f"config.json: num_heads={config.get('num_heads')} * head_dim={head_dim} must "
                      f"equal expand * hidden_size = {expand * d}")
-  kw = dict(pattern="S" * n_layers, d_model=d, expand=expand,
-            ssd_d_state=int(config.get("state_size", 128)), ssd_head_dim=head_dim,
-            ssd_n_groups=int(config.get("n_groups", 1)), d_conv=int(config.get("conv_kernel", 4)),
+  d_state, n_groups = int(config.get("state_size", 128)), int(config.get("n_groups", 1))
+  kw = dict(pattern="S" * n_layers, d_model=d, expand=expand, ssd_d_state=d_state,
+            ssd_head_dim=head_dim, ssd_n_groups=n_groups, d_conv=int(config.get("conv_kernel", 4)),
             ssd_chunk_size=int(config.get("chunk_size", 256)),
             norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), block_mlp=False)
+  conv_dim = expand * d + 2 * n_groups * d_state
   params: Params = {"embed": {"embedding": t.get("backbone.embeddings.weight")},
                     "final_norm": {"scale": t.get("backbone.norm_f.weight")}}
   for i in range(n_layers):
     p = f"backbone.layers.{i}."
-    params[f"block_{i}"] = {"mixer_norm": {"scale": t.get(p + "norm.weight")},
-                            "mixer": convert(lambda name, _p=p: t.get(_p + "mixer." + name),
-                                             lambda name, _p=p: (_p + "mixer." + name) in t,
-                                             config)}
+    m = p + "mixer."
+    conv_bias = t.get(m + "conv1d.bias") if m + "conv1d.bias" in t else np.zeros((conv_dim,),
+                                                                                np.float32)
+    # ssm_lab's Mamba2Mixer keeps HF's names and in_proj order [z, x, B, C, dt]; its gated norm
+    # normalises per group of d_inner / n_groups channels, as HF's MambaRMSNormGated does.
+    params[f"block_{i}"] = {
+        "mixer_norm": {"scale": t.get(p + "norm.weight")},
+        "mixer": {
+            "in_proj": {"kernel": _linear(t, m + "in_proj.weight")},
+            "conv1d": {"kernel": _depthwise_conv(t, m + "conv1d.weight"), "bias": conv_bias},
+            "dt_bias": t.get(m + "dt_bias"),
+            "A_log": t.get(m + "A_log"),
+            "D": t.get(m + "D"),
+            "norm": {"scale": t.get(m + "norm.weight")},
+            "out_proj": {"kernel": _linear(t, m + "out_proj.weight")},
+        }}
   kw["tie_embeddings"], head = _head(t, config, "backbone.embeddings.weight")
   params.update(head)
   return kw, params

@@ -64,21 +64,9 @@ def apply_fn(model):
   return jax.jit(model.apply, static_argnames=("mode", "last_logits_only"))
 
 
-def mamba2_supported() -> str | None:
-  try:
-    from ssm_lab.layers import mamba2
-  except ImportError as err:
-    return f"no Mamba-2 layer: {err}"
-  if not hasattr(mamba2, "params_from_hf"):
-    return "the Mamba-2 layer has no HF weight mapping (params_from_hf)"
-  return None
-
-
 @pytest.mark.parametrize("name,pattern", [("llama", "AA"), ("llama_tied", "AA"),
                                           ("mamba", "MM"), ("mamba2", "SS")])
 def test_imported_logits_match_transformers(hf_models, name, pattern):
-  if name == "mamba2" and mamba2_supported():
-    pytest.skip(mamba2_supported())
   path, tokens, ref = load_case(hf_models, name)
   model, params = from_pretrained(str(path))
   assert model.args.pattern == pattern
@@ -101,7 +89,7 @@ def test_imported_config_fields(hf_models):
   assert params["block_0"]["mixer"]["A_log"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("name", ["llama", "mamba"])
+@pytest.mark.parametrize("name", ["llama", "mamba", "mamba2"])
 def test_imported_model_decodes_to_the_reference_logits(hf_models, name):
   path, tokens, ref = load_case(hf_models, name)
   model, params = from_pretrained(str(path))
