@@ -261,3 +261,46 @@ def test_cli_generates_from_a_run_directory(tmp_path, capsys):
   assert ids[0] == ids[1]   # greedy by default: both samples agree
   expected = gen.generate(model, params, jnp.asarray([[1, 2, 3]]), 5)
   assert ids[0] == [int(v) for v in expected[0]]
+
+
+def test_cache_memory_closed_form_equals_what_init_cache_allocates():
+  from ssm_lab.models import cache_memory
+  for kw in (dict(pattern="AMSF", block_mlp=True), dict(pattern="AA", sliding_window=16),
+             dict(pattern="MSA", dtype="bfloat16", num_kv_heads=1)):
+    args = ModelArgs(d_model=32, vocab_size=41, num_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
+                     ssd_d_state=8, ssd_head_dim=16, ssd_n_groups=2, **kw)
+    for context in (5, 16, 100):
+      per_seq = cache_memory.cache_bytes_per_sequence(args, context)
+      # init_cache also holds the int32 step counter.
+      assert per_seq["total"] * 3 + 4 == cache_memory.allocated_cache_bytes(args, 3, context)
+  # Attention grows linearly with the context (until a window caps it); SSM states stay constant.
+  t = ModelArgs(pattern="AA", d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2)
+  m = ModelArgs(pattern="MS", d_model=32, vocab_size=41, ssd_head_dim=16)
+  w = ModelArgs(pattern="AA", d_model=32, vocab_size=41, num_heads=4, sliding_window=64)
+  kv = lambda a, n: cache_memory.cache_bytes_per_sequence(a, n)["total"]
+  assert kv(t, 2000) == 2 * kv(t, 1000) == 2 * 1000 * 2 * (2 * 2 * 8 * 4 + 4)
+  assert kv(m, 10) == kv(m, 100000) > 0
+  assert kv(w, 64) == kv(w, 100000) < kv(t, 100000)
+  rows = cache_memory.cache_table({"t": t, "m": m}, [10, 20])
+  assert [r["context"] for r in rows] == [10, 20, 10, 20] and rows[0]["kv"] > 0 == rows[2]["kv"]
+
+
+def test_generation_benchmark_runs_without_ml_collections(tmp_path):
+  # The GPU image lacks ml-collections: the benchmark must not need it. Its closed-form mode runs
+  # on any machine.
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  code = ("import sys, runpy; sys.modules['ml_collections'] = None; "
+          f"sys.argv = ['generation.py', '--out', {str(tmp_path)!r}, '--memory_model_only']; "
+          f"runpy.run_path({str(root / 'benchmarks' / 'generation.py')!r}, run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                        cwd=root, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (tmp_path / "generation.md").read_text()
+  assert "transformer-1.3b" in md and "Predicted decode ceiling" in md
+  import json
+  res = json.loads((tmp_path / "generation.json").read_text())
+  rows = res["memory_model"]["rows"]
+  assert rows["mamba-1.3b"][0] == rows["mamba-1.3b"][-1] < rows["transformer-1.3b"][0]
