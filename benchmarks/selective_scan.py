@@ -141,7 +141,7 @@ def fwd_bwd_fn(f: Callable[..., Any], present: tuple[bool, ...]) -> Callable[...
       it = iter(diff)
       full = [next(it) if p else None for p in present]
       return f(*full)
-    diff = [a for a, p in zip(args, present) if p]
+    diff = [a for a, p in zip(args, present, strict=True) if p]
     out, vjp = jax.vjp(inner, *diff)
     return out, vjp(ct)
 
@@ -218,10 +218,10 @@ def check_case(name, exes, args_ref, ct, present, tol) -> dict[str, Any]:
     outs_p = out_p if isinstance(out_p, tuple) else (out_p,)
     outs_r = out_r if isinstance(out_r, tuple) else (out_r,)
     errs = {}
-    for label, a, b in zip(("y", "final_state"), outs_p, outs_r):
+    for label, a, b in zip(("y", "final_state"), outs_p, outs_r, strict=False):
       errs[label] = rel_err(a, b)
-    names = [k for k, p in zip(DIFF_ARGS, present) if p]
-    for k, a, b in zip(names, grads_p, grads_r):
+    names = [k for k, p in zip(DIFF_ARGS, present, strict=True) if p]
+    for k, a, b in zip(names, grads_p, grads_r, strict=True):
       errs["d" + k] = rel_err(a, b)
     res["errors"] = errs
     res["ok"] = all(np.isfinite(v) and v <= tol for v in errs.values())
@@ -404,7 +404,7 @@ SWEEP = [
 
 def _report(results: dict[str, Any], out: str) -> None:
   meta = results["meta"]
-  lines = [f"# Selective scan: forward and forward+backward (bf16, D, z, delta_bias, softplus)", "",
+  lines = ["# Selective scan: forward and forward+backward (bf16, D, z, delta_bias, softplus)", "",
            f"device: {meta['device']}; date: {meta['date']}; commit: {meta['commit']}; "
            f"jax {meta['jax']}; HBM ceiling {HBM_BYTES_PER_S / 1e12:.2f} TB/s", ""]
   if meta.get("jla"):

@@ -48,7 +48,7 @@ def _outputs_and_grads(inp, softplus, *, impl, config=None):
   wh = jax.random.normal(jax.random.PRNGKey(12), (b, d, n))
 
   def run(*vals):
-    kw = dict(zip(names, vals))
+    kw = dict(zip(names, vals, strict=True))
     u, delta, A, B, C = (kw.pop(k) for k in ("u", "delta", "A", "B", "C"))
     kw.update(delta_softplus=softplus, return_final_state=True)
     if config is not None:
@@ -80,48 +80,71 @@ def _compare(inp, softplus, config, tol):
   assert y.shape == y_r.shape and y.dtype == y_r.dtype
   assert h.shape == h_r.shape and h.dtype == jnp.float32
   errs = {"y": _rel(y, y_r), "final_state": _rel(h, h_r)}
-  for k, g, g_r in zip(names, grads, grads_r):
+  for k, g, g_r in zip(names, grads, grads_r, strict=True):
     assert g.shape == g_r.shape and g.dtype == g_r.dtype, k
     errs["d" + k] = _rel(g, g_r)
   bad = {k: v for k, v in errs.items() if not v <= tol}
   assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
 
 
-# Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance.
+# Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance. Interpret mode
+# is slow, so two cases cover the branches between them and a third, wider one runs nightly.
 CASES = {
-    # channels padded 24 -> 32, length 37 not a multiple of the unroll, d_state 4 (power of two).
-    "f32_basic": ((2, 37, 24, 4, 1), jnp.float32, {}, pss.Config(chunk=2, unroll=4), 1e-5),
-    # two groups of 12 channels, each padded to 16; d_state 5 padded to 8; 3 time segments of 16
-    # tokens with the padded tail spanning into the last one; no z, no initial state, no softplus.
-    "f32_groups_segments": ((1, 40, 24, 5, 2), jnp.float32,
+    # Two groups of 12 channels, each padded to 16 (block_d 8 -> two blocks per group); d_state 5
+    # padded to 8; length 21 padded to 24 = 3 segments of 8 tokens, the padded tail inside the last
+    # one (masked tokens); float32 B/C (unpacked); no z, no initial state, no softplus.
+    "f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                             dict(z=False, init=False, softplus=False),
-                            pss.Config(block_d=8, chunk=2, unroll=4, segments=4), 1e-5),
-    # bf16 activations, B/C given without the group axis, d_state 16, segments.
-    "bf16_segments": ((2, 33, 16, 16, 1), jnp.bfloat16, dict(grouped_bc=False),
-                      pss.Config(block_d=8, chunk=2, unroll=2, segments=2), 2e-2),
+                            pss.Config(block_d=8, chunk=2, unroll=2, segments=3), 1e-5),
+    # bf16 activations with B/C given without the group axis (packed bf16 B/C), z gate, initial
+    # state, softplus; one segment; channels 12 padded to 16; length 7 padded to 8.
+    "bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
+                    pss.Config(block_d=8, chunk=2, unroll=2, segments=1), 2e-2),
+}
+SLOW_CASES = {
+    "f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
+                 pss.Config(block_d=8, chunk=2, unroll=4, segments=2), 1e-5),
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case):
-  (b, L, d, n, g), dtype, opts, config, tol = CASES[case]
-  softplus = opts.pop("softplus", True) if opts else True
+def _run_case(case):
+  (b, L, d, n, g), dtype, opts, config, tol = case
+  opts = dict(opts)
+  softplus = opts.pop("softplus", True)
   inp = _inputs(0, b, L, d, n, g, dtype, softplus=softplus, **opts)
   _compare(inp, softplus, config, tol)
 
 
-def test_default_config_through_the_public_op():
-  """impl="pallas" by name, with the tiling chosen by default_config (d_state 1: the smallest)."""
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference(case):
+  _run_case(CASES[case])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(SLOW_CASES))
+def test_matches_reference_wide(case):
+  _run_case(SLOW_CASES[case])
+
+
+def test_public_op_by_name_with_default_tiling():
+  """impl="pallas" through the public op, tiling from default_config (d_state 1, the smallest)."""
   inp = _inputs(3, 1, 9, 8, 1, 1, jnp.float32)
-  _compare(inp, True, None, 1e-5)
+  kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True,
+            initial_state=inp["initial_state"], return_final_state=True)
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C")]
+  y, h = selective_scan(*args, impl="pallas", **kw)
+  y_r, h_r = selective_scan(*args, impl="reference", **kw)
+  assert _rel(y, y_r) < 1e-5 and _rel(h, h_r) < 1e-5
 
 
 def test_default_config_fills_the_gpu_and_respects_limits():
   cfg = pss.default_config(8, 2048, 1536, 16)
   assert cfg.block_d == 32 and cfg.unroll % cfg.chunk == 0
-  # A long sequence with few channels is split into time segments; a wide call is not.
-  assert pss.default_config(1, 65536, 2048, 16).segments > 1
-  assert pss.default_config(8, 2048, 5120, 16).segments == 1
+  # Long sequences with few channels are split into more time segments than wide calls, and
+  # segments keep at least 256 tokens.
+  long_narrow = pss.default_config(1, 65536, 2048, 16).segments
+  assert long_narrow > pss.default_config(8, 2048, 5120, 16).segments >= 1
+  assert 65536 // long_narrow >= 256 and pss.default_config(1, 300, 64, 16).segments == 1
   # Large d_state: lanes share a channel's states so that a lane keeps at most 16 of them.
   assert pss.default_config(2, 1024, 256, 64).block_d * 64 <= 512
   with pytest.raises(ValueError, match="multiple of Config.chunk"):

@@ -2,10 +2,12 @@
 
 The hardware-aware scan of Gu & Dao 2023 (section 3.3, appendix D): the [d_state] state of every channel
 lives in registers while the kernel walks time, so [batch, length, d_inner, d_state] is never written
-to HBM. One program owns `block_d` channels of one batch row (and, optionally, one time segment); its
-state tile is [d_state, block_d] float32 (channels fastest, so per-token vectors load coalesced and the
-C contraction over d_state stays inside a thread). Per token it fuses softplus(delta + delta_bias), the
-discretisation exp(delta * A) and delta * B * u, the C contraction, the D skip and the z gate.
+to HBM. One program (one warp) owns `block_d` channels of one batch row and one time segment; its
+state tile is [block_d, d_state] float32 with one channel per lane (see "Layout" below), so per-token
+channel vectors load coalesced and the C contraction over d_state stays inside a thread. Per token it
+fuses softplus(delta + delta_bias), the discretisation exp(delta * A) and delta * B * u, the C
+contraction, the D skip and the z gate. Each loop step loads all inputs of its tokens before it stores
+anything (the compiler cannot move a load above a store that might alias it).
 
 Backward (`jax.custom_vjp`): the forward saves the state at the start of every `chunk` tokens
 ([batch, length / chunk, d_state, d_inner] float32). The backward walks chunks in reverse; for each it
@@ -27,8 +29,10 @@ kernels then run all segments in parallel.
 
 Padding: d_state is padded to a power of two (A = 0, B = C = 0 keep padded states at zero); channels
 are padded per group to a multiple of block_d (padded channels are independent and sliced away);
-time is padded at the end to a multiple of chunk * segments, and the kernels zero delta on padded
+time is padded at the end to a multiple of unroll * segments, and the kernels zero delta on padded
 tokens so the state (and so the final state) passes through them unchanged.
+
+Measurements, floors and the versions tried: benchmarks/NOTES_selective_scan.md.
 
 Without a GPU the kernels run in Pallas interpret mode (how CI checks them against the reference).
 """
@@ -55,7 +59,7 @@ MAX_D_STATE = 64
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tiling of one call (all powers of two; `None` fields are chosen by `default_config`).
+  """Tiling of one call (`None` fields are chosen by `default_config`; block sizes are powers of two).
 
   Attributes:
     block_d: channels per program in the forward kernels.
@@ -302,7 +306,7 @@ def _fwd_kernel(*refs, st: _Static, save_ck: bool):
       _, dt = _delta(r["dl"], bias, t, t_base, st)
       z = r["z"][t, :] if st.has_z else None
       ins.append((u, dt, z, bc.load(t)))
-    for i, (t, (u, dt, z, raw)) in enumerate(zip(ts, ins)):
+    for i, (t, (u, dt, z, raw)) in enumerate(zip(ts, ins, strict=True)):
       if save_ck and i % T == 0:
         ix.store(ck_ref, h, si * (U // T) + i // T)
       u = u.astype(F32)
@@ -402,7 +406,7 @@ def _bwd_kernel(*refs, st: _Static):
     for u, dt, raw, _, _ in ins:                            # recompute the chunk's states
       h = _ex2(dt[:, None] * a2, interp) * h + (dt * u)[:, None] * bc.b(raw)
       hs.append(h)
-    for t, h, (u, dt, raw, dout, z) in reversed(list(zip(ts, hs, ins))):
+    for t, h, (u, dt, raw, dout, z) in reversed(list(zip(ts, hs, ins, strict=True))):
       bt, ct = bc.b(raw), bc.c(raw)
       dout = dout.astype(F32)
       if st.has_z:
