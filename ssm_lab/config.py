@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
           progress_bar=True,
           profile_steps="",       # "start:stop" writes a jax.profiler trace over those steps
           peak_flops=0.0,          # device peak for MFU; 0: look it up from the device kind
+          parallelism="dp",        # over all devices: "dp" (replicated params) or "fsdp" (sharded)
       )),
   ))
 
@@ -161,3 +162,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"config.train.grad_accum_steps={t.grad_accum_steps}")
   if t.learning_rate <= 0:
     raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
+  if t.get("parallelism", "dp") not in ("dp", "fsdp"):
+    raise ConfigError(f"config.train.parallelism={t.parallelism!r} must be one of ['dp', 'fsdp']")
+  if t.get("profile_steps", ""):
+    parts = t.profile_steps.split(":")
+    if (len(parts) != 2 or not all(p.strip().isdigit() for p in parts)
+        or int(parts[0]) >= int(parts[1])):
+      raise ConfigError(f"config.train.profile_steps={t.profile_steps!r} must be 'start:stop' with "
+                        f"0 <= start < stop (steps to trace), or '' for none")

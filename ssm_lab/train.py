@@ -1,27 +1,37 @@
 """The one training loop for every model family: `python -m ssm_lab.train --config configs/x.py
---workdir DIR [--config.a.b=value ...]`.
+--workdir DIR [--config.a.b=value ...] [--profile_steps=10:20]`.
 
 `train_and_evaluate(config, workdir)` is the testable entry point. The step functions are pure (state,
-batch) -> (state, metrics) and jitted; I/O (TensorBoard, checkpoints, the progress bar) happens at
-the edges of the loop. Re-running with the same workdir resumes from its latest checkpoint, and since
-the batch of step s is a pure function of (seed, s), the resumed run sees exactly the batches an
-uninterrupted run would have.
+batch) -> (state, metrics) and jitted with explicit shardings over a mesh of every device
+(`ssm_lab.parallel`: data parallel or FSDP, one or many processes). I/O (TensorBoard, checkpoints, the
+progress bar) happens at the edges of the loop, on the first process only. Re-running with the same
+workdir resumes from its latest checkpoint, and since the global batch of step s is a pure function of
+(seed, s), the resumed run sees exactly the batches an uninterrupted run would have, whatever the
+number of devices.
+
+Multi-host: start one process per host with `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) and the same
+--workdir on a shared filesystem.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 from absl import app, flags, logging
 import flax.struct
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -29,13 +39,15 @@ import optax
 import tqdm
 
 from ssm_lab import config as config_lib
+from ssm_lab import parallel
 from ssm_lab.checkpoint import Checkpointer
 from ssm_lab.data import base as data_base
 from ssm_lab.data import make_task
 from ssm_lab.metrics import SummaryWriter
 from ssm_lab.models import LanguageModel, build_model, flops_per_token, param_count
 
-# Dense bf16 peak FLOP/s by device kind (vendor datasheets), for MFU; config.train.peak_flops wins.
+# Dense bf16 peak FLOP/s per device by device kind (vendor datasheets), for MFU;
+# config.train.peak_flops wins.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5e": 197e12, "TPU v5p": 459e12}
 
@@ -67,6 +79,7 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; its moments take the parameters' dtype (float32 masters)."""
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip_norm),
       optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
@@ -79,7 +92,11 @@ def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageModel,
                      kind: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean loss over counted positions, and the sums {loss_sum, correct, count} for logging."""
+  """Mean loss over counted positions, and the sums {loss_sum, correct, count} for logging.
+
+  An optional `example_mask` float32 [batch] (0 on rows that only pad a batch to a multiple of the
+  device count) removes whole rows from every sum.
+  """
   logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
   if kind == "classification":
     labels = batch["labels"]
@@ -89,6 +106,9 @@ def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageMo
     labels = batch["targets"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     weights = batch["loss_mask"].astype(jnp.float32)
+  if "example_mask" in batch:
+    row = batch["example_mask"].astype(jnp.float32)
+    weights = weights * row.reshape(row.shape + (1,) * (weights.ndim - 1))
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights
   count = jnp.sum(weights)
   loss_sum = jnp.sum(losses * weights)
@@ -97,24 +117,43 @@ def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageMo
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str,
-               tx: optax.GradientTransformation, accum: int) -> tuple[TrainState, dict]:
-  """One optimizer update (over `accum` micro-batches); non-finite updates are skipped."""
+               tx: optax.GradientTransformation, accum: int, mesh: Mesh | None = None,
+               param_shardings: Any = None) -> tuple[TrainState, dict]:
+  """One optimizer update (over `accum` micro-batches); non-finite updates are skipped.
+
+  batch: {name: [batch, ...]}. Micro-batch j holds rows j, j + accum, j + 2 accum, ... so that each
+  one stays spread over every device of a batch-sharded mesh. With `param_shardings` (FSDP), the
+  parameters are gathered whole for the forward and backward passes and the gradients are
+  reduce-scattered back to the parameters' shardings.
+  """
   grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, model=model, kind=kind),
                                has_aux=True)
+  params = state.params
+  if param_shardings is not None and mesh is not None:
+    params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
   if accum == 1:
-    (_, sums), grads = grad_fn(state.params, batch)
+    (_, sums), grads = grad_fn(params, batch)
   else:
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    def split(x):
+      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+      return x
+    micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
-      (_, s), g = grad_fn(state.params, mb)
-      # Weight each micro-batch's mean gradient by its share of the counted positions.
+      (_, s), g = grad_fn(params, mb)
+      if param_shardings is not None:  # FSDP: keep the running sum sharded like the parameters
+        g = jax.lax.with_sharding_constraint(g, param_shardings)
+      # Weight each micro-batch's mean gradient by its share of the counted positions (float32).
       return jax.tree.map(jnp.add, carry, ({k: v for k, v in s.items()},
                                            jax.tree.map(lambda x: x * s["count"], g))), None
     zeros = ({"loss_sum": 0.0, "correct": 0.0, "count": 0.0},
              jax.tree.map(jnp.zeros_like, state.params))
     (sums, grads), _ = jax.lax.scan(body, zeros, micro)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
+  if param_shardings is not None:
+    grads = jax.lax.with_sharding_constraint(grads, param_shardings)
   loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -138,6 +177,7 @@ def _to_device(batch: data_base.Batch) -> dict[str, jax.Array]:
 
 
 def _peak_flops(t: ml_collections.ConfigDict) -> float | None:
+  """Peak FLOP/s of one device (the config's, else looked up from the device kind)."""
   if t.peak_flops > 0:
     return t.peak_flops
   kind = jax.devices()[0].device_kind
@@ -148,14 +188,27 @@ def _peak_flops(t: ml_collections.ConfigDict) -> float | None:
 
 
 def _peak_memory_bytes() -> float | None:
-  stats = jax.devices()[0].memory_stats()
-  return None if not stats else float(stats.get("peak_bytes_in_use", 0))
+  """The largest peak_bytes_in_use over this process's devices (None where not reported)."""
+  peaks = []
+  for device in jax.local_devices():
+    stats = device.memory_stats()
+    if stats:
+      peaks.append(float(stats.get("peak_bytes_in_use", 0)))
+  return max(peaks) if peaks else None
 
 
-def evaluate(params: Any, task: Any, eval_fn: Any, batch_size: int) -> dict[str, float]:
+def _sharded(batch: data_base.Batch, mesh: Mesh) -> tuple[dict[str, jax.Array], int]:
+  """A host batch padded to a multiple of the mesh size and sharded on its rows; (batch, real rows)."""
+  padded, real = parallel.pad_rows(batch, mesh.size)
+  return parallel.shard_batch(padded, mesh), real
+
+
+def evaluate(params: Any, task: Any, eval_fn: Any, batch_size: int,
+             mesh: Mesh | None = None) -> dict[str, float]:
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for batch in task.eval_batches(batch_size):
-    sums = eval_fn(params, _to_device(batch))
+    device_batch = _to_device(batch) if mesh is None else _sharded(batch, mesh)[0]
+    sums = jax.device_get(eval_fn(params, device_batch))
     for k in totals:
       totals[k] += float(sums[k])
   count = max(totals["count"], 1.0)
@@ -167,13 +220,21 @@ def evaluate(params: Any, task: Any, eval_fn: Any, batch_size: int) -> dict[str,
 
 
 class _Preempted:
-  """Turns SIGTERM into a flag the loop checks, so a preempted run checkpoints and exits cleanly."""
+  """Turns SIGTERM into a flag the loop checks, so a preempted run checkpoints and exits cleanly.
 
-  def __init__(self):
+  Single-process runs only: with several processes JAX's preemption service (started by
+  jax.distributed.initialize) owns SIGTERM and `reached_preemption_sync_point` picks a step that
+  every process checkpoints at.
+  """
+
+  def __init__(self, install: bool = True):
     self.flag = False
     self._old = None
+    self._install = install
 
   def __enter__(self):
+    if not self._install:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook kernel thread): no handler
@@ -184,20 +245,73 @@ class _Preempted:
     del signum, frame
     self.flag = True
 
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
 
+class _NullWriter:
+  """Stands in for SummaryWriter on processes other than the first."""
+
+  def scalars(self, *args: Any) -> None:
+    del args
+
+  text = hparams = scalars
+
+  def flush(self) -> None:
+    pass
+
+  close = flush
+
+
+def _state_initializer(task: Any, model: LanguageModel, tx: optax.GradientTransformation):
+  """key -> a fresh TrainState (parameters from the model's initialisers, step 0)."""
+  sample = task.train_batch(0, 1)
+
+  def init_state(key: jax.Array) -> TrainState:
+    params = model.init(key, jnp.asarray(sample["inputs"]),
+                        **_model_inputs(_to_device(sample)))["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
+                      consecutive_bad=zero)
+  return init_state
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The TrainState `config` trains, as ShapeDtypeStructs (nothing is allocated or compiled)."""
+  task = make_task(config.task)
+  model = build_model(config.model, vocab_size=task.vocab_size,
+                      num_classes=getattr(task, "num_classes", 0) or None)
+  init_state = _state_initializer(task, model, make_optimizer(config.train))
+  return jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+
+
+def _check_mesh_fits(t: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  per_step = mesh.size * t.grad_accum_steps
+  if t.batch_size % per_step:
+    raise config_lib.ConfigError(
+        f"config.train.batch_size={t.batch_size} must be a multiple of the {mesh.size} devices "
+        f"times config.train.grad_accum_steps={t.grad_accum_steps} (= {per_step}), so that every "
+        f"micro-batch splits evenly over the devices")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at: int | None = None) -> dict[str, float]:
+                       stop_at: int | None = None, mesh: Mesh | None = None) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics.
 
   `stop_at` ends this invocation after that step with a checkpoint, as a preemption would (the
-  schedule still follows `config.train.num_steps`); rerunning resumes from there.
+  schedule still follows `config.train.num_steps`); rerunning resumes from there. `mesh` defaults to
+  every device of every process (`parallel.make_mesh()`).
   """
   config_lib.validate(config)
   t = config.train
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  _check_mesh_fits(t, mesh)
   task = make_task(config.task)
   model = build_model(config.model, vocab_size=task.vocab_size,
                       num_classes=getattr(task, "num_classes", 0) or None)
@@ -206,131 +320,158 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise config_lib.ConfigError(f"config.model.head={model.args.head!r} does not fit task "
                                  f"{task.name!r} of kind {kind!r} (use 'classifier' for "
                                  f"classification tasks, 'lm' otherwise)")
+  primary = parallel.is_primary()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  say = print if primary else (lambda *a, **k: None)
 
   tx = make_optimizer(t)
-  sample = task.train_batch(0, 1)
   rng = jax.random.PRNGKey(config.seed)
-
-  def init_state(key):
-    params = model.init(key, jnp.asarray(sample["inputs"]),
-                        **_model_inputs(_to_device(sample)))["params"]
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
-                      consecutive_bad=zero)
-
+  init_state = _state_initializer(task, model, tx)
   abstract = jax.eval_shape(init_state, rng)
+  shardings = parallel.state_shardings(abstract, mesh, t.parallelism)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, save_every=t.checkpoint_every)
   restored = ckpt.restore_latest(abstract)
   if restored is None:
-    state = jax.jit(init_state)(rng)
+    # Random draws do not depend on the sharding (partitionable threefry), so every mesh starts
+    # from the same parameters.
+    state = jax.jit(init_state, out_shardings=shardings)(rng)
     start = 0
   else:
     start, state, meta = restored
     if meta.get("data_position", start) != start:
       raise RuntimeError(f"checkpoint {start} in {ckpt.directory} records data position "
                          f"{meta.get('data_position')}, not its step")
-    print(f"resumed from step {start} in {ckpt.directory}")
+    say(f"resumed from step {start} in {ckpt.directory}")
 
   n_params = param_count(state.params)
   seq_len = task.seq_len
   fpt = flops_per_token(model.args, seq_len)
   peak = _peak_flops(t)
-  print(f"model {model.args.pattern!r}: {n_params:,} parameters, {fpt:.3g} training FLOPs/token; "
-        f"task {task.name!r} ({kind}), vocab {task.vocab_size}, length {seq_len}")
-  train_writer = SummaryWriter(os.path.join(workdir, "train"))
-  eval_writer = SummaryWriter(os.path.join(workdir, "eval"))
+  say(f"model {model.args.pattern!r}: {n_params:,} parameters, {fpt:.3g} training FLOPs/token; "
+      f"task {task.name!r} ({kind}), vocab {task.vocab_size}, length {seq_len}; "
+      f"{t.parallelism} over {mesh.size} device(s) in {jax.process_count()} process(es)")
+  if primary:
+    train_writer = SummaryWriter(os.path.join(workdir, "train"))
+    eval_writer = SummaryWriter(os.path.join(workdir, "eval"))
+  else:
+    train_writer = eval_writer = _NullWriter()
   if start == 0:
     hp = {f"model.{k}": v for k, v in config.model.items()}
     hp.update({f"train.{k}": v for k, v in t.items()})
-    hp.update({"task.name": config.task.name, "params": n_params})
+    hp.update({"task.name": config.task.name, "params": n_params, "devices": mesh.size,
+               "processes": jax.process_count()})
     train_writer.hparams(hp, ["eval/loss", "eval/accuracy", "train/loss"])
     train_writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
 
+  repl = parallel.replicated(mesh)
+  rows = parallel.batch_sharding(mesh)
+  param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
   step_fn = jax.jit(functools.partial(train_step, model=model, kind=kind, tx=tx,
-                                      accum=t.grad_accum_steps), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, kind=kind))
+                                      accum=t.grad_accum_steps, mesh=mesh,
+                                      param_shardings=param_sh),
+                    in_shardings=(shardings, rows), out_shardings=(shardings, repl),
+                    donate_argnums=0)
+
+  def eval_params(params, batch):
+    if param_sh is not None:
+      params = jax.lax.with_sharding_constraint(params, repl)
+    return eval_step(params, batch, model=model, kind=kind)
+  eval_fn = jax.jit(eval_params, in_shardings=(shardings.params, rows), out_shardings=repl)
   schedule = make_schedule(t)
   eval_bs = t.eval_batch_size or t.batch_size
   profile = tuple(int(s) for s in t.profile_steps.split(":")) if t.profile_steps else None
   hooks = data_base.optional_hooks(task)
+  tracing = False
+
+  saved = {start}  # steps already on disk (a preemption can land on a regular checkpoint step)
 
   def save(step: int, force: bool = False) -> None:
-    if force or step % t.checkpoint_every == 0:
+    if step not in saved and (force or step % t.checkpoint_every == 0):
       ckpt.save(step, state, {"data_position": step, "config": config.to_json_best_effort()},
                 force=True)
+      saved.add(step)
 
   last_eval: dict[str, float] = {}
   pending: list[dict] = []
   window_start, window_steps = time.perf_counter(), 0
-  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not t.progress_bar, unit="step",
-                  dynamic_ncols=True)
+  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (t.progress_bar and primary),
+                  unit="step", dynamic_ncols=True)
   lagged = None
-  with _Preempted() as preempted:
-    step = start
-    while step < t.num_steps:
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = _to_device(task.train_batch(step, t.batch_size))
-      state, metrics = step_fn(state, batch)
-      step += 1
-      window_steps += 1
-      pending.append(metrics)
-      if profile and step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-      # Read the previous step's counter (one step behind) so the host never stalls the device.
-      if lagged is not None and int(lagged) >= t.max_bad_steps:
-        save(step, force=True)
-        ckpt.close()
-        raise FloatingPointError(
-            f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (by step "
-            f"{step}); stopping. Lower config.train.learning_rate or check the data.")
-      lagged = metrics["consecutive_bad"]
-      if step % t.log_every == 0 or step == t.num_steps:
-        fetched = jax.device_get(pending)
-        elapsed = time.perf_counter() - window_start
-        count = max(sum(m["count"] for m in fetched), 1.0)
-        tokens = window_steps * t.batch_size * seq_len
-        scalars = {
-            "loss": sum(m["loss_sum"] for m in fetched) / count,
-            "accuracy": sum(m["correct"] for m in fetched) / count,
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-            "learning_rate": float(schedule(step - 1)),
-            "step_time_s": elapsed / window_steps,
-            "tokens_per_s": tokens / elapsed,
-            "skipped_steps": float(state.skipped),
-        }
-        if peak:
-          scalars["mfu"] = fpt * scalars["tokens_per_s"] / peak
-        mem = _peak_memory_bytes()
-        if mem:
-          scalars["peak_memory_gib"] = mem / 2**30
-        train_writer.scalars(step, scalars)
-        bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
-        pending.clear()
-        window_start, window_steps = time.perf_counter(), 0
-      if step % t.eval_every == 0 or step == t.num_steps:
-        last_eval = evaluate(state.params, task, eval_fn, eval_bs)
-        if "evaluate" in hooks:
-          score = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"],
-                                                   **_model_inputs(b)))
-          last_eval.update(hooks["evaluate"](
-              lambda b: np.asarray(score(state.params, _to_device(b)))))
-        eval_writer.scalars(step, last_eval)
-        eval_writer.flush()
-        bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in last_eval.items()))
-        window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
-      save(step, force=step == t.num_steps or step == stop_at)
-      bar.update(1)
-      if step == stop_at:
-        break
-      if preempted.flag:
-        save(step, force=True)
-        bar.write(f"SIGTERM: checkpointed step {step} in {ckpt.directory}; rerun to resume")
-        break
+  try:
+    with _Preempted(install=jax.process_count() == 1) as preempted:
+      step = start
+      while step < t.num_steps:
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          tracing = True
+        batch = parallel.shard_batch(task.train_batch(step, t.batch_size), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        window_steps += 1
+        pending.append(metrics)
+        if tracing and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          tracing = False
+        # Read the previous step's counter (one step behind) so the host never stalls the device.
+        if lagged is not None and int(lagged) >= t.max_bad_steps:
+          save(step, force=True)
+          ckpt.close()
+          raise FloatingPointError(
+              f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (by step "
+              f"{step}); stopping. Lower config.train.learning_rate or check the data.")
+        lagged = metrics["consecutive_bad"]
+        if step % t.log_every == 0 or step == t.num_steps:
+          fetched = jax.device_get(pending)
+          elapsed = time.perf_counter() - window_start
+          count = max(sum(m["count"] for m in fetched), 1.0)
+          tokens = window_steps * t.batch_size * seq_len
+          scalars = {
+              "loss": sum(m["loss_sum"] for m in fetched) / count,
+              "accuracy": sum(m["correct"] for m in fetched) / count,
+              "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+              "learning_rate": float(schedule(step - 1)),
+              "step_time_s": elapsed / window_steps,
+              "tokens_per_s": tokens / elapsed,
+              "skipped_steps": float(jax.device_get(state.skipped)),
+          }
+          if peak:
+            # Model FLOPs over the peak of every device the step ran on.
+            scalars["mfu"] = fpt * scalars["tokens_per_s"] / (peak * mesh.size)
+          mem = _peak_memory_bytes()
+          if mem:
+            scalars["peak_memory_gib"] = mem / 2**30
+          train_writer.scalars(step, scalars)
+          bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
+          pending.clear()
+          window_start, window_steps = time.perf_counter(), 0
+        if step % t.eval_every == 0 or step == t.num_steps:
+          last_eval = evaluate(state.params, task, eval_fn, eval_bs, mesh)
+          if "evaluate" in hooks:
+            last_eval.update(hooks["evaluate"](_score_fn(model, state.params, mesh, shardings)))
+          eval_writer.scalars(step, last_eval)
+          eval_writer.flush()
+          if primary:
+            bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}"
+                                                   for k, v in last_eval.items()))
+          window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
+        save(step, force=step == t.num_steps or step == stop_at)
+        bar.update(1)
+        if step == stop_at:
+          break
+        if preempted.reached(step):
+          save(step, force=True)
+          if primary:
+            bar.write(f"SIGTERM: checkpointed step {step} in {ckpt.directory}; rerun to resume")
+          break
+  finally:
+    if tracing:
+      jax.profiler.stop_trace()
   bar.close()
   train_writer.close()
   eval_writer.close()
@@ -338,10 +479,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_eval
 
 
+def _score_fn(model: LanguageModel, params: Any, mesh: Mesh, shardings: Any):
+  """score_fn(batch) -> np.ndarray of model outputs for a task's `evaluate` hook."""
+  repl = parallel.replicated(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
+                     out_shardings=repl)
+  def score(p, b):
+    return model.apply({"params": jax.lax.with_sharding_constraint(p, repl)}, b["inputs"],
+                       **_model_inputs(b))
+
+  def run(batch):
+    device_batch, real = _sharded(batch, mesh)
+    return np.asarray(jax.device_get(score(params, device_batch)))[:real]
+  return run
+
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, config.")
+flags.DEFINE_string("profile_steps", None, "'start:stop': write a jax.profiler trace of those steps "
+                    "to <workdir>/profile (TensorBoard's profile tab); sets "
+                    "config.train.profile_steps.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
+                    "(default: $JAX_COORDINATOR_ADDRESS; none: single process).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run "
+                     "(default: $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                     "(default: $JAX_PROCESS_ID).")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """A message naming the first --config.<path> override whose path the schema does not know.
+
+  Only model, train and top-level fields are checked here: task fields depend on the task and are
+  checked by its builder.
+  """
+  schema = config_lib.base_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, prefix = schema, "config"
+    for key in path:
+      if not isinstance(node, ml_collections.ConfigDict) or prefix == "config.task":
+        break
+      if key not in node:
+        close = difflib.get_close_matches(key, list(node.keys()), n=1)
+        hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+        return (f"unknown config field '{prefix}.{key}' in {arg}{hint}; known fields of "
+                f"'{prefix}': {sorted(node.keys())}")
+      node, prefix = node[key], f"{prefix}.{key}"
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override mistakes reported as one clear line."""
+  message = _unknown_override(argv)
+  if message is None:
+    try:
+      return FLAGS(argv)
+    except flags.Error as err:  # ill-typed values and the like: absl's message says which flag
+      message = str(err)
+    except (AttributeError, KeyError) as err:  # config_flags' answer to an unknown (task) field
+      detail: Any = err
+      while isinstance(detail, BaseException) and detail.args:
+        detail = detail.args[0]
+      overrides = [a for a in argv if a.startswith("--config.")]
+      message = (f"unknown config field {str(detail).splitlines()[0]} in one of {overrides}: "
+                 + " ".join(str(detail).splitlines()[1:]))
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
@@ -350,13 +559,23 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required")
+  config = FLAGS.config
+  if FLAGS.profile_steps is not None:
+    config.train.profile_steps = FLAGS.profile_steps
   try:
-    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    config_lib.validate(config)  # before joining a multi-process run, and before compiling
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+  except ValueError as err:  # ConfigError included
+    raise app.UsageError(str(err)) from err
+  try:
+    metrics = train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as err:
     raise app.UsageError(str(err)) from err
-  print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
-                    for k, v in metrics.items()}))
+  if parallel.is_primary():
+    print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
+                      for k, v in metrics.items()}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,8 +1,11 @@
 """The training loop: learning, exact resume, TensorBoard scalars, config validation, fault paths."""
 
+import functools
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -71,7 +74,7 @@ def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
   train.train_and_evaluate(config, resumed)
   (s1, p1), (s2, p2) = load_params(straight), load_params(resumed)
   assert s1 == s2 == 8
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
     np.testing.assert_array_equal(a, b)
   # The resumed run logged the second half's losses exactly as the straight run did.
   l1 = dict(read_scalars(os.path.join(straight, "train"))["loss"])
@@ -132,3 +135,59 @@ def test_unknown_task_lists_the_available_ones(tmp_path):
   config.task = ml_collections.ConfigDict(dict(name="nope"))
   with pytest.raises(ValueError, match="mqar"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def _step_setup(config):
+  """(task, model, tx, initial state) for step-level tests of `train.train_step`."""
+  task = train.make_task(config.task)
+  model = train.build_model(config.model, vocab_size=task.vocab_size)
+  tx = train.make_optimizer(config.train)
+  state = jax.jit(train._state_initializer(task, model, tx))(jax.random.PRNGKey(config.seed))
+  return task, model, tx, state
+
+
+def test_grad_accumulation_4x8_equals_1x32():
+  config = tiny_config(pattern="A", batch_size=32)
+  task, model, tx, state0 = _step_setup(config)
+  mesh = train.parallel.make_mesh()
+  repl, rows = train.parallel.replicated(mesh), train.parallel.batch_sharding(mesh)
+  trajectories = {}
+  for accum in (1, 4):
+    step = jax.jit(functools.partial(train.train_step, model=model, kind=task.kind, tx=tx,
+                                     accum=accum, mesh=mesh),
+                   in_shardings=(repl, rows), out_shardings=(repl, repl))
+    state, losses = jax.device_put(state0, repl), []
+    for s in range(3):
+      state, m = step(state, train.parallel.shard_batch(task.train_batch(s, 32), mesh))
+      losses.append(float(m["loss_sum"] / m["count"]))
+    trajectories[accum] = (losses, state.params)
+  np.testing.assert_allclose(trajectories[4][0], trajectories[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(trajectories[4][1]),
+                  jax.tree.leaves(trajectories[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The trajectory moved: the comparison is not between two untouched states.
+  assert trajectories[1][0][0] != trajectories[1][0][2]
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_optimizer_state():
+  config = tiny_config(pattern="MA")
+  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
+  task, model, tx, state = _step_setup(config)
+  batch = train._to_device(task.train_batch(0, 8))
+  # The model's matrix products run in bfloat16 ...
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["inputs"]))(state.params)
+  dots = re.findall(r"(\w+)\[[\d,]*\] = dot_general", str(jaxpr))
+  assert dots and dots.count("bf16") >= len(dots) // 2, dots
+  # ... while parameters and both Adam moments stay float32, before and after an update.
+  step = jax.jit(functools.partial(train.train_step, model=model, kind=task.kind, tx=tx, accum=1))
+  new_state = state
+  for s in range(2):  # the warmup's first learning rate is 0: take two steps to move
+    new_state, metrics = step(new_state, train._to_device(task.train_batch(s, 8)))
+    assert bool(metrics["finite"])
+  for s in (state, new_state):
+    floats = [x for x in jax.tree.leaves((s.params, s.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                    jax.tree.leaves(new_state.params), strict=True)]
+  assert any(moved)
