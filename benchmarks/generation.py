@@ -105,7 +105,7 @@ def random_params(model: LanguageModel, seed: int = 0) -> Any:
   normal = jax.jit(lambda k, s: (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(
       s.dtype), static_argnums=1)
   out = []
-  for (path, s), k in zip(leaves, keys):
+  for (path, s), k in zip(leaves, keys, strict=True):
     name = str(getattr(path[-1], "key", path[-1]))
     if name in ("scale", "D"):
       out.append(jnp.ones(s.shape, s.dtype))
@@ -129,7 +129,7 @@ def filled_cache(model: LanguageModel, batch: int, max_len: int, filled: int, se
     leaves, treedef = jax.tree_util.tree_flatten_with_path(cache["blocks"])
     keys = jax.random.split(key, max(len(leaves), 1))
     out = []
-    for (path, x), k in zip(leaves, keys):
+    for (path, x), k in zip(leaves, keys[:len(leaves)], strict=True):
       name = str(getattr(path[-1], "key", path[-1]))
       if name == "pos":
         slots = jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -232,7 +232,7 @@ def decode_case(name: str, model: LanguageModel, params: Any, batch: int, repeat
   first = time.perf_counter() - t0
   # Later runs reuse the advanced cache: positions wrap into the same slots, the work is the same.
   med, times = median_time(run, repeats)
-  del state
+  state.clear()   # free the cache before the next case
   per_step = med / new
   return {"model": name, "batch": batch, "context": max_len, "new_tokens": new,
           "decode_s": med, "decode_times_s": times, "ms_per_step": 1e3 * per_step,
@@ -523,7 +523,7 @@ def main() -> int:
                               "ratio": r["tokens_per_s"] / base[r["batch"]]})
     save()
 
-  for size, names in by_size.items():
+  for names in by_size.values():
     for name in names:
       if budget.left() <= 0:
         res["prefill"] += [{"model": name, "batch": b, "skipped": "budget"} for b in (1, 16)]

@@ -247,7 +247,7 @@ def _llama(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   for i in range(n_layers):
     p = f"model.layers.{i}."
     a = p + "self_attn."
-    by_head = lambda name, n: _linear(t, a + name).reshape(d, n, head_dim)
+    by_head = lambda name, n, a=a: _linear(t, a + name).reshape(d, n, head_dim)
     params[f"block_{i}"] = {
         "mixer_norm": {"scale": t.get(p + "input_layernorm.weight")},
         "mixer": {"q_proj": {"kernel": by_head("q_proj.weight", heads)},
