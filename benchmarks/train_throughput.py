@@ -1,0 +1,290 @@
+"""Training throughput on one GPU: tokens/s, MFU and peak memory of `ssm_lab.train.train_step`.
+
+Cases: ~130M and ~350M Transformer (LLaMA-style, SwiGLU), Mamba and Mamba-2 at length 2048, bfloat16
+compute with float32 master weights and AdamW state, every op on `impl="auto"` (the fastest impl the
+registry has for the backend: cuDNN or Pallas attention, the Pallas scans). The step is the training
+loop's own (gradient clipping, AdamW, non-finite skipping), jitted with the loop's shardings on one
+device, fed fresh random tokens (never zeros) each step.
+
+Each case runs in its own subprocess so that its peak memory (`peak_bytes_in_use`) is its own and one
+failing case (out of memory, a missing layer) costs only itself; the parent stops starting cases when
+`--budget_s` would be exceeded. MFU = model FLOPs per token (ssm_lab.models.flops, 3x forward) times
+tokens/s over a peak: both the datasheet dense bf16 peak the training loop uses (989 TFLOP/s for an
+H100) and the measured bf16 matmul ceiling of this workplace's H100 (736 TFLOP/s).
+
+  python benchmarks/train_throughput.py --out benchmarks/results            # all cases
+  python benchmarks/train_throughput.py --cases transformer-350m --steps 5
+  python benchmarks/train_throughput.py --preset tiny --out /tmp/x          # CPU dry run
+
+Writes train_throughput.json and train_throughput.md under --out and prints the table last.
+Needs ssm_lab's dependencies, ml-collections included (ssm_lab.train imports it). The device
+machine's image lacks it: carry its wheel (`pip download --no-deps --only-binary=:all: -d .carry/h6
+ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6"] and timeout_s 330:
+
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .carry/h6/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;
+  PYTHONUNBUFFERED=1 python3 benchmarks/train_throughput.py --out $OUT --budget_s 240 \
+      --case_timeout_s 120 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
+
+Cases run in the order listed (350M first); --budget_s stops starting new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+MEASURED_PEAK = 736e12   # bf16 dense matmul ceiling measured on this workplace's H100
+DATASHEET_PEAK = 989e12  # H100 SXM dense bf16 (what ssm_lab.train.PEAK_FLOPS uses)
+VOCAB = 50304            # GPT-NeoX's 50277 tokens padded to a multiple of 128
+
+_COMMON = dict(vocab_size=VOCAB, dtype="bfloat16", param_dtype="float32", tie_embeddings=True,
+               remat="none")
+CASES: dict[str, dict[str, Any]] = {
+    # Transformer++ (LLaMA-style) at GPT-3 small / medium widths.
+    "transformer-350m": dict(pattern="A" * 24, d_model=1024, num_heads=16, num_kv_heads=16,
+                             block_mlp=True, batch=16),
+    "mamba-350m": dict(pattern="M" * 48, d_model=1024, batch=8),
+    "transformer-130m": dict(pattern="A" * 12, d_model=768, num_heads=12, num_kv_heads=12,
+                             block_mlp=True, batch=16),
+    "mamba-130m": dict(pattern="M" * 24, d_model=768, batch=16),
+    "mamba2-350m": dict(pattern="S" * 48, d_model=1024, ssd_d_state=128, ssd_head_dim=64,
+                        batch=8),
+    "mamba2-130m": dict(pattern="S" * 24, d_model=768, ssd_d_state=128, ssd_head_dim=64,
+                        batch=16),
+}
+# A CPU dry run of the whole flow (subprocesses, JSON, table) at toy sizes.
+TINY = {
+    "transformer-tiny": dict(pattern="AA", d_model=64, num_heads=2, num_kv_heads=2, block_mlp=True,
+                             batch=2, vocab_size=256),
+    "mamba-tiny": dict(pattern="MM", d_model=64, batch=2, vocab_size=256),
+    "mamba2-tiny": dict(pattern="SS", d_model=64, ssd_d_state=16, ssd_head_dim=16, batch=2,
+                        vocab_size=256),
+}
+
+
+def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: int, *,
+             devices: int = 1, parallelism: str = "dp") -> dict:
+  """Compiles and times the train step of one case in this process; returns its record.
+
+  `spec["batch"]` is the batch per device; with `devices` > 1 the global batch is that times
+  `devices`, sharded over a mesh of the first `devices` devices ("dp" or "fsdp" for the state).
+  """
+  import functools  # noqa: PLC0415 (the parent process never imports JAX)
+  import math  # noqa: PLC0415
+  import types  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ssm_lab import parallel, train  # noqa: PLC0415
+  from ssm_lab.models import build_model, flops_per_token, param_count  # noqa: PLC0415
+  from ssm_lab.ops import registry as op_registry  # noqa: PLC0415
+
+  chosen: dict[str, str] = {}
+  resolve = op_registry.OpRegistry.resolve
+
+  def recording_resolve(self, impl, backend=None, **call):
+    out = resolve(self, impl, backend, **call)
+    chosen[self.op_name] = out.name
+    return out
+  op_registry.OpRegistry.resolve = recording_resolve
+
+  spec = dict(spec)
+  batch = spec.pop("batch") * devices
+  model_cfg = {**_COMMON, **spec}
+  model = build_model(model_cfg)
+  args = model.args
+  t = types.SimpleNamespace(learning_rate=3e-4, warmup_steps=10, num_steps=1000, min_lr_ratio=0.1,
+                            weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0)
+  tx = train.make_optimizer(t)
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+  rng = np.random.default_rng(0)
+
+  def new_batch():
+    tokens = rng.integers(0, args.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((batch, seq_len), np.float32)}
+
+  class _Task:
+    def train_batch(self, step, batch_size):
+      del step, batch_size
+      return {"inputs": np.zeros((1, seq_len), np.int32)}
+
+  init = train._state_initializer(_Task(), model, tx)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = parallel.state_shardings(abstract, mesh, parallelism)
+  param_sh = shardings.params if parallelism == "fsdp" and devices > 1 else None
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  n_params = param_count(state.params)
+  rows = parallel.batch_sharding(mesh)
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, kind="lm", tx=tx, accum=1,
+                                      mesh=mesh, param_shardings=param_sh),
+                    in_shardings=(shardings, rows),
+                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  batches = [parallel.shard_batch(new_batch(), mesh) for _ in range(4)]
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  state, metrics = compiled(state, batches[0])
+  first = jax.device_get(metrics)
+  state, metrics = compiled(state, batches[1])  # second warm-up step
+  jax.block_until_ready(state)
+  times = []
+  for r in range(rounds):
+    t0 = time.perf_counter()
+    for s in range(steps):
+      state, metrics = compiled(state, batches[(r * steps + s) % len(batches)])
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / steps)
+  last = jax.device_get(metrics)
+  step_s = float(np.median(times))
+  tokens_per_s = batch * seq_len / step_s
+  fpt = flops_per_token(args, seq_len)
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
+  first_loss = float(first["loss_sum"] / first["count"])
+  return {
+      "case": name, "devices": devices, "parallelism": parallelism, "pattern": args.pattern, "d_model": args.d_model, "params": n_params,
+      "batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
+      "impls": chosen, "compile_s": round(compile_s, 1),
+      "step_ms": round(step_s * 1e3, 2), "step_ms_rounds": [round(x * 1e3, 2) for x in times],
+      "tokens_per_s": round(tokens_per_s), "train_flops_per_token": fpt,
+      "model_tflops_per_s": round(fpt * tokens_per_s / 1e12, 1),
+      "mfu_datasheet": round(fpt * tokens_per_s / (DATASHEET_PEAK * devices), 4),
+      "mfu_measured_peak": round(fpt * tokens_per_s / (MEASURED_PEAK * devices), 4),
+      "peak_memory_gib": round(max(peaks) / 2**30, 2) or None,  # the fullest device
+      "compiled_temp_gib": round(mem.temp_size_in_bytes / 2**30, 2) if mem else None,
+      # Sanity: random tokens at initialisation give a loss near ln(vocab); the step stayed finite.
+      "first_loss": round(first_loss, 4), "ln_vocab": round(math.log(args.vocab_size), 4),
+      "finite": bool(last["finite"]) and bool(first["finite"]),
+      "last_grad_norm": float(last["grad_norm"]),
+  }
+
+
+def _markdown(meta: dict, records: list[dict]) -> str:
+  lines = [f"# Training throughput ({meta['device']})", "",
+           f"Date {meta['date']}, commit {meta['commit']}, jax {meta['jax']}. bf16 compute, float32 "
+           f"params and AdamW state, length {meta['seq_len']}, impl='auto'. MFU against "
+           f"{DATASHEET_PEAK / 1e12:.0f} TFLOP/s (datasheet, as ssm_lab.train logs it) and "
+           f"{MEASURED_PEAK / 1e12:.0f} TFLOP/s (measured bf16 matmul ceiling). Median of "
+           f"{meta['rounds']} rounds of {meta['steps']} steps after 2 warm-up steps.", "",
+           "| case | params | batch x len | step ms | tokens/s | model TFLOP/s | MFU (989) | "
+           "MFU (736) | peak mem GiB | compile s | impls | first loss / ln V |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in records:
+    if "error" in r:
+      lines.append(f"| {r['case']} | | | | | | | | | | failed: {r['error'][:160]} | |")
+      continue
+    impls = ", ".join(f"{k}={v}" for k, v in sorted(r["impls"].items()))
+    lines.append(
+        f"| {r['case']} | {r['params'] / 1e6:.0f}M | {r['batch']}x{r['seq_len']} | "
+        f"{r['step_ms']:.1f} | {r['tokens_per_s']:,} | {r['model_tflops_per_s']} | "
+        f"{100 * r['mfu_datasheet']:.1f}% | {100 * r['mfu_measured_peak']:.1f}% | "
+        f"{r['peak_memory_gib']} | {r['compile_s']} | {impls} | "
+        f"{r['first_loss']} / {r['ln_vocab']} |")
+  by = {r["case"]: r for r in records if "error" not in r}
+  lines.append("")
+  for size in ("130m", "350m"):
+    tf, mb, m2 = (by.get(f"{k}-{size}") for k in ("transformer", "mamba", "mamba2"))
+    if tf and mb:
+      lines.append(f"- {size}: Mamba / Transformer tokens/s = "
+                   f"{mb['tokens_per_s'] / tf['tokens_per_s']:.2f} (target >= 0.8)")
+    if tf and m2:
+      lines.append(f"- {size}: Mamba-2 / Transformer tokens/s = "
+                   f"{m2['tokens_per_s'] / tf['tokens_per_s']:.2f}")
+  if "transformer-350m" in by:
+    r = by["transformer-350m"]
+    lines.append(f"- Transformer 350M MFU {100 * r['mfu_datasheet']:.1f}% of 989 TFLOP/s, "
+                 f"{100 * r['mfu_measured_peak']:.1f}% of 736 (target >= 45%)")
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+  p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+  p.add_argument("--preset", choices=("default", "tiny"), default="default")
+  p.add_argument("--seq_len", type=int, default=2048)
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--batch", type=int, default=0, help="override every case's batch size")
+  p.add_argument("--case_timeout_s", type=float, default=150)
+  p.add_argument("--budget_s", type=float, default=1e9,
+                 help="start no case once this many seconds have passed")
+  p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
+  p.add_argument("--_child", default="", help=argparse.SUPPRESS)
+  a = p.parse_args()
+  table = TINY if a.preset == "tiny" else CASES
+
+  if a._child:  # one case, in this process; the record goes to stdout
+    spec = dict(table[a._child])
+    if a.batch:
+      spec["batch"] = a.batch
+    record = run_case(a._child, spec, a.seq_len, a.steps, a.rounds)
+    print("CASE_RESULT " + json.dumps(record), flush=True)
+    return
+
+  names = [n for n in a.cases.split(",") if n] or list(table)
+  unknown = sorted(set(names) - set(table))
+  if unknown:
+    raise ValueError(f"--cases: unknown {unknown}; known: {sorted(table)}")
+  commit = a.commit
+  if not commit:
+    try:
+      commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      commit = "unknown"
+  probe = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
+                          "print(jax.__version__, '|', d.device_kind, '|', d.platform)"],
+                         capture_output=True, text=True)
+  jax_version, device, platform = [s.strip() for s in (probe.stdout.strip() or "? | ? | ?").split("|")]
+  meta = {"device": device, "platform": platform, "jax": jax_version, "commit": commit,
+          "date": datetime.date.today().isoformat(), "seq_len": a.seq_len, "steps": a.steps,
+          "rounds": a.rounds}
+  os.makedirs(a.out, exist_ok=True)
+  records: list[dict] = []
+  start = time.time()
+  for name in names:
+    if time.time() - start > a.budget_s:
+      records.append({"case": name, "error": "not run: --budget_s reached"})
+      continue
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--preset", a.preset,
+           "--seq_len", str(a.seq_len), "--steps", str(a.steps), "--rounds", str(a.rounds),
+           "--batch", str(a.batch)]
+    t0 = time.time()
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.case_timeout_s,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+      found = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE_RESULT ")]
+      if proc.returncode == 0 and found:
+        record = json.loads(found[-1].split(" ", 1)[1])
+      else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        record = {"case": name, "error": f"rc {proc.returncode}: " + " / ".join(tail)}
+    except subprocess.TimeoutExpired:
+      record = {"case": name, "error": f"timed out after {a.case_timeout_s:.0f} s"}
+    record["wall_s"] = round(time.time() - t0, 1)
+    records.append(record)
+    print(json.dumps(record), flush=True)
+    with open(os.path.join(a.out, "train_throughput.json"), "w") as f:
+      json.dump({"meta": meta, "results": records}, f, indent=1)
+  md = _markdown(meta, records)
+  with open(os.path.join(a.out, "train_throughput.md"), "w") as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
