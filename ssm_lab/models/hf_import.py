@@ -306,6 +306,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
     ValueError: not a model directory, an unsupported architecture or setting, or a checkpoint whose
       tensors do not fit the architecture (the message names the file, field or tensor).
   """
+  path = os.path.expanduser(os.fspath(path))
   config = read_config(path)
   arch = _architecture(config)
   tensors = Tensors(path)
