@@ -1,28 +1,15 @@
-"""MQAR with a Jamba-like hybrid: Mamba, Mamba, attention, Mamba blocks, each with a SwiGLU MLP, same task as quickstart."""
+"""MQAR with a Jamba-like hybrid (Mamba, Mamba, attention, Mamba blocks, each with a SwiGLU MLP):
+quickstart's task and training settings, another model."""
+
+import os
 
 import ml_collections
 
-from ssm_lab.config import base_config
+from ssm_lab.config import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base_config()
-  config.task = ml_collections.ConfigDict(dict(
-      name="mqar", vocab_size=128, seq_len=64, num_kv_pairs=8, power_a=0.01, seed=0,
-      num_eval_examples=512))
-  m = config.model
-  m.pattern = "MMAM"
-  m.block_mlp = True
-  m.d_model = 64
-  m.num_heads = 2
-  m.num_kv_heads = 2
-  t = config.train
-  t.batch_size = 64
-  t.num_steps = 300
-  t.learning_rate = 3e-3
-  t.warmup_steps = 50
-  t.log_every = 20
-  t.eval_every = 100
-  t.checkpoint_every = 100
-  t.keep_checkpoints = 2
+  config = load_config(os.path.join(os.path.dirname(__file__), "quickstart.py"))
+  config.model.pattern = "MMAM"
+  config.model.block_mlp = True
   return config

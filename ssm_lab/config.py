@@ -95,6 +95,18 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
 
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path`: lets a config file start from a sibling's."""
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location(f"ssm_lab_config_{abs(hash(path))}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 _TYPES = {bool: (bool,), int: (int,), float: (float, int), str: (str,)}
 
 

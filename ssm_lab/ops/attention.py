@@ -63,16 +63,19 @@ def visibility_mask(q_len: int, kv_len: int, *, causal: bool, sliding_window: in
   return mask
 
 
-def _reference(q, k, v, *, causal, sliding_window, segment_ids, scale):
+def masked_softmax_attention(q, k, v, mask, scale):
+  """Einsum + masked softmax in float32, GQA by grouping query heads: the oracle's arithmetic.
+
+  q [batch, q_len, heads, d]; k, v [batch, kv_len, kv_heads, d]; mask broadcastable to
+  [batch, heads, q_len, kv_len] (True = visible) or None. Rows with no visible key give zeros.
+  """
   batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
+  kv_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
   f32 = jnp.float32
   qg = q.astype(f32).reshape(batch, q_len, kv_heads, groups, head_dim)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(f32)) * scale
-  logits = logits.reshape(batch, heads, q_len, k.shape[1])
-  mask = visibility_mask(q_len, k.shape[1], causal=causal, sliding_window=sliding_window,
-                         segment_ids=segment_ids)
+  logits = logits.reshape(batch, heads, q_len, kv_len)
   if mask is not None:
     logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -80,9 +83,15 @@ def _reference(q, k, v, *, causal, sliding_window, segment_ids, scale):
   p = jnp.exp(logits - row_max)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom == 0, 1.0, denom)
-  p = p.reshape(batch, kv_heads, groups, q_len, k.shape[1])
+  p = p.reshape(batch, kv_heads, groups, q_len, kv_len)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(f32))
   return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def _reference(q, k, v, *, causal, sliding_window, segment_ids, scale):
+  mask = visibility_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
+                         segment_ids=segment_ids)
+  return masked_softmax_attention(q, k, v, mask, scale)
 
 
 def _xla(q, k, v, *, causal, sliding_window, segment_ids, scale):
@@ -216,23 +225,8 @@ def decode_visibility_mask(q_positions: jax.Array, kv_positions: jax.Array,
 
 
 def _decode_reference(q, k_cache, v_cache, *, q_positions, kv_positions, sliding_window, scale):
-  batch, q_len, heads, head_dim = q.shape
-  cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-  groups = heads // kv_heads
-  f32 = jnp.float32
-  qg = q.astype(f32).reshape(batch, q_len, kv_heads, groups, head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache.astype(f32)) * scale
-  logits = logits.reshape(batch, heads, q_len, cache_len)
   mask = decode_visibility_mask(q_positions, kv_positions, sliding_window)
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.exp(logits - row_max)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0, 1.0, denom)
-  p = p.reshape(batch, kv_heads, groups, q_len, cache_len)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v_cache.astype(f32))
-  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+  return masked_softmax_attention(q, k_cache, v_cache, mask, scale)
 
 
 def _decode_xla(q, k_cache, v_cache, *, q_positions, kv_positions, sliding_window, scale):
