@@ -386,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_bs = t.eval_batch_size or t.batch_size
   profile = tuple(int(s) for s in t.profile_steps.split(":")) if t.profile_steps else None
   hooks = data_base.optional_hooks(task)
+  scorer = _scorer(model, mesh, shardings)
   tracing = False
 
   saved = {start}  # steps already on disk (a preemption can land on a regular checkpoint step)
@@ -453,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % t.eval_every == 0 or step == t.num_steps:
           last_eval = evaluate(state.params, task, eval_fn, eval_bs, mesh)
           if "evaluate" in hooks:
-            last_eval.update(hooks["evaluate"](_score_fn(model, state.params, mesh, shardings)))
+            last_eval.update(hooks["evaluate"](scorer(state.params)))
           eval_writer.scalars(step, last_eval)
           eval_writer.flush()
           if primary:
@@ -479,8 +480,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_eval
 
 
-def _score_fn(model: LanguageModel, params: Any, mesh: Mesh, shardings: Any):
-  """score_fn(batch) -> np.ndarray of model outputs for a task's `evaluate` hook."""
+def _scorer(model: LanguageModel, mesh: Mesh, shardings: Any):
+  """scorer(params) -> score_fn(batch) -> np.ndarray of model outputs, for a task's `evaluate` hook
+  (compiled once per run; batches are padded to a multiple of the device count and unpadded)."""
   repl = parallel.replicated(mesh)
 
   @functools.partial(jax.jit, in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
@@ -489,10 +491,12 @@ def _score_fn(model: LanguageModel, params: Any, mesh: Mesh, shardings: Any):
     return model.apply({"params": jax.lax.with_sharding_constraint(p, repl)}, b["inputs"],
                        **_model_inputs(b))
 
-  def run(batch):
-    device_batch, real = _sharded(batch, mesh)
-    return np.asarray(jax.device_get(score(params, device_batch)))[:real]
-  return run
+  def bind(params):
+    def run(batch):
+      device_batch, real = _sharded(batch, mesh)
+      return np.asarray(jax.device_get(score(params, device_batch)))[:real]
+    return run
+  return bind
 
 
 FLAGS = flags.FLAGS

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 
+import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def load_driver():
 
 driver = load_driver()
 
-TASK = dict(name="mqar", vocab_size=32, seq_len=24, num_kv_pairs=3, num_eval_examples=16)
+# 12 eval examples: on 8 devices the eval batch is padded with 4 masked rows.
+TASK = dict(name="mqar", vocab_size=32, seq_len=24, num_kv_pairs=3, num_eval_examples=12)
 TRAIN = dict(batch_size=16, num_steps=3, warmup_steps=1, log_every=1, eval_every=3,
              checkpoint_every=3, progress_bar=False)
 
@@ -80,10 +82,15 @@ def test_distributed_args_are_checked_before_joining():
   assert parallel.initialize_distributed(None, None, None) is False
 
 
-def test_eight_devices_dp_and_fsdp_match_one_device(tmp_path, cache_dir):
+@pytest.mark.parametrize("pattern", [
+    "A",
+    # The Mamba scan doubles the compile time: the hybrid runs in the nightly (slow) target.
+    pytest.param("AM", marks=pytest.mark.slow),
+])
+def test_eight_devices_dp_and_fsdp_match_one_device(tmp_path, cache_dir, pattern):
   """Same global batches, same initial parameters: the loss trajectory must not depend on the
   device count or on how the state is sharded (up to float reassociation in the reductions)."""
-  model = dict(pattern="MA", d_model=32, num_heads=2, num_kv_heads=2)
+  model = dict(pattern=pattern, d_model=32, num_heads=2, num_kv_heads=2, block_mlp=True)
   runs = [dict(workdir=str(tmp_path / "one"), mesh_devices=1),
           dict(workdir=str(tmp_path / "dp"), train=dict(TRAIN, parallelism="dp")),
           # FSDP with two micro-batches of 8 rows, one per device each.
@@ -153,3 +160,26 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, cache_dir):
   np.testing.assert_allclose([v for _, v in multi_loss], losses(str(tmp_path / "single")),
                              rtol=2e-5)
   assert second[0]["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=2e-5)
+
+
+def test_padding_rows_do_not_count_in_classification_sums():
+  """Eval batches are padded to a multiple of the device count; for a classifier (whose loss has no
+  per-token mask) only `example_mask` keeps the padding out of loss, accuracy and count."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ssm_lab import train  # noqa: PLC0415
+  from ssm_lab.models import build_model  # noqa: PLC0415
+  model = build_model(dict(pattern="A", d_model=16, num_heads=2, num_kv_heads=2,
+                           head="classifier", num_classes=3), vocab_size=20)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(1, 20, (5, 12)).astype(np.int32),
+           "labels": rng.integers(0, 3, (5,)).astype(np.int32),
+           "pad_mask": np.ones((5, 12), np.float32)}
+  params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"]))["params"]
+  padded, real = parallel.pad_rows(batch, 8)
+  assert real == 5
+  _, want = train.loss_and_metrics(params, batch, model, "classification")
+  _, got = train.loss_and_metrics(params, padded, model, "classification")
+  for key in ("loss_sum", "correct", "count"):
+    assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6), key
+  assert float(got["count"]) == 5
