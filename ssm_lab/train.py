@@ -325,6 +325,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    # Tasks with artifacts a run needs later (a trained tokenizer, the data description) keep them
+    # with the run, so `ssm_lab.generate` and `runs.load_run` work from the workdir alone.
+    save_artifacts = getattr(task, "save_artifacts", None)
+    if callable(save_artifacts):
+      save_artifacts(workdir)
   say = print if primary else (lambda *a, **k: None)
 
   tx = make_optimizer(t)

@@ -48,3 +48,6 @@ def test_resumed_lm_run_reads_the_batches_of_an_uninterrupted_run(dirs, tmp_path
   fresh = lm.build_lm_task("toy", seq_len=16, eval_sequences=4, progress=False)
   assert all(original(fresh, s, 4)["inputs"].tobytes() == b for s, b in seen)
   assert len({b for _, b in seen}) == 3
+  # The run keeps what it needs to be read back: its tokenizer and a description of its data.
+  assert (tmp_path / "run" / "tokenizer.json").is_file()
+  assert (tmp_path / "run" / "data.json").is_file()
