@@ -9,4 +9,4 @@ from ssm_lab.ops.selective_scan import selective_scan
 from ssm_lab.ops.ssd import ssd
 from ssm_lab.ops import pallas as _pallas  # noqa: F401  (registers the Pallas impls)
 
-__all__ = ["attention", "selective_scan", "ssd"]
+__all__ = ["attention", "attention_decode", "selective_scan", "ssd"]
