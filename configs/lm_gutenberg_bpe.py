@@ -8,27 +8,18 @@ by that name (and a copy goes into the token cache folder). The caps keep the ui
 --eval_tokens 1000000`.
 """
 
+import os
+
 import ml_collections
 
-from ssm_lab.config import base_config
+from ssm_lab.config import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base_config()
-  config.task = ml_collections.ConfigDict(dict(
-      name="lm", dataset="gutenberg", tokenizer="bpe:8192", seq_len=1024, seed=0,
-      train_tokens=16_000_000, eval_tokens=1_000_000, eval_sequences=256,
-      data_dir="", cache_dir=""))
-  m = config.model
-  m.pattern = "MMMM"
-  m.d_model = 256
-  m.block_mlp = False
-  m.dtype = "bfloat16"
-  t = config.train
-  t.batch_size = 32
-  t.num_steps = 5000
-  t.learning_rate = 2e-3
-  t.warmup_steps = 200
-  t.eval_every = 500
-  t.checkpoint_every = 500
+  """lm_gutenberg_bytes.py's model and schedule; a BPE tokenizer and its own token caps."""
+  config = load_config(os.path.join(os.path.dirname(__file__), "lm_gutenberg_bytes.py"))
+  config.task.tokenizer = "bpe:8192"
+  config.task.seq_len = 1024
+  config.task.train_tokens = 16_000_000
+  config.task.eval_tokens = 1_000_000
   return config
