@@ -74,7 +74,7 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def _compare(inp, softplus, config, tol):
+def check_matches_reference(inp, softplus, config, tol):
   names, y, h, grads = _outputs_and_grads(inp, softplus, impl="pallas", config=config)
   _, y_r, h_r, grads_r = _outputs_and_grads(inp, softplus, impl="reference")
   assert y.shape == y_r.shape and y.dtype == y_r.dtype
@@ -107,23 +107,23 @@ SLOW_CASES = {
 }
 
 
-def _run_case(case):
+def check_case(case):
   (b, L, d, n, g), dtype, opts, config, tol = case
   opts = dict(opts)
   softplus = opts.pop("softplus", True)
   inp = _inputs(0, b, L, d, n, g, dtype, softplus=softplus, **opts)
-  _compare(inp, softplus, config, tol)
+  check_matches_reference(inp, softplus, config, tol)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case):
-  _run_case(CASES[case])
+  check_case(CASES[case])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SLOW_CASES))
 def test_matches_reference_wide(case):
-  _run_case(SLOW_CASES[case])
+  check_case(SLOW_CASES[case])
 
 
 def test_public_op_by_name_with_default_tiling():
@@ -179,4 +179,4 @@ def test_auto_picks_pallas_on_gpu_only():
 def test_gpu_realistic_shape():
   """On the GPU: a Mamba-sized call (bf16, default tiling, segments) against the reference."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  _compare(inp, True, None, 1e-2)
+  check_matches_reference(inp, True, None, 1e-2)
