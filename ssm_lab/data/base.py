@@ -43,6 +43,34 @@ class Task(Protocol):
     """A fixed evaluation set (the same batches at every evaluation)."""
 
 
+class SeededSynthetic:
+  """`train_batch` and `eval_batches` for tasks that draw examples with `generate(rng, n, **kw)`.
+
+  Step s draws from `default_rng([seed, 1, s])`, so batches are a pure function of (seed, step); the
+  evaluation set is one fixed draw from `default_rng([seed, 2])`, sliced into batches.
+  Subclasses set `seed` and `num_eval_examples`, and may override `eval_generate_kwargs`.
+  """
+
+  seed: int
+  num_eval_examples: int
+
+  def generate(self, rng: np.random.Generator, n: int, **kw: Any) -> Batch:
+    raise NotImplementedError
+
+  def eval_generate_kwargs(self) -> dict[str, Any]:
+    """Extra arguments for the evaluation draw (for example another sequence length)."""
+    return {}
+
+  def train_batch(self, step: int, batch_size: int) -> Batch:
+    return self.generate(np.random.default_rng([self.seed, 1, step]), batch_size)
+
+  def eval_batches(self, batch_size: int) -> Iterable[Batch]:
+    data = self.generate(np.random.default_rng([self.seed, 2]), self.num_eval_examples,
+                         **self.eval_generate_kwargs())
+    for start in range(0, self.num_eval_examples, batch_size):
+      yield {k: v[start:start + batch_size] for k, v in data.items()}
+
+
 def optional_hooks(task: Any) -> dict[str, Callable[..., Any]]:
   """Optional task hooks the loop uses when present.
 

@@ -22,11 +22,11 @@ import dataclasses
 
 import numpy as np
 
-from ssm_lab.data.base import Batch
+from ssm_lab.data.base import Batch, SeededSynthetic
 
 
 @dataclasses.dataclass
-class InductionHeads:
+class InductionHeads(SeededSynthetic):
   """Seeded induction-heads generator implementing the `Task` protocol (kind "lm")."""
 
   vocab_size: int = 16
@@ -74,11 +74,5 @@ class InductionHeads:
     return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
             "loss_mask": loss_mask}
 
-  def train_batch(self, step: int, batch_size: int) -> Batch:
-    return self.generate(np.random.default_rng([self.seed, 1, step]), batch_size)
-
-  def eval_batches(self, batch_size: int):
-    data = self.generate(np.random.default_rng([self.seed, 2]), self.num_eval_examples,
-                         self.eval_seq_len or self.seq_len)
-    for start in range(0, self.num_eval_examples, batch_size):
-      yield {k: v[start:start + batch_size] for k, v in data.items()}
+  def eval_generate_kwargs(self) -> dict:
+    return {"length": self.eval_seq_len or self.seq_len}

@@ -15,11 +15,11 @@ import dataclasses
 
 import numpy as np
 
-from ssm_lab.data.base import Batch
+from ssm_lab.data.base import Batch, SeededSynthetic
 
 
 @dataclasses.dataclass
-class MQAR:
+class MQAR(SeededSynthetic):
   """Seeded MQAR generator implementing the `Task` protocol (kind "lm")."""
 
   vocab_size: int = 8192
@@ -83,13 +83,3 @@ class MQAR:
         "targets": np.maximum(targets, 0).astype(np.int32),
         "loss_mask": (targets >= 0).astype(np.float32),
     }
-
-  def train_batch(self, step: int, batch_size: int) -> Batch:
-    rng = np.random.default_rng([self.seed, 1, step])
-    return self.generate(rng, batch_size)
-
-  def eval_batches(self, batch_size: int):
-    rng = np.random.default_rng([self.seed, 2])
-    data = self.generate(rng, self.num_eval_examples)
-    for start in range(0, self.num_eval_examples, batch_size):
-      yield {k: v[start:start + batch_size] for k, v in data.items()}

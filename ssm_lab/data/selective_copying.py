@@ -21,11 +21,11 @@ import dataclasses
 
 import numpy as np
 
-from ssm_lab.data.base import Batch
+from ssm_lab.data.base import Batch, SeededSynthetic
 
 
 @dataclasses.dataclass
-class SelectiveCopying:
+class SelectiveCopying(SeededSynthetic):
   """Seeded selective-copying generator implementing the `Task` protocol (kind "lm")."""
 
   vocab_size: int = 16
@@ -65,11 +65,3 @@ class SelectiveCopying:
     loss_mask = np.zeros((n, length), np.float32)
     loss_mask[:, context:] = 1.0
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
-
-  def train_batch(self, step: int, batch_size: int) -> Batch:
-    return self.generate(np.random.default_rng([self.seed, 1, step]), batch_size)
-
-  def eval_batches(self, batch_size: int):
-    data = self.generate(np.random.default_rng([self.seed, 2]), self.num_eval_examples)
-    for start in range(0, self.num_eval_examples, batch_size):
-      yield {k: v[start:start + batch_size] for k, v in data.items()}

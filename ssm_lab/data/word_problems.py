@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from ssm_lab.data.base import Batch
+from ssm_lab.data.base import Batch, SeededSynthetic
 
 
 def _permutation_group(n: int, even_only: bool) -> np.ndarray:
@@ -71,7 +71,7 @@ def multiplication_table(group: str) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class WordProblem:
+class WordProblem(SeededSynthetic):
   """Seeded group word-problem generator implementing the `Task` protocol (kind "lm")."""
 
   group: str = "S5"
@@ -104,11 +104,5 @@ class WordProblem:
       prefix[:, i] = state
     return {"inputs": g, "targets": prefix, "loss_mask": np.ones((n, length), np.float32)}
 
-  def train_batch(self, step: int, batch_size: int) -> Batch:
-    return self.generate(np.random.default_rng([self.seed, 1, step]), batch_size)
-
-  def eval_batches(self, batch_size: int):
-    data = self.generate(np.random.default_rng([self.seed, 2]), self.num_eval_examples,
-                         self.eval_seq_len or self.seq_len)
-    for start in range(0, self.num_eval_examples, batch_size):
-      yield {k: v[start:start + batch_size] for k, v in data.items()}
+  def eval_generate_kwargs(self) -> dict:
+    return {"length": self.eval_seq_len or self.seq_len}
