@@ -141,6 +141,30 @@ def _head(t: Tensors, config: dict[str, Any], embed_name: str) -> tuple[bool, Pa
   return False, {"lm_head": {"kernel": _linear(t, "lm_head.weight")}}
 
 
+def _ssm_backbone(t: "Tensors") -> Params:
+  """Embedding and final norm of HF's Mamba / Mamba-2 `backbone`."""
+  return {"embed": {"embedding": t.get("backbone.embeddings.weight")},
+          "final_norm": {"scale": t.get("backbone.norm_f.weight")}}
+
+
+def _ssm_block(t: "Tensors", i: int, conv_dim: int, specific) -> Params:
+  """Block i of a Mamba / Mamba-2 backbone: the parameters both mixers share, plus
+  `specific(mixer_prefix)` (Mamba's x_proj / dt_proj, Mamba-2's dt_bias / gated norm)."""
+  p = f"backbone.layers.{i}."
+  m = p + "mixer."
+  conv_bias = (t.get(m + "conv1d.bias") if m + "conv1d.bias" in t
+               else np.zeros((conv_dim,), np.float32))
+  mixer = {
+      "in_proj": {"kernel": _linear(t, m + "in_proj.weight")},
+      "conv1d": {"kernel": _depthwise_conv(t, m + "conv1d.weight"), "bias": conv_bias},
+      "A_log": t.get(m + "A_log"),
+      "D": t.get(m + "D"),
+      "out_proj": {"kernel": _linear(t, m + "out_proj.weight")},
+      **specific(m),
+  }
+  return {"mixer_norm": {"scale": t.get(p + "norm.weight")}, "mixer": mixer}
+
+
 def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   _require(config, "use_bias", lambda v: not v, "ssm_lab's Mamba in/out projections have no bias",
            False)
@@ -155,25 +179,13 @@ def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   kw = dict(pattern="M" * n_layers, d_model=d, d_state=int(config.get("state_size", 16)),
             expand=int(expand), d_conv=int(config.get("conv_kernel", 4)), dt_rank=rank,
             norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), block_mlp=False)
-  params: Params = {"embed": {"embedding": t.get("backbone.embeddings.weight")},
-                    "final_norm": {"scale": t.get("backbone.norm_f.weight")}}
+  params = _ssm_backbone(t)
   for i in range(n_layers):
-    p = f"backbone.layers.{i}."
-    m = p + "mixer."
-    conv_bias = t.get(m + "conv1d.bias") if m + "conv1d.bias" in t else np.zeros((d_inner,),
-                                                                                np.float32)
-    params[f"block_{i}"] = {
-        "mixer_norm": {"scale": t.get(p + "norm.weight")},
-        "mixer": {
-            "in_proj": {"kernel": _linear(t, m + "in_proj.weight")},
-            "conv1d": {"kernel": _depthwise_conv(t, m + "conv1d.weight"), "bias": conv_bias},
-            "x_proj": {"kernel": _linear(t, m + "x_proj.weight")},
-            "dt_proj_kernel": _linear(t, m + "dt_proj.weight"),
-            "dt_bias": t.get(m + "dt_proj.bias"),
-            "A_log": t.get(m + "A_log"),
-            "D": t.get(m + "D"),
-            "out_proj": {"kernel": _linear(t, m + "out_proj.weight")},
-        }}
+    params[f"block_{i}"] = _ssm_block(t, i, d_inner, lambda m: {
+        "x_proj": {"kernel": _linear(t, m + "x_proj.weight")},
+        "dt_proj_kernel": _linear(t, m + "dt_proj.weight"),
+        "dt_bias": t.get(m + "dt_proj.bias"),
+    })
   kw["tie_embeddings"], head = _head(t, config, "backbone.embeddings.weight")
   params.update(head)
   return kw, params
@@ -199,26 +211,14 @@ def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]
             ssd_chunk_size=int(config.get("chunk_size", 256)),
             norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), block_mlp=False)
   conv_dim = expand * d + 2 * n_groups * d_state
-  params: Params = {"embed": {"embedding": t.get("backbone.embeddings.weight")},
-                    "final_norm": {"scale": t.get("backbone.norm_f.weight")}}
+  # ssm_lab's Mamba2Mixer keeps HF's names and in_proj order [z, x, B, C, dt]; its gated norm
+  # normalises per group of d_inner / n_groups channels, as HF's MambaRMSNormGated does.
+  params = _ssm_backbone(t)
   for i in range(n_layers):
-    p = f"backbone.layers.{i}."
-    m = p + "mixer."
-    conv_bias = t.get(m + "conv1d.bias") if m + "conv1d.bias" in t else np.zeros((conv_dim,),
-                                                                                np.float32)
-    # ssm_lab's Mamba2Mixer keeps HF's names and in_proj order [z, x, B, C, dt]; its gated norm
-    # normalises per group of d_inner / n_groups channels, as HF's MambaRMSNormGated does.
-    params[f"block_{i}"] = {
-        "mixer_norm": {"scale": t.get(p + "norm.weight")},
-        "mixer": {
-            "in_proj": {"kernel": _linear(t, m + "in_proj.weight")},
-            "conv1d": {"kernel": _depthwise_conv(t, m + "conv1d.weight"), "bias": conv_bias},
-            "dt_bias": t.get(m + "dt_bias"),
-            "A_log": t.get(m + "A_log"),
-            "D": t.get(m + "D"),
-            "norm": {"scale": t.get(m + "norm.weight")},
-            "out_proj": {"kernel": _linear(t, m + "out_proj.weight")},
-        }}
+    params[f"block_{i}"] = _ssm_block(t, i, conv_dim, lambda m: {
+        "dt_bias": t.get(m + "dt_bias"),
+        "norm": {"scale": t.get(m + "norm.weight")},
+    })
   kw["tie_embeddings"], head = _head(t, config, "backbone.embeddings.weight")
   params.update(head)
   return kw, params
