@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -274,8 +275,19 @@ def _fwd_kernel(*refs, s: _Static):
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(denom))
 
 
-def _fwd_call(q, k, v, seg, s: _Static):
-  kc = s.cfg.fwd
+class _QMajor(typing.NamedTuple):
+  """Grid layout of the kernels that give each program one query block (forward and dQ)."""
+
+  bq: int
+  n_qb: int
+  q_map: typing.Callable
+  lse_map: typing.Callable
+  in_specs: list
+  args: list
+
+
+def _q_major(q, k, v, seg, s: _Static, kc) -> _QMajor:
+  """Index maps and the q, k, v (and segment id) input specs shared by the forward and dQ calls."""
   bq = kc.block_major
   n_qb = s.q_pad // bq
   heads, groups, d = s.heads, s.groups, s.head_dim
@@ -304,6 +316,13 @@ def _fwd_call(q, k, v, seg, s: _Static):
     in_specs += [pl.BlockSpec((None, bq), lambda i, j: q_map(i, j)[:2]),
                  pl.BlockSpec((None, s.kv_pad), lambda i, j: (split(i, j)[1], 0))]
     args += [_pad_seg(seg, s.q_pad), _pad_seg(seg, s.kv_pad)]
+  return _QMajor(bq, n_qb, q_map, lse_map, in_specs, args)
+
+
+def _fwd_call(q, k, v, seg, s: _Static):
+  kc = s.cfg.fwd
+  bq, n_qb, q_map, lse_map, in_specs, args = _q_major(q, k, v, seg, s, kc)
+  heads, d = s.heads, s.head_dim
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((s.batch, heads, s.q_pad), jnp.float32)]
   out_specs = [pl.BlockSpec((None, bq, None, d), q_map),
@@ -368,34 +387,8 @@ def _dq_kernel(*refs, s: _Static):
 
 def _dq_call(q, k, v, seg, do, lse, delta, s: _Static):
   kc = s.cfg.dq
-  bq = kc.block_major
-  n_qb = s.q_pad // bq
-  heads, groups, d = s.heads, s.groups, s.head_dim
-
-  def split(i, j):
-    launched, bh = _ids(i, j, s)
-    return _q_block(s, n_qb, launched), bh // heads, bh % heads
-
-  def q_map(i, j):
-    qb, b, h = split(i, j)
-    return b, qb, h, 0
-
-  def kv_map(i, j):
-    _, b, h = split(i, j)
-    return b, 0, h // groups, 0
-
-  def lse_map(i, j):
-    qb, b, h = split(i, j)
-    return b, h, qb
-
-  in_specs = [pl.BlockSpec((None, bq, None, d), q_map),
-              pl.BlockSpec((None, s.kv_pad, None, d), kv_map),
-              pl.BlockSpec((None, s.kv_pad, None, d), kv_map)]
-  args = [q, k, v]
-  if s.has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, j: q_map(i, j)[:2]),
-                 pl.BlockSpec((None, s.kv_pad), lambda i, j: (split(i, j)[1], 0))]
-    args += [_pad_seg(seg, s.q_pad), _pad_seg(seg, s.kv_pad)]
+  bq, n_qb, q_map, lse_map, in_specs, args = _q_major(q, k, v, seg, s, kc)
+  heads, d = s.heads, s.head_dim
   in_specs += [pl.BlockSpec((None, bq, None, d), q_map),
                pl.BlockSpec((None, None, bq), lse_map),
                pl.BlockSpec((None, None, bq), lse_map)]
