@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -120,9 +121,9 @@ def random_params(model: LanguageModel, seed: int = 0) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def filled_cache(model: LanguageModel, batch: int, max_len: int, filled: int, seed: int) -> Any:
-  """A cache as a prefill of `filled` tokens leaves it: attention slots 0..filled-1 valid with
-  random K/V, random conv and SSM states, index = filled. Built on the device."""
+def _cache_builder(model: LanguageModel, batch: int, max_len: int, filled: int) -> Callable:
+  """key -> a cache as a prefill of `filled` tokens leaves it: attention slots 0..filled-1 valid
+  with random K/V, random conv and SSM states, index = filled."""
 
   def build(key):
     cache = model.init_cache(batch, max_len)
@@ -138,7 +139,37 @@ def filled_cache(model: LanguageModel, batch: int, max_len: int, filled: int, se
         out.append((0.5 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
     return {"index": jnp.asarray(filled, jnp.int32),
             "blocks": jax.tree_util.tree_unflatten(treedef, out)}
-  return jax.jit(build)(jax.random.PRNGKey(seed))
+  return build
+
+
+def filled_cache(model: LanguageModel, batch: int, max_len: int, filled: int, seed: int) -> Any:
+  """The cache of `_cache_builder`, built on the device."""
+  return jax.jit(_cache_builder(model, batch, max_len, filled))(jax.random.PRNGKey(seed))
+
+
+def compile_decode(model: LanguageModel, params: Any, batch: int, prompt: int, new: int) -> Any:
+  """The compiled `decode_tokens` loop for one batch size (called from worker threads: XLA
+  compiles in parallel, so a model's batch sizes cost about one compile instead of four)."""
+  build = _cache_builder(model, batch, prompt + new, prompt)
+  cache = jax.eval_shape(build, jax.random.PRNGKey(0))
+  token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  p_abs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return gen.decode_tokens.lower(model, p_abs, token, cache, jax.random.PRNGKey(0),
+                                 steps=new).compile()
+
+
+def precompile(fns: dict[Any, Callable[[], Any]]) -> dict[Any, Any]:
+  """Runs the compile thunks in a thread pool; a failing one maps to its exception."""
+  from concurrent.futures import ThreadPoolExecutor
+  out: dict[Any, Any] = {}
+  with ThreadPoolExecutor(max_workers=max(1, min(len(fns), 8))) as pool:
+    futures = {k: pool.submit(f) for k, f in fns.items()}
+    for k, fut in futures.items():
+      try:
+        out[k] = fut.result()
+      except Exception as err:  # noqa: BLE001  (reported by the case that needs it)
+        out[k] = err
+  return out
 
 
 def bytes_in_use() -> int | None:
@@ -216,7 +247,11 @@ def args_cache(args: ModelArgs, batch: int, context: int) -> Any:
 
 
 def decode_case(name: str, model: LanguageModel, params: Any, batch: int, repeats: int,
-                prompt: int, new: int) -> dict[str, Any]:
+                prompt: int, new: int, compiled: Any = None) -> dict[str, Any]:
+  """Times the decode loop; `compiled` (from compile_decode) skips the compile, an exception
+  from it is raised here so the case reports it."""
+  if isinstance(compiled, Exception):
+    raise compiled
   max_len = prompt + new
   cache = filled_cache(model, batch, max_len, prompt, seed=batch)
   token = jax.random.randint(jax.random.PRNGKey(batch), (batch,), 0, model.args.vocab_size)
@@ -224,7 +259,11 @@ def decode_case(name: str, model: LanguageModel, params: Any, batch: int, repeat
   state = {"cache": cache}
 
   def run():
-    toks, state["cache"] = gen.decode_tokens(model, params, token, state["cache"], key, steps=new)
+    if compiled is not None:
+      toks, state["cache"] = compiled(params, token, state["cache"], key)
+    else:
+      toks, state["cache"] = gen.decode_tokens(model, params, token, state["cache"], key,
+                                               steps=new)
     return toks
 
   t0 = time.perf_counter()
@@ -273,6 +312,12 @@ def context_memory_case(name: str, model: LanguageModel, params: Any, context: i
           "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
           "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
           "output_bytes": getattr(mem, "output_size_in_bytes", None)}
+
+
+def _raise_or(value: Any) -> Any:
+  if isinstance(value, Exception):
+    raise value
+  return value
 
 
 def floor_step_s(args: ModelArgs, param_bytes: int, n_params: int, batch: int,
@@ -498,6 +543,13 @@ def main() -> int:
       model = LanguageModel(a)
       params = random_params(model)
       pbytes = tree_bytes(params)
+      fits = [b for b in batches if not limit or pbytes + cache_memory.cache_bytes_per_sequence(
+          a, prompt + new)["total"] * b <= 0.9 * limit]
+      t0 = time.perf_counter()
+      compiled = precompile({b: functools.partial(compile_decode, model, params, b, prompt, new)
+                             for b in fits})
+      print(f"{name}: compiled decode for batches {fits} in {time.perf_counter() - t0:.1f} s",
+            flush=True)
       for b in batches:
         cache_b = cache_memory.cache_bytes_per_sequence(a, prompt + new)["total"] * b
         row = {"model": name, "batch": b}
@@ -510,10 +562,10 @@ def main() -> int:
         emb = a.vocab_size * a.d_model * np.dtype(a.params_dtype).itemsize
         floor_bytes = pbytes - (0 if a.tie_embeddings else emb) + cache_b
         guarded(res["decode"], row,
-                lambda n=name, m=model, pr=params, b=b, fb=floor_bytes: {
-                    **decode_case(n, m, pr, b, args.repeats, prompt, new),
+                lambda n=name, m=model, pr=params, b=b, fb=floor_bytes, cs=compiled: {
+                    **decode_case(n, m, pr, b, args.repeats, prompt, new, cs.get(b)),
                     "hbm_bytes_per_step": fb})
-      del params
+      del params, compiled
     base = {r["batch"]: r["tokens_per_s"] for r in res["decode"]
             if r["model"] == f"transformer-{size}" and "tokens_per_s" in r}
     for r in res["decode"]:
@@ -540,9 +592,11 @@ def main() -> int:
     model = LanguageModel(margs[name])
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                               jnp.zeros((1, 1), jnp.int32))["params"]
+    rows = precompile({c: functools.partial(context_memory_case, name, model, abstract, c)
+                       for c in contexts}) if budget.left() > 0 else {}
     for ctx in contexts:
       guarded(res["context_memory"], {"model": name, "context": ctx},
-              lambda n=name, m=model, pa=abstract, c=ctx: context_memory_case(n, m, pa, c))
+              lambda c=ctx: _raise_or(rows[c]))
   save()
   print(markdown(res), flush=True)
   return 0
