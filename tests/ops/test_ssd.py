@@ -54,7 +54,8 @@ def _call(impl, a, **kw):
 
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
-_call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=("chunk_size", "segments"))
+KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype")
+_call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
 def call(impl, a, **kw):
@@ -69,8 +70,7 @@ def _loss(impl, a, **kw):
   return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(s * ws)
 
 
-_grads_jit = jax.jit(jax.grad(_loss, argnums=1), static_argnums=(0,),
-                     static_argnames=("chunk_size", "segments"))
+_grads_jit = jax.jit(jax.grad(_loss, argnums=1), static_argnums=(0,), static_argnames=KNOBS)
 
 
 def grads(impl, a, **kw):
@@ -120,27 +120,39 @@ def test_chunked_gradients_match_reference():
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-def test_pallas_matches_reference_values_and_gradients():
+@pytest.mark.parametrize("bwd", ["chunked", "sequential"])
+def test_pallas_matches_reference_values_and_gradients(bwd):
   # head_dim 8 and d_state 6 exercise the padding to 16; length 37 the padding to whole chunks and
   # segments; 2 segments the state hand-over between them (the one-segment path: tests below).
   a = make(jax.random.PRNGKey(3))
   y_ref, s_ref = call("reference", a)
-  y, s = call("pallas-direct", a, chunk_size=16, segments=2)
+  y, s = call("pallas-direct", a, chunk_size=16, segments=2, bwd=bwd)
   assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
   g_ref = grads("reference", a)
-  g = grads("pallas-direct", a, chunk_size=16, segments=2)
+  g = grads("pallas-direct", a, chunk_size=16, segments=2, bwd=bwd)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-def test_pallas_bfloat16_close_to_float32_reference():
+def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
+  # head_dim 20 (padded to 32) in two dS-pass blocks of 16 rows; one segment of 5 chunks (length 70,
+  # chunk 16, so the last chunk is padded); 3 groups of 2 heads.
+  a = make(jax.random.PRNGKey(10), b=1, l=70, h=6, p=20, g=3, n=8)
+  g_ref = grads("reference", a)
+  g = grads("pallas-direct", a, chunk_size=16, segments=1, ds_block=16)
+  for k in ARGS:
+    assert rel(g[k], g_ref[k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("kw", [{}, {"bwd": "sequential"}, {"ds_dtype": "bfloat16"}])
+def test_pallas_bfloat16_close_to_float32_reference(kw):
   a = make(jax.random.PRNGKey(4), b=1, l=96, h=2, p=16, g=1, n=16, dtype=jnp.bfloat16)
   a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
-  y, s = call("pallas", a, chunk_size=32)
+  y, s = call("pallas-direct", a, chunk_size=32, **kw)
   y_ref, s_ref = call("reference", a32)
   assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
   assert rel(y, y_ref) < 2e-2 and rel(s, s_ref) < 2e-2
-  g, g_ref = grads("pallas", a, chunk_size=32), grads("reference", a32)
+  g, g_ref = grads("pallas-direct", a, chunk_size=32, **kw), grads("reference", a32)
   for k in ARGS:
     assert g[k].dtype == a[k].dtype, k
     assert rel(g[k], g_ref[k]) < 3e-2, k
@@ -207,6 +219,17 @@ def test_impl_selection():
   assert chosen.name == "chunked"
 
 
+def test_pallas_knob_errors_name_the_knob():
+  a = make(jax.random.PRNGKey(11))
+  x, dt, A, B, C = (a[k] for k in ("x", "dt", "A", "B", "C"))
+  with pytest.raises(ValueError, match=r"bwd must be 'chunked' or 'sequential', got 'fast'"):
+    ssd_pallas(x, dt, A, B, C, bwd="fast")
+  with pytest.raises(ValueError, match=r"ds_block must be a power of two >= 16, got 24"):
+    ssd_pallas(x, dt, A, B, C, ds_block=24)
+  with pytest.raises(ValueError, match=r"ds_dtype must be 'float32' or 'bfloat16'"):
+    ssd_pallas(x, dt, A, B, C, ds_dtype="float16")
+
+
 def test_choose_segments():
   assert choose_segments(8, 24, 32) == 2          # 192 programs -> 384
   assert choose_segments(1, 24, 1024) == 16       # long sequence, one sequence
@@ -215,15 +238,16 @@ def test_choose_segments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["chunked", "sequential"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
-def test_pallas_on_gpu_matches_reference(dtype, tol):
+def test_pallas_on_gpu_matches_reference(dtype, tol, bwd):
   a = make(jax.random.PRNGKey(9), b=2, l=500, h=4, p=64, g=2, n=128, dtype=dtype)
   a["dt"] = (a["dt"] - 2.0).astype(dtype)
   a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
-  y, s = jax.jit(lambda a: call("pallas", a))(a)
+  y, s = call("pallas-direct", a, bwd=bwd)
   y_ref, s_ref = call("reference", a32)
   assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
-  g = jax.jit(lambda a: grads("pallas", a))(a)
+  g = grads("pallas-direct", a, bwd=bwd)
   g_ref = grads("reference", a32)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < tol, k

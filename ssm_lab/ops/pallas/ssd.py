@@ -70,6 +70,13 @@ class Config(NamedTuple):
   num_stages_fwd: int = 3       # measured best of 2/3 on the H100 (notes)
   num_stages_bwd: int = 2       # the backward streams one more tile a chunk (the saved state)
   interpret: bool = False
+  bwd: str = "chunked"          # "chunked" (dS pass + chunk-parallel kernel) or "sequential"
+  ds_block: int = 16            # chunked: head_dim rows per dS-pass program
+  ds_dtype: str = "float32"     # chunked: how dS_end is stored between the passes ("bfloat16": half
+                                # the bytes, loses the low half that keeps bf16 dA accurate)
+  num_warps_ds: int = 4
+  num_stages_ds: int = 3
+  num_warps_chunk: int = 8      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles)
 
 
 def _next_pow2(n: int) -> int:
@@ -139,70 +146,122 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
   s_ref[bi, hi, ki] = s
 
 
-def _bwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, ds_end_ref,
-                dx_ref, db_ref, dc_ref, da_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
-  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db_ref, dc_ref, da_ref,
+                 ddt_ref, xdy_ref, *, bi, hi, chunk, ds, d_h, q, rep, prec, ds_exact=True):
+  """Every gradient of one chunk given ds [P, N] float32, the gradient reaching the chunk's end state.
+
+  Shared by the sequential and the chunk-parallel backward. Returns (dy [Q, P] float32, acum [Q],
+  C [Q, N], acum_Q) for the caller's dS update. `ds_exact=False`: ds was stored in the compute dtype,
+  so it has no low half to add back."""
   gi = hi // rep
   cd = x_ref.dtype
-  d_h = d_ref[hi]
   causal, is_last = _masks(q)
+  t0 = pl.multiple_of(chunk * q, q)
+  xs = x_ref[bi, pl.ds(t0, q), hi, :]
+  dts = dt_ref[bi, hi, pl.ds(t0, q)]
+  ac = ac_ref[bi, hi, pl.ds(t0, q)]
+  bs = b_ref[bi, pl.ds(t0, q), gi, :]
+  cs = c_ref[bi, pl.ds(t0, q), gi, :]
+  dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
+  s0 = st_ref[bi, hi, chunk]                                    # [P, N] state the chunk starts from
+  dys = dy_raw.astype(cd)
+  dy_f = dy_raw.astype(f32)
+  decay, last = _chunk_decays(ac, causal, is_last)
+  xf = xs.astype(f32)
+  u = xf * dts[:, None]
+  ucd = u.astype(cd)
+  # Each gradient is stored as soon as it is complete, so few [Q, N] float32 tiles are live at once
+  # (the kernel is register bound). Products:
+  #   dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
+  #   du_s = sum_t L[t,s] (C_t.B_s) dy_t + exp(acum_Q - acum_s) dS B_s      (dx = dt du + D dy)
+  #   dB_s = sum_t L[t,s] (dy_t.u_s) C_t + exp(acum_Q - acum_s) dS^T u_s
+  # d a_s = sum_{t>=s in chunk} (C_t.dC_t - B_t.dB_t) + <dS_end, S_end> (module docstring), with
+  #   C_t.dC_t = (row sums of W)_t + Y_t,   W = L o (C B^T) o (dy u^T),  Y_t = C_t.dC_state_t
+  #   B_t.dB_t = (column sums of W)_t + F_t,  F_t = B_t.dB_state_t = u_t.du_state_t
+  #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t.
+  # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
+  # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
+  cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
+  dyu = _dot(dys, ucd, (1, 1), prec) * decay                    # [t, s] L o (dy u^T)
+  w = cb * dyu
+  g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
+  m1 = (cb * decay).astype(cd)
+  m2 = dyu.astype(cd)
+  dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
+  g = g + jnp.sum(cs.astype(f32) * dc_state, axis=1)
+  s0_term = jnp.exp(last) * jnp.sum(ds * s0.astype(f32))
+  dc_ref[bi, pl.ds(t0, q), hi, :] = (_dot(m2, bs, (1, 0), prec) + dc_state).astype(dc_ref.dtype)
+  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
+  ds_cd = ds.astype(cd)
+  du = _dot(m1, dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
+  dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
+  ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
+  xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
+  db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
+  db_ref[bi, pl.ds(t0, q), hi, :] = (_dot(m2, cs, (0, 0), prec) + db_state).astype(db_ref.dtype)
+  if cd != f32 and ds_exact:
+    # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+    # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
+    ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
+    db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
+  f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
+  da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
+                                  + s0_term)
+  return dy_f, ac, cs, last
+
+
+def _bwd_seq_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, ds_end_ref,
+                    dx_ref, db_ref, dc_ref, da_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
+  # bwd="sequential": one program per (batch, head, segment) walks the chunks backwards carrying dS.
+  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cd = x_ref.dtype
+  d_h = d_ref[hi]
 
   def body(c, ds):                                              # ds: grad of the chunk's end state
     chunk = ki * cps + cps - 1 - c
-    t0 = pl.multiple_of(chunk * q, q)
-    xs = x_ref[bi, pl.ds(t0, q), hi, :]
-    dts = dt_ref[bi, hi, pl.ds(t0, q)]
-    ac = ac_ref[bi, hi, pl.ds(t0, q)]
-    bs = b_ref[bi, pl.ds(t0, q), gi, :]
-    cs = c_ref[bi, pl.ds(t0, q), gi, :]
-    dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
-    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
-    dys = dy_raw.astype(cd)
-    decay, last = _chunk_decays(ac, causal, is_last)
-    xf = xs.astype(f32)
-    u = xf * dts[:, None]
-    ucd = u.astype(cd)
-    w_end = jnp.exp(last - ac)[:, None]                         # [Q, 1]
-    ds_cd = ds.astype(cd)
-    # du_s = sum_t L[t,s] (C_t.B_s) dy_t + exp(acum_Q - acum_s) dS B_s
-    cb = _dot(cs, bs, (1, 1), prec)                             # [t, s]
-    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
-    # dB_s = sum_t L[t,s] (dy_t.u_s) C_t + exp(acum_Q - acum_s) dS^T u_s
-    # dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
-    dyu = _dot(dys, ucd, (1, 1), prec) * decay                  # [t, s] L o (dy u^T)
-    m2 = dyu.astype(cd)
-    db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
-    dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
-    db = _dot(m2, cs, (0, 0), prec) + db_state
-    dc = _dot(m2, bs, (1, 0), prec) + dc_state
-    # d a_s = sum_{t>=s in chunk} (C_t.dC_t - B_t.dB_t) + <dS_end, S_end> (module docstring), with
-    #   C_t.dC_t = (row sums of W)_t + Y_t,   W = L o (C B^T) o (dy u^T),  Y_t = C_t.dC_state_t
-    #   B_t.dB_t = (column sums of W)_t + F_t,  F_t = B_t.dB_state_t = u_t.du_state_t
-    #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t.
-    # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
-    # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
-    w = cb * dyu
-    y_in = jnp.sum(cs.astype(f32) * dc_state, axis=1)
-    if cd != f32:
-      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
-      # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
-      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
-      db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
-    f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
-    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + y_in
-    da = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
-          + jnp.exp(last) * jnp.sum(ds * s0.astype(f32)))
-    dy_f = dy_raw.astype(f32)
-    dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
-    db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
-    dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
-    da_ref[bi, hi, pl.ds(t0, q)] = da
-    ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
-    xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
+    dy_f, ac, cs, last = _chunk_grads(
+        x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db_ref, dc_ref, da_ref,
+        ddt_ref, xdy_ref, bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_h, q=q, rep=rep, prec=prec)
     dyw = (dy_f * jnp.exp(ac)[:, None]).astype(cd)
     return jnp.exp(last) * ds + _dot(dyw, cs, (0, 0), prec)     # [P, N]: grad of the start state
 
   ds0_ref[bi, hi, ki] = jax.lax.fori_loop(0, cps, body, ds_end_ref[bi, hi, ki])
+
+
+def _ds_kernel(dy_ref, ac_ref, c_ref, ds_end_ref, dse_ref, ds0_ref, *, q, cps, rep, prec, pb, n_pb):
+  # bwd="chunked", pass 1: one program per (batch, head, segment, head_dim block) walks the chunks
+  # backwards and writes dS_end, the gradient reaching each chunk's end state. The product of a chunk
+  # does not depend on the carry (only the elementwise update does), so loads and products of chunk
+  # c-1 can overlap the update of chunk c.
+  bi, hi, kp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ki, p0 = kp // n_pb, pl.multiple_of((kp % n_pb) * pb, pb)
+  gi = hi // rep
+  cd = c_ref.dtype
+  _, is_last = _masks(q)
+
+  def body(c, ds):
+    chunk = ki * cps + cps - 1 - c
+    t0 = pl.multiple_of(chunk * q, q)
+    dse_ref[bi, hi, chunk, pl.ds(p0, pb), :] = ds.astype(dse_ref.dtype)
+    ac = ac_ref[bi, hi, pl.ds(t0, q)]
+    dy = dy_ref[bi, pl.ds(t0, q), hi, pl.ds(p0, pb)]            # [Q, Pb]
+    cs = c_ref[bi, pl.ds(t0, q), gi, :]                         # [Q, N]
+    last = jnp.sum(jnp.where(is_last, ac, 0.0))
+    dyw = (dy.astype(f32) * jnp.exp(ac)[:, None]).astype(cd)
+    return jnp.exp(last) * ds + _dot(dyw, cs, (0, 0), prec)     # [Pb, N]
+
+  ds0_ref[bi, hi, ki, pl.ds(p0, pb), :] = jax.lax.fori_loop(
+      0, cps, body, ds_end_ref[bi, hi, ki, pl.ds(p0, pb), :])
+
+
+def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, dse_ref, *outs, q,
+                      rep, prec):
+  # bwd="chunked", pass 2: one program per (batch, head, chunk), all independent.
+  bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ds = dse_ref[bi, hi, chunk].astype(f32)
+  _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *outs, bi=bi, hi=hi,
+               chunk=chunk, ds=ds, d_h=d_ref[hi], q=q, rep=rep, prec=prec,
+               ds_exact=dse_ref.dtype == f32)
 
 
 # ------------------------------------------------------------------------------ pallas_call wrappers
@@ -311,13 +370,28 @@ def _core_bwd(cfg, res, cts):
   # a group's heads then rounds once, and the round trip moves half the bytes).
   part = f32 if (cfg.rep == 1 or x.dtype == f32) else x.dtype
   vec = jax.ShapeDtypeStruct((b, h, lp), f32)
-  kern = functools.partial(_bwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=_prec(x.dtype))
-  dx, db_h, dc_h, da, ddt_u, xdy, ds_start = _call(
-      kern, cfg, cfg.num_warps_bwd, cfg.num_stages_bwd, (b, h, k),
-      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), part),
-       jax.ShapeDtypeStruct((b, lp, h, n), part), vec, vec, vec,
-       jax.ShapeDtypeStruct((b, h, k, p, n), f32)),
-      x, dt_t, ac_t, B, C, dy, D, states, ds_end)
+  grads = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), part),
+           jax.ShapeDtypeStruct((b, lp, h, n), part), vec, vec, vec)
+  ds_seg = jax.ShapeDtypeStruct((b, h, k, p, n), f32)
+  prec = _prec(x.dtype)
+  if cfg.bwd == "sequential":
+    kern = functools.partial(_bwd_seq_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
+    dx, db_h, dc_h, da, ddt_u, xdy, ds_start = _call(
+        kern, cfg, cfg.num_warps_bwd, cfg.num_stages_bwd, (b, h, k), (*grads, ds_seg),
+        x, dt_t, ac_t, B, C, dy, D, states, ds_end)
+  else:
+    pb = min(cfg.ds_block, p)
+    n_pb = p // pb
+    kern = functools.partial(_ds_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
+                             n_pb=n_pb)
+    ds_chunks, ds_start = _call(
+        kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
+        (jax.ShapeDtypeStruct((b, h, k * cps, p, n), jnp.dtype(cfg.ds_dtype)), ds_seg),
+        dy, ac_t, C, ds_end)
+    kern = functools.partial(_bwd_chunk_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec)
+    dx, db_h, dc_h, da, ddt_u, xdy = _call(
+        kern, cfg, cfg.num_warps_chunk, 1, (b, h, k * cps), grads,
+        x, dt_t, ac_t, B, C, dy, D, states, ds_chunks)
   ddt = jnp.swapaxes(ddt_u + da * A[None, :, None], 1, 2)          # [b, lp, h]
   dA = jnp.sum(da * dt_t, axis=(0, 2))
   group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
@@ -336,13 +410,24 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                dt_softplus: bool = False, chunk_size: int | None = None,
                initial_state: jax.Array | None = None, return_final_state: bool = False,
                segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
-               num_stages_fwd: int = 3, num_stages_bwd: int = 2,
+               num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
+               ds_block: int = 16, ds_dtype: str = "float32", num_warps_ds: int = 4,
+               num_stages_ds: int = 3, num_warps_chunk: int = 8,
                interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
   Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
-  `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `interpret` (None: on when no GPU).
+  `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
+  program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
+  per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
+  the two passes), `interpret` (None: on when no GPU).
   """
+  if bwd not in ("chunked", "sequential"):
+    raise ValueError(f"bwd must be 'chunked' or 'sequential', got {bwd!r}")
+  if ds_block < 16 or ds_block & (ds_block - 1):
+    raise ValueError(f"ds_block must be a power of two >= 16, got {ds_block}")
+  if ds_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"ds_dtype must be 'float32' or 'bfloat16', got {ds_dtype!r}")
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2], B.shape[3]
   q = chunk_size or DEFAULT_CHUNK
@@ -352,7 +437,9 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
   cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
                num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
-               num_stages_bwd=num_stages_bwd,
+               num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
+               num_warps_ds=num_warps_ds, num_stages_ds=num_stages_ds,
+               num_warps_chunk=num_warps_chunk,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.
