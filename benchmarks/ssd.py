@@ -5,10 +5,13 @@ One script for one device call:
      state and every gradient), and pallas against the float32 chunked op at the benchmark shapes;
   2. timing: medians of repeated runs after warm-up, bf16, (batch, length) in (8, 2048), (2, 8192),
      (1, 65536) with 24 heads, head_dim 64, d_state 128, one B/C group, for our "chunked" XLA op, our
-     "pallas" kernels and, in the same run, jax-linear-attention 0.1.0's Mosaic GPU `simple_gla`
-     (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable.
+     "pallas" kernels (default: chunk-parallel backward), "pallas bwd=sequential" (the previous
+     backward, same forward: only fwd+bwd timed) and, in the same run, jax-linear-attention 0.1.0's
+     Mosaic GPU `simple_gla` (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable. --variants adds
+     tuning rows at the first shape.
 
-Writes ssd.json and ssd.md under --out and prints the table last.
+Writes ssd.json and ssd.md under --out after every row (a run cut short keeps what it finished) and
+prints the table last.
 
   python benchmarks/ssd.py --out /tmp/ssd            # on a GPU
   python benchmarks/ssd.py --out /tmp/ssd --smoke    # tiny shapes, runs anywhere (interpret mode)
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HBM_TBS = 2.46      # measured H100 ceilings (the session's common numbers)
+TOL = {"float32": 1e-4, "bfloat16": 1e-2}   # relative Frobenius error vs the float32 oracle
 MATMUL_TFS = 736.0
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -160,6 +164,14 @@ def floors(batch, length, heads, head_dim, d_state, groups, chunk=64):
   return fwd_bytes, fwd_bytes + bwd_bytes, fwd_flops, 3.5 * fwd_flops
 
 
+# Tuning rows for --variants (first shape only): knob of `ssd_pallas`, value. Defaults: segments from
+# choose_segments (2 at (8, 2048)), ds_block 16, ds_dtype float32, num_warps_chunk 8, num_warps_ds 4,
+# num_stages_ds 3.
+VARIANTS = (("segments", 1), ("segments", 4), ("ds_block", 32), ("ds_block", 64),
+            ("ds_dtype", "bfloat16"), ("num_warps_chunk", 4), ("num_warps_chunk", 16),
+            ("num_warps_ds", 2), ("num_stages_ds", 2))
+
+
 # ------------------------------------------------------------------------------------------- checks
 
 def correctness(smoke):
@@ -175,14 +187,19 @@ def correctness(smoke):
 
       def run(impl, a, **kw):
         def f(a):
+          a = dict(a)
+          s_init = a.pop("initial_state")
           if impl == "pallas":
-            return ssd_pallas(**a, initial_state=s0, return_final_state=True, **kw)
-          return ssd(**a, initial_state=s0, return_final_state=True, impl=impl, **kw)
+            return ssd_pallas(**a, initial_state=s_init, return_final_state=True, **kw)
+          return ssd(**a, initial_state=s_init, return_final_state=True, impl=impl, **kw)
         (y, s), vjp = jax.vjp(f, a)
         return y, s, vjp((dy.astype(y.dtype), ds))[0]
 
+      args = dict(args, initial_state=s0)
+      f32 = dict(f32, initial_state=s0)
+
       ref = run("reference", f32)
-      cases = [("chunked", {}), ("pallas", {})]
+      cases = [("chunked", {}), ("pallas", {}), ("pallas", {"bwd": "sequential"})]
       if not smoke:
         cases.append(("pallas", {"segments": 4}))
       for impl, kw in cases:
@@ -194,7 +211,7 @@ def correctness(smoke):
           finite = all(bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))
                        for v in jax.tree.leaves(got))
           worst = max(errs.values())
-          tol = 1e-3 if dtype == jnp.float32 else 3e-2
+          tol = TOL[jnp.dtype(dtype).name]
           rows.append(dict(check="vs reference", shape=list(shape), groups=groups,
                            dtype=jnp.dtype(dtype).name, impl=name, max_rel_err=worst,
                            errors=errs, ok=bool(finite and worst < tol)))
@@ -206,22 +223,33 @@ def correctness(smoke):
   return rows
 
 
-def check_at_scale(shape, args, dy):
-  """pallas (bf16) against the chunked op on float32 copies of the same inputs."""
+def check_at_scale(shape, args, dy, bwds=("chunked",)):
+  """pallas (bf16) against the chunked op on float32 copies of the same inputs, one row per backward."""
   f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+  rows = []
   try:
-    ref_fwd, ref_fb = fwd_and_fwdbwd(ours("chunked"), dy.astype(jnp.float32))
+    _, ref_fb = fwd_and_fwdbwd(ours("chunked"), dy.astype(jnp.float32))
     y_ref, g_ref = ref_fb(f32)
-    _, fb = fwd_and_fwdbwd(ours("pallas"), dy)
-    y, g = fb(args)
-    errs = {"y": rel(y, y_ref)}
-    errs.update({f"d{k}": rel(g[k], g_ref[k]) for k in g_ref})
-    worst = max(errs.values())
-    return dict(check="pallas bf16 vs chunked f32", shape=list(shape), max_rel_err=worst,
-                errors=errs, ok=bool(worst < 3e-2))
   except Exception as e:  # noqa: BLE001
     traceback.print_exc()
-    return dict(check="pallas bf16 vs chunked f32", shape=list(shape), error=repr(e)[:400], ok=False)
+    return [dict(check="pallas bf16 vs chunked f32", shape=list(shape), error=repr(e)[:400],
+                 ok=False)]
+  for bwd in bwds:
+    name = f"pallas bwd={bwd}"
+    try:
+      _, fb = fwd_and_fwdbwd(ours("pallas", bwd=bwd), dy)
+      y, g = fb(args)
+      errs = {"y": rel(y, y_ref)}
+      errs.update({f"d{k}": rel(g[k], g_ref[k]) for k in g_ref})
+      worst = max(errs.values())
+      rows.append(dict(check="pallas bf16 vs chunked f32", shape=list(shape), impl=name,
+                       max_rel_err=worst, errors=errs, ok=bool(worst < TOL["bfloat16"])))
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      rows.append(dict(check="pallas bf16 vs chunked f32", shape=list(shape), impl=name,
+                       error=repr(e)[:400], ok=False))
+  del y_ref, g_ref
+  return rows
 
 
 # ---------------------------------------------------------------------------------------- benchmark
@@ -255,48 +283,64 @@ def main():
   meta["jax_linear_attention"] = "0.1.0 mosaic_gpu" if linear_attention else f"unavailable: {jla_err}"
   print(meta, flush=True)
 
-  checks = [] if opts.no_check else correctness(opts.smoke)
+  checks, results = [], []
+
+  def save():
+    (out / "ssd.json").write_text(json.dumps(dict(meta=meta, checks=checks, results=results),
+                                             indent=1))
+    md = render_md(meta, checks, results)
+    (out / "ssd.md").write_text(md)
+    return md
+
+  if not opts.no_check:
+    checks += correctness(opts.smoke)
+    save()
   shapes = ([(1, 128, 4, 64, 128)] if opts.smoke else
             [(*map(int, bl.split("x")), 24, 64, 128) for bl in opts.shapes.split(",")])
   reps = 2 if opts.smoke else opts.reps
-  results = []
+  # (shape, name, function, time the forward too). Rows that change only the backward share the
+  # default forward, so only their fwd+bwd is timed. Variants come last: a run cut short by its time
+  # limit loses them first.
+  plan = []
   for shape in shapes:
-    b, l, h, p, n = shape
-    args, dy = make_inputs(jax.random.PRNGKey(0), b, l, h, p, n, 1, jnp.bfloat16)
-    if not opts.no_check:
-      checks.append(check_at_scale(shape, args, dy))
-      print(checks[-1], flush=True)
-    fb_bytes = floors(b, l, h, p, n, 1)
-    impls = [("chunked", ours("chunked")), ("pallas", ours("pallas"))]
-    if opts.variants and not opts.smoke:
-      k = PAL.choose_segments(b, h, -(-l // 64))
-      impls += [(f"pallas segments={s} (default {k})", ours("pallas", segments=s))
-                for s in sorted({max(1, k // 2), 2 * k})]
-      impls += [("pallas bwd warps=4", ours("pallas", num_warps_bwd=4)),
-                ("pallas bwd stages=3", ours("pallas", num_stages_bwd=3)),
-                ("pallas fwd stages=2", ours("pallas", num_stages_fwd=2))]
+    plan += [(shape, "chunked", ours("chunked"), True), (shape, "pallas", ours("pallas"), True),
+             (shape, "pallas bwd=sequential", ours("pallas", bwd="sequential"), False)]
     if linear_attention is not None and jax.default_backend() == "gpu":
-      impls.append(("jla simple_gla mosaic_gpu", jla_fn(linear_attention)))
-    for name, f in impls:
-      row = dict(shape=list(shape), impl=name)
-      try:
-        fwd, fb = fwd_and_fwdbwd(f, dy)
+      plan.append((shape, "jla simple_gla mosaic_gpu", jla_fn(linear_attention), True))
+  if opts.variants:
+    plan += [(shapes[0], f"pallas {k}={v}", ours("pallas", **{k: v}), False) for k, v in VARIANTS]
+  inputs, checked = {}, set()
+  for shape, name, f, with_fwd in plan:
+    b, l, h, p, n = shape
+    if shape not in inputs:
+      inputs.clear()                                    # one shape's inputs on the device at a time
+      inputs[shape] = make_inputs(jax.random.PRNGKey(0), b, l, h, p, n, 1, jnp.bfloat16)
+    args, dy = inputs[shape]
+    if not opts.no_check and shape not in checked:
+      checked.add(shape)
+      checks += check_at_scale(shape, args, dy,
+                               ("chunked", "sequential") if shape == shapes[0] else ("chunked",))
+      print(checks[-1], flush=True)
+      save()
+    fb_bytes = floors(b, l, h, p, n, 1)
+    row = dict(shape=list(shape), impl=name)
+    try:
+      fwd, fb = fwd_and_fwdbwd(f, dy)
+      if with_fwd:
         row["fwd_ms"], row["fwd_min_ms"] = time_ms(fwd, args, reps)
-        row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_ms(fb, args, reps)
         row["fwd_hbm_frac"] = fb_bytes[0] / (row["fwd_ms"] * 1e-3) / (HBM_TBS * 1e12)
-        row["fwdbwd_hbm_frac"] = fb_bytes[1] / (row["fwdbwd_ms"] * 1e-3) / (HBM_TBS * 1e12)
         row["fwd_mma_frac"] = fb_bytes[2] / (row["fwd_ms"] * 1e-3) / (MATMUL_TFS * 1e12)
-        row["fwdbwd_mma_frac"] = fb_bytes[3] / (row["fwdbwd_ms"] * 1e-3) / (MATMUL_TFS * 1e12)
-      except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        row["error"] = repr(e)[:400]
-      results.append(row)
-      print(row, flush=True)
+      row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_ms(fb, args, reps)
+      row["fwdbwd_hbm_frac"] = fb_bytes[1] / (row["fwdbwd_ms"] * 1e-3) / (HBM_TBS * 1e12)
+      row["fwdbwd_mma_frac"] = fb_bytes[3] / (row["fwdbwd_ms"] * 1e-3) / (MATMUL_TFS * 1e12)
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      row["error"] = repr(e)[:400]
+    results.append(row)
+    print(row, flush=True)
+    save()
 
-  (out / "ssd.json").write_text(json.dumps(dict(meta=meta, checks=checks, results=results), indent=1))
-  md = render_md(meta, checks, results)
-  (out / "ssd.md").write_text(md)
-  print(md)
+  print(save())
 
 
 def render_md(meta, checks, results):
@@ -314,7 +358,8 @@ def render_md(meta, checks, results):
     if "error" in r:
       lines.append(f"| {shp} | {r['impl']} | error: {r['error'][:80]} | | | |")
     else:
-      lines.append(f"| {shp} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+      fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else "(= pallas)"
+      lines.append(f"| {shp} | {r['impl']} | {fwd} | {r['fwdbwd_ms']:.3f} | "
                    f"{r['fwdbwd_hbm_frac']:.3f} | {r['fwdbwd_mma_frac']:.4f} |")
   lines += ["", "Ratios (fwd+bwd):", ""]
   by = {}
@@ -327,6 +372,9 @@ def render_md(meta, checks, results):
       jla = d.get("jla simple_gla mosaic_gpu")
       if jla:
         parts.append(f"pallas/jla = {d['pallas'] / jla:.2f}x")
+      seq = d.get("pallas bwd=sequential")
+      if seq:
+        parts.append(f"sequential bwd/chunked bwd (whole fwd+bwd) = {seq / d['pallas']:.2f}x")
       lines.append(f"- {shp}: " + ", ".join(p for p in parts if p))
   lines += ["", "Correctness (relative Frobenius error):", "",
             "| check | shape | dtype | groups | impl | max rel err | ok |",
