@@ -17,8 +17,14 @@ first with one XLA matrix product per segment plus a short sequential hand-over,
 runs in parallel.
 
 Backward (dy, dS_final given). Under the VJP the forward also saves the state each chunk starts from
-([b, h, chunks, P, N] in the input dtype). One kernel then walks each segment's chunks backwards,
-carrying dS, the gradient reaching the chunk's end state, in float32:
+([b, h, chunks, P, N] in the input dtype). Given dS, the gradient reaching a chunk's end state, every
+gradient of the chunk follows from the chunk's own inputs (below). bwd="chunked" (default) gets dS in
+two kernels: a dS pass, one program per (batch, head, segment, block of head_dim rows), walks the
+chunks backwards and stores every chunk's dS_end (float32; its product (exp(acum) dy)^T C does not
+depend on the carry, only the elementwise update does); then one program per (batch, head, chunk),
+all independent, computes the chunk's gradients. bwd="sequential" (the previous kernel) does both in
+one program per (batch, head, segment) that carries dS in registers. The per-chunk algebra, with dS
+updated as the last line:
 
   du = (L o C B^T)^T dy + exp(acum_Q - acum) * B dS^T          (dx = dt du + D dy, ddt += x.du)
   dB = (L o dy u^T)^T C + exp(acum_Q - acum) * u dS
