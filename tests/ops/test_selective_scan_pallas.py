@@ -2,8 +2,11 @@
 
 On CPU the kernels run in Pallas interpret mode (small shapes; each case compiles a few interpreted
 kernels, so the cases are chosen to cover the kernel's branches once each: groups, channel and time
-padding, d_state padding, time segments, no z / no initial state, softplus off, bf16). The GPU case is
-marked `gpu` and runs through the device tool (benchmarks/selective_scan.py checks realistic shapes).
+padding, d_state padding, time segments, no z / no initial state, softplus off, bf16), for the default
+v4 kernels (time-parallel chunks) and the v3 ones (token by token). Also: the scan primitive the v4
+kernels use, against a sequential loop, and that both variants lower to Triton for an H100. The GPU
+case is marked `gpu` and runs through the device tool (benchmarks/selective_scan.py checks realistic
+shapes).
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from ssm_lab.ops import selective_scan
+from ssm_lab.ops.pallas import scan_primitive
 from ssm_lab.ops.pallas import selective_scan as pss
+from ssm_lab.ops.pallas.scan_primitive import linear_recurrence
 from ssm_lab.ops.selective_scan import REGISTRY
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -88,22 +94,41 @@ def check_matches_reference(inp, softplus, config, tol):
 
 
 # Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance. Interpret mode
-# is slow, so two cases cover the branches between them and a third, wider one runs nightly.
+# is slow, so few cases cover the branches between them; wider ones run nightly.
 CASES = {
-    # Two groups of 12 channels, each padded to 16 (block_d 8 -> two blocks per group); d_state 5
-    # padded to 8; length 21 padded to 24 = 3 segments of 8 tokens, the padded tail inside the last
-    # one (masked tokens); float32 B/C (unpacked); no z, no initial state, no softplus.
-    "f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
-                            dict(z=False, init=False, softplus=False),
-                            pss.Config(block_d=8, chunk=2, unroll=2, segments=3), 1e-5),
-    # bf16 activations with B/C given without the group axis (packed bf16 B/C), z gate, initial
-    # state, softplus; one segment; channels 12 padded to 16; length 7 padded to 8.
-    "bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
-                    pss.Config(block_d=8, chunk=2, unroll=2, segments=1), 2e-2),
+    # v4 (time-parallel chunks). Two groups of 12 channels, each padded to 16 (block_d 8 -> two
+    # blocks per group); d_state 5 padded to 8 (one state tile of 8); length 21 padded to 24 = 3
+    # segments of 8 tokens = 2 chunks of 4, the padded tail inside the last one (masked tokens);
+    # float32 B/C; no z, no initial state, no softplus.
+    "v4_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                               dict(z=False, init=False, softplus=False),
+                               pss.Config(block_d=8, chunk=4, segments=3, state_block=8,
+                                          bwd_state_block=8), 1e-5),
+    # v4, bf16 activations with B/C given without the group axis, z gate, initial state, softplus;
+    # one segment of two chunks; channels 12 padded to 16; length 7 padded to 8; the d_state of 4 in
+    # two state tiles forward and one backward.
+    "v4_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
+                       pss.Config(block_d=8, chunk=4, segments=1, state_block=2, bwd_state_block=4),
+                       2e-2),
+    # v4 at d_state 64 (Mamba's largest supported), two segments of one chunk each.
+    "v4_f32_dstate64": ((1, 16, 8, 64, 1), jnp.float32, {},
+                        pss.Config(block_d=8, chunk=8, segments=2, state_block=64,
+                                   bwd_state_block=64), 1e-5),
+    # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
+    "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
+                       pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
 }
 SLOW_CASES = {
-    "f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
-                 pss.Config(block_d=8, chunk=2, unroll=4, segments=2), 1e-5),
+    "v3_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                               dict(z=False, init=False, softplus=False),
+                               pss.Config(block_d=8, chunk=2, unroll=2, segments=3, variant="v3"),
+                               1e-5),
+    "v3_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
+                    pss.Config(block_d=8, chunk=2, unroll=4, segments=2, variant="v3"), 1e-5),
+    # v4 with one state per tile (2-D tiles), several chunks per segment and channel blocks.
+    "v4_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
+                    pss.Config(block_d=8, chunk=4, segments=2, state_block=1, bwd_state_block=2),
+                    1e-5),
 }
 
 
@@ -138,17 +163,35 @@ def test_public_op_by_name_with_default_tiling():
 
 
 def test_default_config_fills_the_gpu_and_respects_limits():
-  cfg = pss.default_config(8, 2048, 1536, 16)
+  v3 = pss.Config(variant="v3")
+  cfg = pss.default_config(8, 2048, 1536, 16, config=v3)
   assert cfg.block_d == 32 and cfg.unroll % cfg.chunk == 0
   # Long sequences with few channels are split into more time segments than wide calls, and
   # segments keep at least 256 tokens.
-  long_narrow = pss.default_config(1, 65536, 2048, 16).segments
-  assert long_narrow > pss.default_config(8, 2048, 5120, 16).segments >= 1
-  assert 65536 // long_narrow >= 256 and pss.default_config(1, 300, 64, 16).segments == 1
+  long_narrow = pss.default_config(1, 65536, 2048, 16, config=v3).segments
+  assert long_narrow > pss.default_config(8, 2048, 5120, 16, config=v3).segments >= 1
+  assert 65536 // long_narrow >= 256 and pss.default_config(1, 300, 64, 16, config=v3).segments == 1
   # Large d_state: lanes share a channel's states so that a lane keeps at most 16 of them.
-  assert pss.default_config(2, 1024, 256, 64).block_d * 64 <= 512
+  assert pss.default_config(2, 1024, 256, 64, config=v3).block_d * 64 <= 512
   with pytest.raises(ValueError, match="multiple of Config.chunk"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=4, unroll=6))
+    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=4, unroll=6, variant="v3"))
+
+
+def test_default_config_v4():
+  cfg = pss.default_config(8, 2048, 1536, 16)
+  assert cfg.variant == "v4" and cfg.unroll == cfg.chunk
+  assert cfg.state_block <= 16 and 16 % cfg.state_block == 0 and 16 % cfg.bwd_state_block == 0
+  # Few (batch, channel block) programs: split time; many: do not; segments keep 8 chunks.
+  long_narrow = pss.default_config(1, 65536, 2048, 16).segments
+  assert long_narrow > pss.default_config(8, 2048, 5120, 16).segments == 1
+  assert 65536 // long_narrow >= 8 * cfg.chunk
+  assert pss.default_config(1, 5, 8, 1).state_block == 2        # d_state 1 is padded to 2
+  with pytest.raises(ValueError, match="state_block=3"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(state_block=3))
+  with pytest.raises(ValueError, match="must equal Config.chunk"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=8, unroll=16))
+  with pytest.raises(ValueError, match="variant"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v5"))
 
 
 def test_unsupported_calls_raise_by_name_and_fall_back_under_auto():
@@ -180,3 +223,79 @@ def test_gpu_realistic_shape():
   """On the GPU: a Mamba-sized call (bf16, default tiling, segments) against the reference."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, None, 1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scan primitive (ssm_lab/ops/pallas/scan_primitive.py) and GPU lowering.
+
+
+def _sequential_recurrence(a, b, axis, reverse):
+  a = np.moveaxis(np.asarray(a, np.float64), axis, 0)
+  b = np.moveaxis(np.asarray(b, np.float64), axis, 0)
+  p, h = np.empty_like(a), np.empty_like(b)
+  pc, hc = np.ones(a.shape[1:]), np.zeros(a.shape[1:])
+  for t in (reversed(range(a.shape[0])) if reverse else range(a.shape[0])):
+    pc, hc = pc * a[t], a[t] * hc + b[t]
+    p[t], h[t] = pc, hc
+  return np.moveaxis(p, 0, axis), np.moveaxis(h, 0, axis)
+
+
+@pytest.mark.parametrize("axis,reverse", [(0, False), (0, True), (1, False), (2, True)])
+def test_linear_recurrence_matches_a_sequential_loop(axis, reverse):
+  ka, kb = jax.random.split(jax.random.PRNGKey(axis + 3 * reverse))
+  a = jax.random.uniform(ka, (8, 4, 2), minval=0.2, maxval=1.1)
+  b = jax.random.normal(kb, (8, 4, 2))
+  p_ref, h_ref = _sequential_recurrence(a, b, axis, reverse)
+  p, h = jax.jit(lambda a, b: linear_recurrence(a, b, axis=axis, reverse=reverse))(a, b)
+  np.testing.assert_allclose(p, p_ref, rtol=1e-5)
+  np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_recurrence_inside_an_interpreted_kernel_and_its_errors():
+  a = jax.random.uniform(jax.random.PRNGKey(0), (16, 8), minval=0.5, maxval=1.0)
+  b = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+
+  def kernel(a_ref, b_ref, p_ref, h_ref):
+    p_ref[...], h_ref[...] = linear_recurrence(a_ref[...], b_ref[...], axis=0, reverse=True)
+
+  shape = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+  p, h = pl.pallas_call(kernel, out_shape=[shape, shape], interpret=True)(a, b)
+  p_ref, h_ref = _sequential_recurrence(a, b, 0, True)
+  np.testing.assert_allclose(p, p_ref, rtol=1e-5)
+  np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="same shape|one shape"):
+    linear_recurrence(a, b[:8])
+  with pytest.raises(ValueError, match="float32"):
+    linear_recurrence(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+  assert scan_primitive.lowers_reverse()
+
+
+def _lower_for_h100(fn, *args) -> str:
+  from jax._src.pallas.triton import gpu_info as gi
+  from jax._src.pallas.triton import pallas_call_registration as pcr
+  saved = pcr.gpu_info_lib.get_gpu_info
+  pcr.gpu_info_lib.get_gpu_info = lambda: gi.get_gpu_info_from_version(gi.GpuVersion.H100)
+  try:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    pcr.gpu_info_lib.get_gpu_info = saved
+
+
+@pytest.mark.parametrize("variant", ["v3", "v4"])
+def test_kernels_lower_for_the_gpu(variant, monkeypatch):
+  """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
+  monkeypatch.setattr(pss, "interpret_mode", lambda: False)
+  b, L, d, n = 2, 512, 64, 16
+  sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)   # noqa: E731
+  args = (sds(b, L, d), sds(b, L, d), sds(d, n, dt=jnp.float32), sds(b, L, 1, n), sds(b, L, 1, n),
+          sds(d, dt=jnp.float32), sds(b, L, d), sds(d, dt=jnp.float32))
+  cfg = pss.Config(variant=variant, segments=2)
+
+  def loss(u, dl, A, B, C, D, z, bias):
+    y = pss.selective_scan_pallas(u, dl, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                                  config=cfg)
+    return jnp.sum(y.astype(jnp.float32))
+
+  txt = _lower_for_h100(jax.grad(loss, argnums=tuple(range(8))), *args)
+  assert txt.count("__gpu$xla.gpu.triton") == 4
+  assert txt.count("selective_scan_bwd") >= 1

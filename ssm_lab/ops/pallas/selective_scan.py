@@ -1,5 +1,19 @@
 """Pallas (Triton) GPU kernels for the Mamba-1 selective scan: `selective_scan(..., impl="pallas")`.
 
+Two kernel families, chosen by the static `Config.variant`: "v4" (the default) is parallel over time
+inside a chunk; "v3" walks time token by token (kept so one benchmark run can time both). Everything
+below up to "v4" describes v3; the algebra (adjoint, gradients, segments, padding) is shared.
+
+v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
+walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
+per group of `state_block` states, forms the [T, block_d, state_block] decays a = exp(delta A) and
+inputs b = delta u B, runs h_t = a_t h_{t-1} + b_t over the T axis as one scan of the pairs (a, b)
+(`scan_primitive.linear_recurrence`, Triton's tt.scan), folds the carried state in
+(h_t += P_t h_carry, P_t = a_1...a_t) and contracts with C. The backward recomputes the chunk's states
+the same way from the saved chunk-start state and runs the adjoint as a reverse scan of the pairs
+(a_{t+1}, dy_t C_t). Triton lays [T, block_d, state_block] out with T inside each thread, so the scans
+are sequential in registers and the parallelism is over channels and states.
+
 The hardware-aware scan of Gu & Dao 2023 (section 3.3, appendix D): the [d_state] state of every channel
 lives in registers while the kernel walks time, so [batch, length, d_inner, d_state] is never written
 to HBM. One program (one warp) owns `block_d` channels of one batch row and one time segment; its
@@ -51,6 +65,7 @@ from jax.experimental.pallas import triton as plt
 from ssm_lab.ops import registry as reg
 from ssm_lab.ops.selective_scan import REGISTRY
 from ssm_lab.ops.pallas import interpret_mode
+from ssm_lab.ops.pallas.scan_primitive import linear_recurrence
 
 F32 = jnp.float32
 LOG2E = 1.4426950408889634
@@ -71,6 +86,15 @@ class Config:
     unroll: tokens unrolled per loop step in the forward-direction kernels (a multiple of chunk).
     segments: time segments run in parallel (two-pass scan); 1 = one program walks the whole length.
     num_stages: Triton software-pipelining depth.
+    variant: "v4" (time-parallel chunks, the default) or "v3" (token by token; kept for comparison).
+    state_block: v4 only: states per [chunk, block_d, state_block] tile in the forward-direction
+      kernels (a power of two dividing the padded d_state); the kernels loop statically over the
+      d_state / state_block groups.
+    bwd_state_block: the same for the backward-direction kernels (they hold about twice as many
+      live tiles per state).
+
+  In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
+  `unroll` equals it.
   """
 
   block_d: int | None = None
@@ -81,6 +105,9 @@ class Config:
   unroll: int | None = None
   segments: int | None = None
   num_stages: int = 1
+  variant: str = "v4"
+  state_block: int | None = None
+  bwd_state_block: int | None = None
 
 
 def _pow2_ceil(x: int) -> int:
@@ -97,6 +124,10 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
   c = config or Config()
   n_p = _padded_d_state(d_state)
   d_group = d_inner // n_groups
+  if c.variant == "v4":
+    return _default_config_v4(batch, length, d_group, n_groups, n_p, c)
+  if c.variant != "v3":
+    raise ValueError(f"Config.variant must be 'v3' or 'v4', got {c.variant!r}")
   # One warp per program, one channel per lane while d_state <= 16; past that, lanes split the
   # states of a channel so that a lane keeps at most 16 of them.
   block_d = c.block_d or max(4, min(32, _pow2_ceil(d_group), 512 // n_p))
@@ -117,7 +148,41 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
       segments *= 2
   return Config(block_d=block_d, num_warps=c.num_warps or 1, bwd_block_d=bwd_block_d,
                 bwd_num_warps=c.bwd_num_warps or 1, chunk=chunk, unroll=unroll, segments=segments,
-                num_stages=c.num_stages)
+                num_stages=c.num_stages, variant="v3", state_block=1, bwd_state_block=1)
+
+
+def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p: int,
+                       c: Config) -> Config:
+  """v4: a program scans `chunk` tokens x `block_d` channels at once; time segments only when the
+  (batch, channel block) grid alone would leave the GPU idle (before any device measurement: the
+  sweep in benchmarks/selective_scan.py is there to set these)."""
+  # Offline SASS (triton 3.6, sm_90) at (8, 2048, 1536, 16): [16, 32, 16] forward tiles with 8 warps
+  # take 128 registers and no spills; the backward at 8 states per tile 255 registers, no spills.
+  # One state per tile (2-D [chunk, block_d] tiles) spills and converts layouts through shared
+  # memory for every state (notes file).
+  block_d = c.block_d or max(8, min(32, _pow2_ceil(d_group)))
+  bwd_block_d = c.bwd_block_d or block_d
+  chunk = c.chunk or max(8, min(16, _pow2_ceil(length)))
+  if c.unroll not in (None, chunk):
+    raise ValueError(f"Config.unroll={c.unroll} must equal Config.chunk={chunk} for variant 'v4'")
+  state_block = c.state_block or min(16, n_p)
+  bwd_state_block = c.bwd_state_block or min(8, n_p)
+  for name, v in (("state_block", state_block), ("bwd_state_block", bwd_state_block)):
+    if v & (v - 1) or n_p % v:
+      raise ValueError(f"Config.{name}={v} must be a power of two dividing the padded d_state {n_p}")
+  for name, v in (("block_d", block_d), ("bwd_block_d", bwd_block_d), ("chunk", chunk)):
+    if v & (v - 1):
+      raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
+  segments = c.segments
+  if segments is None:
+    programs = batch * n_groups * -(-d_group // block_d)
+    segments = 1
+    while programs * segments < 512 and length // (segments * 2) >= 8 * chunk:
+      segments *= 2
+  return Config(block_d=block_d, num_warps=c.num_warps or 8, bwd_block_d=bwd_block_d,
+                bwd_num_warps=c.bwd_num_warps or c.num_warps or 8, chunk=chunk, unroll=chunk,
+                segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
+                bwd_state_block=bwd_state_block)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -446,6 +511,212 @@ def _bwd_kernel(*refs, st: _Static):
 
 
 # --------------------------------------------------------------------------------------------------
+# v4 kernels: parallel over time inside a chunk. Grid (channel block j, segment p, batch b) as above;
+# a program walks its segment `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles
+# (channels contiguous) and, per group of `state_block` states, forms the [T, block_d, state_block]
+# decays a and inputs b, runs the recurrence over the T axis as one parallel scan
+# (scan_primitive.linear_recurrence) and folds the carried state in: h_t = hloc_t + P_t h_carry.
+# The backward runs the adjoint g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan of the pairs
+# (a_{t+1}, dy_t C_t) (the last token of the chunk takes decay 1: the carried adjoint already holds the
+# next token's decay), then g_t = gloc_t + Q_t G_carry with Q_t = prod_{s>t} a_s inside the chunk.
+
+
+class _StateIndex:
+  """Index arrays addressing the [block_d, state_block] slice (states k0..k0+nb) of a [n, bd] block."""
+
+  def __init__(self, bd: int, nb: int):
+    self.states = jnp.broadcast_to(jax.lax.iota(jnp.int32, nb)[None, :], (bd, nb))
+    self.chans = jnp.broadcast_to(jax.lax.iota(jnp.int32, bd)[:, None], (bd, nb))
+
+  def load(self, ref, k0: int, *lead):
+    return ref[(*lead, self.states + k0, self.chans)]
+
+  def store(self, ref, k0: int, value, *lead):
+    ref[(*lead, self.states + k0, self.chans)] = value
+
+
+def _row(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """The row of x [T, ...] where the boolean [T] mask is set (a masked sum over the T axis)."""
+  m = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  return jnp.sum(jnp.where(m, x, 0.0), axis=0)
+
+
+def _dt_tile(x, t0, st: _Static):
+  """Discretisation step of a [T, bd] tile of delta + bias whose first token is t0 (0 on padding)."""
+  dt = _softplus(x, st.interpret) if st.softplus else x
+  if st.masked:
+    tok = t0 + jax.lax.iota(jnp.int32, x.shape[0])
+    dt = dt * (tok < st.length).astype(F32)[:, None]
+  return dt
+
+
+def _fwd4_kernel(*refs, st: _Static, mode: str):
+  """mode "fwd": y and the segment's end state (and the chunk checkpoints when a third output is
+  given); mode "state": the end state from a zero start and the sum of delta (segment first pass)."""
+  if mode == "state":
+    r, _ = _refs(refs, st, "u dl b a bias hloc dts")
+    rest = []
+  else:
+    r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
+  ck_ref = rest[0] if rest else None
+  T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.state_block
+  bd = r["bias"].shape[0]
+  groups = st.n_pad // nb
+  six = _StateIndex(bd, nb)
+  t_base = pl.program_id(1) * S
+  bias = r["bias"][...]
+  a2 = [six.load(r["a"], k * nb) * LOG2E for k in range(groups)]          # [bd, nb]
+  last = jax.lax.iota(jnp.int32, T) == T - 1
+  if mode == "state":
+    h0 = [jnp.zeros((bd, nb), F32) for _ in range(groups)]
+  else:
+    h0 = [six.load(r["h0"], k * nb) for k in range(groups)]
+    d_skip = r["d"][...]
+
+  def chunk(ci, carry):
+    hs, dts = carry
+    rows = pl.ds(ci * T, T)
+    u = r["u"][rows, :].astype(F32)                                        # [T, bd]
+    dt = _dt_tile(r["dl"][rows, :].astype(F32) + bias[None, :], t_base + ci * T, st)
+    bk = [r["b"][rows, pl.ds(k * nb, nb)].astype(F32) for k in range(groups)]   # [T, nb]
+    if mode == "fwd":
+      ck = [r["c"][rows, pl.ds(k * nb, nb)].astype(F32) for k in range(groups)]
+      z = r["z"][rows, :].astype(F32) if st.has_z else None
+    if ck_ref is not None:
+      for k in range(groups):
+        six.store(ck_ref, k * nb, hs[k], ci)
+    dtu = dt * u
+    y = d_skip[None, :] * u if mode == "fwd" else None
+    new = []
+    for k in range(groups):
+      a = _ex2(dt[:, :, None] * a2[k][None], st.interpret)                # [T, bd, nb]
+      b = dtu[:, :, None] * bk[k][:, None, :]
+      p, hl = linear_recurrence(a, b, axis=0)
+      h = hl + p * hs[k][None]
+      if mode == "fwd":
+        y = y + jnp.sum(h * ck[k][:, None, :], axis=2)
+      new.append(_row(h, last))
+    if mode == "fwd":
+      if st.has_z:
+        y = y * z * _sigmoid(z, st.interpret)
+      r["y"][rows, :] = y.astype(r["y"].dtype)
+    else:
+      dts = dts + jnp.sum(dt, axis=0)
+    return new, dts
+
+  hs, dts = jax.lax.fori_loop(0, S // T, chunk, (h0, jnp.zeros((bd,), F32)))
+  out = r["hloc"] if mode == "state" else r["hend"]
+  for k in range(groups):
+    six.store(out, k * nb, hs[k])
+  if mode == "state":
+    r["dts"][...] = dts
+
+
+def _bwd4_kernel(*refs, st: _Static, mode: str):
+  """mode "bwd": every gradient of one segment's tokens, chunks in reverse from the adjoint at its
+  end; mode "adjoint": the adjoint of the state entering the segment from a zero adjoint at its end,
+  and the sum of delta (segment first pass; this grid runs segments 1..P-1)."""
+  if mode == "adjoint":
+    r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
+  else:
+    r, _ = _refs(refs, st, "u dl z b c a d bias ck dy gend du ddl dz dbp dcp da dd dbias dh0")
+  interp = st.interpret
+  T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.bwd_state_block
+  bd = r["bias"].shape[0]
+  groups = st.n_pad // nb
+  six = _StateIndex(bd, nb)
+  n_chunks = S // T
+  t_base = (pl.program_id(1) + (1 if mode == "adjoint" else 0)) * S
+  bias = r["bias"][...]
+  a2 = [six.load(r["a"], k * nb) * LOG2E for k in range(groups)]          # [bd, nb]
+  tok = jax.lax.iota(jnp.int32, T)
+  first, last = tok == 0, tok == T - 1
+  chans = jnp.broadcast_to(jax.lax.iota(jnp.int32, bd)[None, :], (T, bd))
+  zeros_d = jnp.zeros((bd,), F32)
+  zeros_s = [jnp.zeros((bd, nb), F32) for _ in range(groups)]
+  if mode == "adjoint":
+    g0 = zeros_s
+  else:
+    g0 = [six.load(r["gend"], k * nb) for k in range(groups)]
+    d_skip = r["d"][...]
+
+  def chunk(kk, carry):
+    gs, d_as, d_d, d_bias = carry
+    ci = n_chunks - 1 - kk
+    t0 = ci * T
+    rows = pl.ds(t0, T)
+    # delta of the next token (token t0 + T - 1 gets 0: decay 1, see above); clipped inside the block.
+    nxt = jnp.broadcast_to(jnp.minimum(t0 + 1 + tok, S - 1)[:, None], (T, bd))
+    x = r["dl"][rows, :].astype(F32) + bias[None, :]
+    x_next = r["dl"][nxt, chans].astype(F32) + bias[None, :]
+    dout = r["dy"][rows, :].astype(F32)
+    z = r["z"][rows, :].astype(F32) if st.has_z else None
+    ck = [r["c"][rows, pl.ds(k * nb, nb)].astype(F32) for k in range(groups)]
+    if mode == "bwd":
+      u = r["u"][rows, :].astype(F32)
+      bk = [r["b"][rows, pl.ds(k * nb, nb)].astype(F32) for k in range(groups)]
+      hk = [six.load(r["ck"], k * nb, ci) for k in range(groups)]
+    dt = _dt_tile(x, t_base + t0, st)
+    dt_next = jnp.where(last[:, None], 0.0, _dt_tile(x_next, t_base + t0 + 1, st))
+    dt_first = _row(dt, first)                                              # [bd]
+    if st.has_z:
+      sg = _sigmoid(z, interp)
+      dys = dout * z * sg
+    else:
+      dys = dout
+    if mode == "bwd":
+      dtu = dt * u
+      y = d_skip[None, :] * u
+      g_b = jnp.zeros((T, bd), F32)                                         # sum_n g B
+      g_aw = jnp.zeros((T, bd), F32)                                        # sum_n g A w
+    new_g, new_da = [], []
+    for k in range(groups):
+      alpha = _ex2(dt_next[:, :, None] * a2[k][None], interp)              # [T, bd, nb]
+      c = dys[:, :, None] * ck[k][:, None, :]
+      q, gl = linear_recurrence(alpha, c, axis=0, reverse=True)
+      g = gl + q * gs[k][None]                                              # dL/dh_t
+      a_first = _ex2(dt_first[:, None] * a2[k], interp)                     # [bd, nb]
+      new_g.append(a_first * _row(g, first))
+      if mode == "adjoint":
+        continue
+      a = _ex2(dt[:, :, None] * a2[k][None], interp)
+      b = dtu[:, :, None] * bk[k][:, None, :]
+      p, hl = linear_recurrence(a, b, axis=0)
+      h = hl + p * hk[k][None]
+      w = h - b                                                             # exp(dt A) h_{t-1}
+      y = y + jnp.sum(h * ck[k][:, None, :], axis=2)
+      g_b = g_b + jnp.sum(g * bk[k][:, None, :], axis=2)
+      g_aw = g_aw + jnp.sum(g * w * a2[k][None], axis=2)
+      new_da.append(d_as[k] + jnp.sum(g * w * dt[:, :, None], axis=0))
+      r["dbp"][rows, pl.ds(k * nb, nb)] = jnp.sum(g * dtu[:, :, None], axis=1)
+      r["dcp"][rows, pl.ds(k * nb, nb)] = jnp.sum(h * dys[:, :, None], axis=1)
+    if mode == "adjoint":
+      return new_g, d_as, d_d, d_bias + jnp.sum(dt, axis=0)
+    if st.has_z:
+      r["dz"][rows, :] = (dout * y * sg * (1.0 + z * (1.0 - sg))).astype(r["dz"].dtype)
+    r["du"][rows, :] = (dys * d_skip[None, :] + dt * g_b).astype(r["du"].dtype)
+    ddt = g_aw * (1.0 / LOG2E) + u * g_b
+    # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without another exp of x.
+    dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
+    if st.masked:
+      dx = dx * ((t_base + t0 + tok) < st.length).astype(F32)[:, None]
+    r["ddl"][rows, :] = dx.astype(r["ddl"].dtype)
+    return new_g, new_da, d_d + jnp.sum(dys * u, axis=0), d_bias + jnp.sum(dx, axis=0)
+
+  gs, d_as, d_d, d_bias = jax.lax.fori_loop(0, n_chunks, chunk, (g0, zeros_s, zeros_d, zeros_d))
+  if mode == "adjoint":
+    for k in range(groups):
+      six.store(r["gloc"], k * nb, gs[k])
+    r["dts"][...] = d_bias
+    return
+  for k in range(groups):
+    six.store(r["da"], k * nb, d_as[k])
+    six.store(r["dh0"], k * nb, gs[k])
+  r["dd"][...] = d_d
+  r["dbias"][...] = d_bias
+
+
+# --------------------------------------------------------------------------------------------------
 # pallas_call wrappers.
 
 
@@ -480,7 +751,8 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
     out_shape.append(jax.ShapeDtypeStruct((b, lp // T, n, dp), F32))
     out_specs.append(pl.BlockSpec((None, S // T, n, bd), lambda j, p, b: (b, p, 0, j)))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, save_ck=save_ck), out_shape=out_shape,
+      (functools.partial(_fwd4_kernel, st=st, mode="fwd") if st.cfg.variant == "v4"
+       else functools.partial(_fwd_kernel, st=st, save_ck=save_ck)), out_shape=out_shape,
       grid=(dp // bd, P, b), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
       name="selective_scan_fwd")(*args)
@@ -491,7 +763,8 @@ def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
   return pl.pallas_call(
-      functools.partial(_state_kernel, st=st),
+      (functools.partial(_fwd4_kernel, st=st, mode="state") if st.cfg.variant == "v4"
+       else functools.partial(_state_kernel, st=st)),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=[tok, tok, grp, tile, chan],
@@ -508,7 +781,8 @@ def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
   in_specs = [tok] + ([tok] if st.has_z else []) + [grp, tile, chan, tok]
   args = [dl] + ([z] if st.has_z else []) + [c_or_packed, a, bias, dy]
   return pl.pallas_call(
-      functools.partial(_adjoint_kernel, st=st),
+      (functools.partial(_bwd4_kernel, st=st, mode="adjoint") if st.cfg.variant == "v4"
+       else functools.partial(_adjoint_kernel, st=st)),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=in_specs, out_specs=[seg_tile, seg_chan],
@@ -537,7 +811,8 @@ def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
                 jax.ShapeDtypeStruct((b, P, dp), F32), jax.ShapeDtypeStruct((b, P, n, dp), F32)]
   out_specs += [part, part, seg_tile, seg_chan, seg_chan, seg_tile]
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, st=st), out_shape=out_shape, grid=(nblk, P, b),
+      (functools.partial(_bwd4_kernel, st=st, mode="bwd") if st.cfg.variant == "v4"
+       else functools.partial(_bwd_kernel, st=st)), out_shape=out_shape, grid=(nblk, P, b),
       in_specs=in_specs, out_specs=out_specs, compiler_params=_params(st, st.cfg.bwd_num_warps),
       interpret=st.interpret, name="selective_scan_bwd")(*args)
 
@@ -669,7 +944,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
   st = _Static(batch=batch, length=length, padded_length=padded_length,
                d_pad=groups * d_group_pad, d_group_pad=d_group_pad, n_pad=n_pad, n_groups=groups,
                has_z=z is not None, softplus=bool(delta_softplus),
-               packed_bc=B.dtype == jnp.bfloat16 and C.dtype == jnp.bfloat16, cfg=cfg,
+               packed_bc=(cfg.variant == "v3" and B.dtype == jnp.bfloat16
+                          and C.dtype == jnp.bfloat16), cfg=cfg,
                interpret=interpret_mode())
 
   def tokens(x):                                            # [b, L, D] -> [b, Lp, Dp]
