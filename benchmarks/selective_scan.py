@@ -6,9 +6,12 @@ Run on the device machine (see benchmarks/NOTES_selective_scan.md for the number
   python benchmarks/selective_scan.py --out DIR --check-only # correctness only
   python benchmarks/selective_scan.py --out DIR --quick      # one benchmark shape, fewer repetitions
   python benchmarks/selective_scan.py --out DIR --sweep      # also time Pallas tiling variants
+                                                             # (--variants is the same flag)
 
-Impls: "reference" (lax.scan), "associative", "pallas" (ssm_lab.ops.pallas.selective_scan) and, when
-importable, jax-linear-attention 0.1.0's Mosaic GPU kernel ("jla"). Every call is the typical Mamba
+Impls: "reference" (lax.scan; timed only with --time-reference, always the correctness oracle),
+"associative", "pallas" (ssm_lab.ops.pallas.selective_scan, default config: the v4 time-parallel
+kernels), "pallas:v3" (the v3 token-by-token kernels, `Config(variant="v3")`, timed side by side) and,
+when importable, jax-linear-attention 0.1.0's Mosaic GPU kernel ("jla"). Every call is the typical Mamba
 block call: D skip, z gate, delta_bias and softplus, bf16 activations, n_groups 1. Timings are medians
 of repeated runs after warm-up (jax.block_until_ready around each), on random inputs. Achieved HBM
 bandwidth is counted against the bytes that must move: every input read once and every output written
@@ -126,6 +129,8 @@ def op_fn(impl: str, softplus: bool = True, final_state: bool = False,
                                   dt_bias=delta_bias, dt_softplus=softplus, initial_state=initial_state,
                                   output_final_state=final_state, impl="mosaic_gpu")
       return (o, h) if final_state else o
+    if impl == "pallas:v3" and config is None:
+      return PSS.selective_scan_pallas(u, delta, A, B, C, config=PSS.Config(variant="v3"), **kw)
     if impl.startswith("pallas") and config is not None:
       return PSS.selective_scan_pallas(u, delta, A, B, C, config=config, **kw)
     return SS.selective_scan(u, delta, A, B, C, impl=impl.split(":")[0], **kw)
@@ -248,10 +253,11 @@ def main() -> None:
   ap.add_argument("--out", required=True)
   ap.add_argument("--check-only", action="store_true")
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--sweep", "--variants", dest="sweep", action="store_true")
+  ap.add_argument("--time-reference", action="store_true", help="also time the lax.scan oracle")
   ap.add_argument("--no-jla", action="store_true")
   ap.add_argument("--workers", type=int, default=12)
-  ap.add_argument("--budget-s", type=float, default=540.0, help="stop timing new cases after this")
+  ap.add_argument("--budget-s", type=float, default=400.0, help="stop timing new cases after this")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (to try the script on a CPU)")
   opts = ap.parse_args()
   global SHAPES, CHECKS, SWEEP
@@ -259,7 +265,8 @@ def main() -> None:
     SHAPES = [(2, 64, 64, 4)]
     CHECKS = [(n, (s[0], min(s[1], 50), min(s[2], 40), min(s[3], 5), 1 if s[4] == 1 else 2), *rest)
               for n, s, *rest in CHECKS[:2]]
-    SWEEP = [((2, 64, 64, 4), dict(segments=2, chunk=2, unroll=4))]
+    SWEEP = [((2, 64, 64, 4), dict(segments=2, chunk=8)),
+             ((2, 64, 64, 4), dict(variant="v3", segments=2, chunk=2, unroll=4))]
   os.makedirs(opts.out, exist_ok=True)
   t_start = time.time()
   dev = jax.devices()[0]
@@ -296,7 +303,8 @@ def main() -> None:
     data[name] = (args, ct, present, tol)
 
   # Benchmark programs: forward and forward+backward per impl and shape.
-  impls = ["reference", "associative", "pallas"] + (["jla"] if use_jla else [])
+  impls = ((["reference"] if opts.time_reference else []) + ["associative", "pallas", "pallas:v3"]
+           + (["jla"] if use_jla else []))
   if not opts.check_only:
     for shape in shapes:
       b, L, d, n = shape
@@ -305,6 +313,10 @@ def main() -> None:
       present = tuple(a is not None for a in args)
       ct = jax.random.normal(jax.random.PRNGKey(9), (b, L, d)).astype(jnp.bfloat16)
       data[shape] = (args, ct, present)
+      results.setdefault("pallas_default_configs", {})[str(shape)] = str(
+          PSS.default_config(b, L, d, n))
+      # The reference's fwd+bwd is always compiled: it is the oracle of the shape's check.
+      jobs[f"{shape}/reference/fwdbwd"] = (fwd_bwd_fn(op_fn("reference"), present), (args, ct))
       for impl in impls:
         f = op_fn(impl)
         jobs[f"{shape}/{impl}/fwd"] = (f, args)
@@ -354,7 +366,7 @@ def main() -> None:
         elif isinstance(exe, Exception) or exe is None:
           row["error"] = f"{type(exe).__name__}: {str(exe)[:300]}"
         else:
-          reps = {"reference": 3, "associative": 10}.get(impl, 30)
+          reps = {"reference": 3, "associative": 10}.get(impl, 20)
           try:
             ms = time_exe(exe, args if mode == "fwd" else (args, ct), reps)
             moved = must_move_bytes(b, L, d, n, 1, 2, mode == "fwdbwd")
@@ -388,17 +400,21 @@ def main() -> None:
   _report(results, opts.out)
 
 
-# Tiling variants timed with --sweep (shape -> Config fields).
+# Tiling variants timed with --sweep (shape -> Config fields; the default v4 config is chunk 16,
+# block_d 32, 8 warps, state_block 16 forward / 8 backward, segments for >= 512 programs).
 SWEEP = [
+    ((8, 2048, 1536, 16), dict(chunk=8)),
+    ((8, 2048, 1536, 16), dict(chunk=32)),
+    ((8, 2048, 1536, 16), dict(num_warps=4)),
+    ((8, 2048, 1536, 16), dict(block_d=16)),
+    ((8, 2048, 1536, 16), dict(state_block=8)),
+    ((8, 2048, 1536, 16), dict(bwd_state_block=16)),
+    ((8, 2048, 1536, 16), dict(bwd_state_block=4)),
+    ((8, 2048, 1536, 16), dict(segments=1)),
     ((8, 2048, 1536, 16), dict(segments=4)),
-    ((8, 2048, 1536, 16), dict(segments=16)),
-    ((8, 2048, 1536, 16), dict(segments=8, chunk=8, unroll=8)),
     ((2, 8192, 1536, 16), dict(segments=16)),
-    ((2, 8192, 1536, 16), dict(segments=64)),
-    ((1, 65536, 2048, 16), dict(segments=16)),
-    ((1, 65536, 2048, 16), dict(segments=64)),
-    ((8, 2048, 5120, 16), dict(segments=1)),
-    ((8, 2048, 5120, 16), dict(segments=4)),
+    ((1, 65536, 2048, 16), dict(segments=32)),
+    ((8, 2048, 5120, 16), dict(segments=2)),
 ]
 
 
@@ -409,6 +425,9 @@ def _report(results: dict[str, Any], out: str) -> None:
            f"jax {meta['jax']}; HBM ceiling {HBM_BYTES_PER_S / 1e12:.2f} TB/s", ""]
   if meta.get("jla"):
     lines += [f"jax-linear-attention not run: {meta['jla']}", ""]
+  for shape, cfg in results.get("pallas_default_configs", {}).items():
+    lines.append(f"- pallas default at {shape}: `{cfg}`")
+  lines.append("")
   lines += ["## Correctness against the reference (relative Frobenius error)", "",
             "| case | ok | worst | errors |", "| --- | --- | --- | --- |"]
   for c in results["checks"]:
