@@ -432,7 +432,10 @@ def markdown(res: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def env_info() -> dict[str, str]:
+def env_info(commit: str = "") -> dict[str, str]:
+  if commit:
+    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "date": datetime.date.today().isoformat(), "commit": commit, "jax": jax.__version__}
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True, check=False).stdout.strip() or "unknown"
@@ -453,6 +456,7 @@ def main() -> int:
   p.add_argument("--models", default="", help="comma-separated subset of the model names")
   p.add_argument("--batches", default="1,16,64,256")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
   budget = Budget(args.budget_s)
@@ -463,7 +467,7 @@ def main() -> int:
   batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
   contexts = [64, 256] if args.smoke else [2048, 8192, 32768, 131072]
 
-  res: dict[str, Any] = {"env": env_info(), "settings": {
+  res: dict[str, Any] = {"env": env_info(args.commit), "settings": {
       "prompt": prompt, "new": new, "batches": batches, "smoke": args.smoke,
       "memory_model_only": args.memory_model_only},
                          "models": {}, "cache_memory": [], "decode": [], "ratios": [],

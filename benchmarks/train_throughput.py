@@ -19,12 +19,16 @@ H100) and the measured bf16 matmul ceiling of this workplace's H100 (736 TFLOP/s
 Writes train_throughput.json and train_throughput.md under --out and prints the table last.
 Needs ssm_lab's dependencies, ml-collections included (ssm_lab.train imports it). The device
 machine's image lacks it: carry its wheel (`pip download --no-deps --only-binary=:all: -d .carry/h6
-ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6"] and timeout_s 330:
+ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6"] and timeout_s 590:
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .carry/h6/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;
-  PYTHONUNBUFFERED=1 python3 benchmarks/train_throughput.py --out $OUT --budget_s 240 \
-      --case_timeout_s 120 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
+  PYTHONUNBUFFERED=1 python3 benchmarks/train_throughput.py --out $OUT --budget_s 400 \
+      --case_timeout_s 240 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
+
+On 2026-11-23 a first H100 attempt with --case_timeout_s 90 lost both cases it started
+(transformer-350m, mamba-350m) to that timeout, before phase reporting existed: give each case
+minutes, and read the PHASE lines (imports, state init, compile, warm-up) of any that time out.
 
 Cases run in the order listed (350M first); --budget_s stops starting new ones.
 """
@@ -79,6 +83,7 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   `spec["batch"]` is the batch per device; with `devices` > 1 the global batch is that times
   `devices`, sharded over a mesh of the first `devices` devices ("dp" or "fsdp" for the state).
   """
+  t_case = time.perf_counter()
   import functools  # noqa: PLC0415 (the parent process never imports JAX)
   import math  # noqa: PLC0415
   import types  # noqa: PLC0415
@@ -90,6 +95,14 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   from ssm_lab.models import build_model, flops_per_token, param_count  # noqa: PLC0415
   from ssm_lab.ops import registry as op_registry  # noqa: PLC0415
 
+  phases: dict[str, float] = {}
+
+  def phase(label: str) -> None:
+    # Printed as it happens, so a case killed by --case_timeout_s still says how far it got.
+    phases[label] = round(time.perf_counter() - t_case, 1)
+    print(f"PHASE {label} {phases[label]}", flush=True)
+
+  phase("imported")
   chosen: dict[str, str] = {}
   resolve = op_registry.OpRegistry.resolve
 
@@ -124,7 +137,10 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(abstract, mesh, parallelism)
   param_sh = shardings.params if parallelism == "fsdp" and devices > 1 else None
+  phase("model built")
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  phase("state initialised")
   n_params = param_count(state.params)
   rows = parallel.batch_sharding(mesh)
   step_fn = jax.jit(functools.partial(train.train_step, model=model, kind="lm", tx=tx, accum=1,
@@ -136,11 +152,13 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
+  phase("train step compiled")
   mem = compiled.memory_analysis()
   state, metrics = compiled(state, batches[0])
   first = jax.device_get(metrics)
   state, metrics = compiled(state, batches[1])  # second warm-up step
   jax.block_until_ready(state)
+  phase("warm-up steps done")
   times = []
   for r in range(rounds):
     t0 = time.perf_counter()
@@ -169,6 +187,7 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
       "first_loss": round(first_loss, 4), "ln_vocab": round(math.log(args.vocab_size), 4),
       "finite": bool(last["finite"]) and bool(first["finite"]),
       "last_grad_norm": float(last["grad_norm"]),
+      "phases_s": phases,
   }
 
 
@@ -219,7 +238,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--batch", type=int, default=0, help="override every case's batch size")
-  p.add_argument("--case_timeout_s", type=float, default=150)
+  p.add_argument("--case_timeout_s", type=float, default=240)
   p.add_argument("--budget_s", type=float, default=1e9,
                  help="start no case once this many seconds have passed")
   p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
@@ -273,8 +292,12 @@ def main() -> None:
       else:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         record = {"case": name, "error": f"rc {proc.returncode}: " + " / ".join(tail)}
-    except subprocess.TimeoutExpired:
-      record = {"case": name, "error": f"timed out after {a.case_timeout_s:.0f} s"}
+    except subprocess.TimeoutExpired as err:
+      out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+      reached = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("PHASE ")]
+      record = {"case": name, "error": f"timed out after {a.case_timeout_s:.0f} s (reached: "
+                                       f"{reached[-1] if reached else 'not even imports'})",
+                "phases": reached}
     record["wall_s"] = round(time.time() - t0, 1)
     records.append(record)
     print(json.dumps(record), flush=True)
