@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ssm_lab.ops import ssd
+from ssm_lab.ops.pallas import ssd as pallas_ssd
 from ssm_lab.ops.pallas.ssd import choose_segments, ssd_pallas
 from ssm_lab.ops.ssd import REGISTRY
 
@@ -54,7 +55,7 @@ def _call(impl, a, **kw):
 
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
-KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype")
+KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split", "group_sum")
 _call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
@@ -130,6 +131,21 @@ def test_pallas_matches_reference_values_and_gradients(bwd):
   assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
   g_ref = grads("reference", a)
   g = grads("pallas-direct", a, chunk_size=16, segments=2, bwd=bwd)
+  for k in ARGS:
+    assert rel(g[k], g_ref[k]) < 1e-4, k
+
+
+def test_pallas_candidates_chunked_forward_split_backward_atomic_group_sum():
+  # The three kernel candidates in one program (one compile keeps the file fast): the chunk-parallel
+  # forward (state pass + per-chunk output), the backward split into a dx and a dB/dC/dA kernel, and
+  # dB/dC summed over a group's 2 heads by atomic adds. 2 segments: the forward's state hand-over.
+  kw = dict(chunk_size=16, segments=2, fwd="chunked", bwd_split=True, group_sum="atomic")
+  a = make(jax.random.PRNGKey(3))
+  y_ref, s_ref = call("reference", a)
+  y, s = call("pallas-direct", a, **kw)
+  assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+  g_ref = grads("reference", a)
+  g = grads("pallas-direct", a, **kw)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
@@ -228,6 +244,12 @@ def test_pallas_knob_errors_name_the_knob():
     ssd_pallas(x, dt, A, B, C, ds_block=24)
   with pytest.raises(ValueError, match=r"ds_dtype must be 'float32' or 'bfloat16'"):
     ssd_pallas(x, dt, A, B, C, ds_dtype="float16")
+  with pytest.raises(ValueError, match=r"fwd must be 'chunked' or 'sequential', got 'x'"):
+    ssd_pallas(x, dt, A, B, C, fwd="x")
+  with pytest.raises(ValueError, match=r"group_sum must be 'xla' or 'atomic', got 'y'"):
+    ssd_pallas(x, dt, A, B, C, group_sum="y")
+  with pytest.raises(ValueError, match=r"group_sum='atomic' needs bwd='chunked'"):
+    ssd_pallas(x, dt, A, B, C, group_sum="atomic", bwd="sequential")
 
 
 def test_choose_segments():
@@ -237,17 +259,49 @@ def test_choose_segments():
   assert choose_segments(64, 24, 1024) == 1
 
 
+def _lower_for_h100(fn, *args) -> str:
+  from jax._src.pallas.triton import gpu_info as gi
+  from jax._src.pallas.triton import pallas_call_registration as pcr
+  saved = pcr.gpu_info_lib.get_gpu_info
+  pcr.gpu_info_lib.get_gpu_info = lambda: gi.get_gpu_info_from_version(gi.GpuVersion.H100)
+  try:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    pcr.gpu_info_lib.get_gpu_info = saved
+
+
+@pytest.mark.parametrize("kw,n_kernels", [
+    ({}, 3), ({"bwd": "sequential"}, 2), ({"fwd": "chunked"}, 4), ({"bwd_split": True}, 4),
+    ({"group_sum": "atomic"}, 3), ({"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}, 5)])
+def test_kernels_lower_for_the_gpu(kw, n_kernels, monkeypatch):
+  """Forward and backward of each candidate lower to Triton for an H100 (bf16, 2 groups of 2 heads,
+  benchmark head_dim/d_state), with the expected number of kernels."""
+  monkeypatch.setattr(pallas_ssd, "interpret_mode", lambda: False)
+  b, l, h, p, g, n = 2, 1024, 4, 64, 2, 128
+  sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)   # noqa: E731
+  args = (sds(b, l, h, p), sds(b, l, h, dt=jnp.float32), sds(h, dt=jnp.float32), sds(b, l, g, n),
+          sds(b, l, g, n))
+
+  def loss(x, dt, A, B, C):
+    y, s = ssd_pallas(x, dt, A, B, C, return_final_state=True, segments=2, **kw)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
+
+  txt = _lower_for_h100(jax.grad(loss, argnums=tuple(range(5))), *args)
+  assert txt.count("__gpu$xla.gpu.triton") == n_kernels
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("bwd", ["chunked", "sequential"])
+@pytest.mark.parametrize("kw", [{"bwd": "chunked"}, {"bwd": "sequential"},
+                                {"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
-def test_pallas_on_gpu_matches_reference(dtype, tol, bwd):
+def test_pallas_on_gpu_matches_reference(dtype, tol, kw):
   a = make(jax.random.PRNGKey(9), b=2, l=500, h=4, p=64, g=2, n=128, dtype=dtype)
   a["dt"] = (a["dt"] - 2.0).astype(dtype)
   a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
-  y, s = call("pallas-direct", a, bwd=bwd)
+  y, s = call("pallas-direct", a, **kw)
   y_ref, s_ref = call("reference", a32)
   assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
-  g = grads("pallas-direct", a, bwd=bwd)
+  g = grads("pallas-direct", a, **kw)
   g_ref = grads("reference", a32)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < tol, k

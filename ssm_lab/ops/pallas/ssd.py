@@ -83,6 +83,11 @@ class Config(NamedTuple):
   num_warps_ds: int = 4
   num_stages_ds: int = 3
   num_warps_chunk: int = 8      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles)
+  fwd: str = "sequential"       # "sequential" (one program per segment) or "chunked" (state pass,
+                                # then one program per chunk)
+  bwd_split: bool = False       # chunked bwd: dx/ddt and dB/dC/dA in two kernels (fewer live tiles)
+  group_sum: str = "xla"        # chunked bwd: "xla" (per-head dB/dC, summed after) or "atomic"
+                                # (float32 atomic adds into the group's rows inside the kernel)
 
 
 def _next_pow2(n: int) -> int:
@@ -120,31 +125,41 @@ def _chunk_decays(ac, causal, is_last):
 
 # ----------------------------------------------------------------------------------------- kernels
 
-def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *st_ref, q, cps,
-                rep, prec):
-  # st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts from, for the backward.
-  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, chunk, d_h, q, rep, prec):
+  """Writes one chunk's y given s [P, N], the state it starts from; returns (u, acum, acum_Q, B)."""
   gi = hi // rep
   cd = x_ref.dtype
-  d_h = d_ref[hi]
   causal, is_last = _masks(q)
+  t0 = pl.multiple_of(chunk * q, q)
+  xs = x_ref[bi, pl.ds(t0, q), hi, :]                           # [Q, P]
+  dts = dt_ref[bi, hi, pl.ds(t0, q)]                            # [Q]
+  ac = ac_ref[bi, hi, pl.ds(t0, q)]                             # [Q]
+  bs = b_ref[bi, pl.ds(t0, q), gi, :]                           # [Q, N]
+  cs = c_ref[bi, pl.ds(t0, q), gi, :]
+  decay, last = _chunk_decays(ac, causal, is_last)
+  u = xs.astype(f32) * dts[:, None]
+  cb = _dot(cs, bs, (1, 1), prec)                               # [Q, Q]
+  y = _dot((cb * decay).astype(cd), u.astype(cd), (1, 0), prec)
+  y = y + jnp.exp(ac)[:, None] * _dot(cs, s.astype(cd), (1, 1), prec)
+  y = y + d_h * xs.astype(f32)
+  y_ref[bi, pl.ds(t0, q), hi, :] = y.astype(y_ref.dtype)
+  return u, ac, last, bs
+
+
+def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *st_ref, q, cps,
+                rep, prec):
+  # fwd="sequential". st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts
+  # from, for the backward.
+  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cd = x_ref.dtype
+  d_h = d_ref[hi]
 
   def body(c, s):
-    t0 = pl.multiple_of((ki * cps + c) * q, q)
+    chunk = ki * cps + c
     if st_ref:
-      st_ref[0][bi, hi, ki * cps + c] = s.astype(st_ref[0].dtype)
-    xs = x_ref[bi, pl.ds(t0, q), hi, :]                         # [Q, P]
-    dts = dt_ref[bi, hi, pl.ds(t0, q)]                          # [Q]
-    ac = ac_ref[bi, hi, pl.ds(t0, q)]                           # [Q]
-    bs = b_ref[bi, pl.ds(t0, q), gi, :]                         # [Q, N]
-    cs = c_ref[bi, pl.ds(t0, q), gi, :]
-    decay, last = _chunk_decays(ac, causal, is_last)
-    u = xs.astype(f32) * dts[:, None]
-    cb = _dot(cs, bs, (1, 1), prec)                             # [Q, Q]
-    y = _dot((cb * decay).astype(cd), u.astype(cd), (1, 0), prec)
-    y = y + jnp.exp(ac)[:, None] * _dot(cs, s.astype(cd), (1, 1), prec)
-    y = y + d_h * xs.astype(f32)
-    y_ref[bi, pl.ds(t0, q), hi, :] = y.astype(y_ref.dtype)
+      st_ref[0][bi, hi, chunk] = s.astype(st_ref[0].dtype)
+    u, ac, last, bs = _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, bi=bi, hi=hi,
+                                 chunk=chunk, d_h=d_h, q=q, rep=rep, prec=prec)
     uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
     return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [P, N]
 
@@ -152,13 +167,50 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
   s_ref[bi, hi, ki] = s
 
 
-def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db_ref, dc_ref, da_ref,
-                 ddt_ref, xdy_ref, *, bi, hi, chunk, ds, d_h, q, rep, prec, ds_exact=True):
-  """Every gradient of one chunk given ds [P, N] float32, the gradient reaching the chunk's end state.
+def _state_kernel(x_ref, dt_ref, ac_ref, b_ref, s_seg_ref, st_ref, s_ref, *, q, cps, rep, prec, pb,
+                  n_pb):
+  # fwd="chunked", pass 1: the forward mirror of the dS pass. One program per (batch, head, segment,
+  # head_dim block) walks the chunks in order and stores the state each chunk starts from; a chunk's
+  # product (exp(acum_Q - acum) u)^T B does not depend on the carry, only the elementwise update does.
+  bi, hi, kp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ki, p0 = kp // n_pb, pl.multiple_of((kp % n_pb) * pb, pb)
+  gi = hi // rep
+  cd = x_ref.dtype
+  _, is_last = _masks(q)
 
-  Shared by the sequential and the chunk-parallel backward. Returns (dy [Q, P] float32, acum [Q],
-  C [Q, N], acum_Q) for the caller's dS update. `ds_exact=False`: ds was stored in the compute dtype,
-  so it has no low half to add back."""
+  def body(c, s):
+    chunk = ki * cps + c
+    t0 = pl.multiple_of(chunk * q, q)
+    st_ref[bi, hi, chunk, pl.ds(p0, pb), :] = s.astype(st_ref.dtype)
+    xs = x_ref[bi, pl.ds(t0, q), hi, pl.ds(p0, pb)]             # [Q, Pb]
+    dts = dt_ref[bi, hi, pl.ds(t0, q)]
+    ac = ac_ref[bi, hi, pl.ds(t0, q)]
+    bs = b_ref[bi, pl.ds(t0, q), gi, :]                         # [Q, N]
+    last = jnp.sum(jnp.where(is_last, ac, 0.0))
+    uw = (xs.astype(f32) * (dts * jnp.exp(last - ac))[:, None]).astype(cd)
+    return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [Pb, N]
+
+  s_ref[bi, hi, ki, pl.ds(p0, pb), :] = jax.lax.fori_loop(
+      0, cps, body, s_seg_ref[bi, hi, ki, pl.ds(p0, pb), :])
+
+
+def _out_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, st_ref, y_ref, *, q, rep, prec):
+  # fwd="chunked", pass 2: one program per (batch, head, chunk), all independent.
+  bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, st_ref[bi, hi, chunk], bi=bi, hi=hi,
+             chunk=chunk, d_h=d_ref[hi], q=q, rep=rep, prec=prec)
+
+
+def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs, bc_refs, bi, hi,
+                 chunk, ds, d_h, q, rep, prec, ds_exact=True, atomic=False):
+  """Gradients of one chunk given ds [P, N] float32, the gradient reaching the chunk's end state.
+
+  Shared by the sequential and the chunk-parallel backward. dx_refs = (dx, ddt, x.dy) and bc_refs =
+  (dB, dC, dA) say which gradients this program computes (None: not this one; bwd_split gives each
+  half its own kernel, which keeps fewer tiles live). `ds_exact=False`: ds was stored in the compute
+  dtype, so it has no low half to add back. `atomic`: dB/dC are added into the group's float32 rows
+  (zero-initialised, shared by the group's heads) instead of stored per head. Returns (dy [Q, P]
+  float32, acum [Q], C [Q, N], acum_Q) for the caller's dS update."""
   gi = hi // rep
   cd = x_ref.dtype
   causal, is_last = _masks(q)
@@ -169,13 +221,14 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db
   bs = b_ref[bi, pl.ds(t0, q), gi, :]
   cs = c_ref[bi, pl.ds(t0, q), gi, :]
   dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
-  s0 = st_ref[bi, hi, chunk]                                    # [P, N] state the chunk starts from
   dys = dy_raw.astype(cd)
   dy_f = dy_raw.astype(f32)
   decay, last = _chunk_decays(ac, causal, is_last)
   xf = xs.astype(f32)
   u = xf * dts[:, None]
   ucd = u.astype(cd)
+  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
+  ds_cd = ds.astype(cd)
   # Each gradient is stored as soon as it is complete, so few [Q, N] float32 tiles are live at once
   # (the kernel is register bound). Products:
   #   dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
@@ -188,31 +241,43 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db
   # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
   # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
   cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
-  dyu = _dot(dys, ucd, (1, 1), prec) * decay                    # [t, s] L o (dy u^T)
-  w = cb * dyu
-  g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
-  m1 = (cb * decay).astype(cd)
-  m2 = dyu.astype(cd)
-  dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
-  g = g + jnp.sum(cs.astype(f32) * dc_state, axis=1)
-  s0_term = jnp.exp(last) * jnp.sum(ds * s0.astype(f32))
-  dc_ref[bi, pl.ds(t0, q), hi, :] = (_dot(m2, bs, (1, 0), prec) + dc_state).astype(dc_ref.dtype)
-  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
-  ds_cd = ds.astype(cd)
-  du = _dot(m1, dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
-  dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
-  ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
-  xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
-  db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
-  db_ref[bi, pl.ds(t0, q), hi, :] = (_dot(m2, cs, (0, 0), prec) + db_state).astype(db_ref.dtype)
-  if cd != f32 and ds_exact:
-    # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
-    # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
-    ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
-    db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
-  f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
-  da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
-                                  + s0_term)
+  if bc_refs is not None:
+    db_ref, dc_ref, da_ref = bc_refs
+    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
+    dyu = _dot(dys, ucd, (1, 1), prec) * decay                  # [t, s] L o (dy u^T)
+    w = cb * dyu
+    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
+    m2 = dyu.astype(cd)
+    dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
+    g = g + jnp.sum(cs.astype(f32) * dc_state, axis=1)
+    s0_term = jnp.exp(last) * jnp.sum(ds * s0.astype(f32))
+    dc = _dot(m2, bs, (1, 0), prec) + dc_state
+    if atomic:
+      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
+    else:
+      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
+  if dx_refs is not None:
+    dx_ref, ddt_ref, xdy_ref = dx_refs
+    m1 = (cb * decay).astype(cd)
+    du = _dot(m1, dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
+    dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
+    ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
+    xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
+  if bc_refs is not None:
+    db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
+    db = _dot(m2, cs, (0, 0), prec) + db_state
+    if atomic:
+      plt.atomic_add(db_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, db_ref.shape[3])), db)
+    else:
+      db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
+    if cd != f32 and ds_exact:
+      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+      # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
+      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
+      db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
+    f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
+    da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
+                                    + s0_term)
   return dy_f, ac, cs, last
 
 
@@ -226,8 +291,9 @@ def _bwd_seq_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, 
   def body(c, ds):                                              # ds: grad of the chunk's end state
     chunk = ki * cps + cps - 1 - c
     dy_f, ac, cs, last = _chunk_grads(
-        x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_ref, db_ref, dc_ref, da_ref,
-        ddt_ref, xdy_ref, bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_h, q=q, rep=rep, prec=prec)
+        x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=(dx_ref, ddt_ref, xdy_ref),
+        bc_refs=(db_ref, dc_ref, da_ref), bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_h, q=q, rep=rep,
+        prec=prec)
     dyw = (dy_f * jnp.exp(ac)[:, None]).astype(cd)
     return jnp.exp(last) * ds + _dot(dyw, cs, (0, 0), prec)     # [P, N]: grad of the start state
 
@@ -260,14 +326,24 @@ def _ds_kernel(dy_ref, ac_ref, c_ref, ds_end_ref, dse_ref, ds0_ref, *, q, cps, r
       0, cps, body, ds_end_ref[bi, hi, ki, pl.ds(p0, pb), :])
 
 
-def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, dse_ref, *outs, q,
-                      rep, prec):
-  # bwd="chunked", pass 2: one program per (batch, head, chunk), all independent.
+def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, dse_ref, *refs, q,
+                      rep, prec, part, atomic):
+  # bwd="chunked", pass 2: one program per (batch, head, chunk), all independent. part: "all" (refs
+  # = dx, dB, dC, dA, ddt, x.dy), "dx" (dx, ddt, x.dy) or "bc" (dB, dC, dA); under `atomic` the
+  # zero-initialised dB/dC inputs come first in refs and alias the dB/dC outputs.
   bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  if atomic and part != "dx":
+    refs = refs[2:]
+  if part == "all":
+    dx_refs, bc_refs = (refs[0], refs[4], refs[5]), (refs[1], refs[2], refs[3])
+  elif part == "dx":
+    dx_refs, bc_refs = refs, None
+  else:
+    dx_refs, bc_refs = None, refs
   ds = dse_ref[bi, hi, chunk].astype(f32)
-  _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *outs, bi=bi, hi=hi,
-               chunk=chunk, ds=ds, d_h=d_ref[hi], q=q, rep=rep, prec=prec,
-               ds_exact=dse_ref.dtype == f32)
+  _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=dx_refs, bc_refs=bc_refs,
+               bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_ref[hi], q=q, rep=rep, prec=prec,
+               ds_exact=dse_ref.dtype == f32, atomic=atomic)
 
 
 # ------------------------------------------------------------------------------ pallas_call wrappers
@@ -277,10 +353,11 @@ def _prec(dtype):
   return jax.lax.Precision.HIGHEST if dtype == f32 else None
 
 
-def _call(kernel, cfg, num_warps, num_stages, grid, out_shape, *args):
+def _call(kernel, cfg, num_warps, num_stages, grid, out_shape, *args, aliases=None):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      input_output_aliases=aliases or {},
   )(*args)
 
 
@@ -342,7 +419,22 @@ def _forward(x, dt, A, B, C, D, s0, cfg, save_states):
   cps = lp // (cfg.chunk * k)
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   s_seg = _segment_starts(x, dt, a, B, s0, cfg)
-  kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=_prec(x.dtype))
+  prec = _prec(x.dtype)
+  if cfg.fwd == "chunked":
+    # The states are stored either way (the output pass reads them), so the VJP saves them for free.
+    pb = min(cfg.ds_block, p)
+    n_pb = p // pb
+    kern = functools.partial(_state_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
+                             n_pb=n_pb)
+    states, s_end = _call(
+        kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
+        (jax.ShapeDtypeStruct((b, h, k * cps, p, n), x.dtype),
+         jax.ShapeDtypeStruct((b, h, k, p, n), f32)), x, dt_t, ac_t, B, s_seg)
+    kern = functools.partial(_out_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec)
+    y = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k * cps),
+              jax.ShapeDtypeStruct(x.shape, x.dtype), x, dt_t, ac_t, B, C, D, states)
+    return y, s_end[:, :, -1], (states if save_states else None)
+  kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
   outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, k, p, n), f32)]
   if save_states:
     outs.append(jax.ShapeDtypeStruct((b, h, k * cps, p, n), x.dtype))
@@ -374,7 +466,8 @@ def _core_bwd(cfg, res, cts):
   ds_end = _segment_grad_ends(dy, a, C, ds_final.astype(f32), cfg)
   # Per-head dB/dC: float32 when nothing is summed afterwards, else the compute dtype (the f32 sum over
   # a group's heads then rounds once, and the round trip moves half the bytes).
-  part = f32 if (cfg.rep == 1 or x.dtype == f32) else x.dtype
+  atomic = cfg.group_sum == "atomic" and cfg.bwd == "chunked"
+  part = f32 if (cfg.rep == 1 or x.dtype == f32 or atomic) else x.dtype
   vec = jax.ShapeDtypeStruct((b, h, lp), f32)
   grads = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), part),
            jax.ShapeDtypeStruct((b, lp, h, n), part), vec, vec, vec)
@@ -394,13 +487,28 @@ def _core_bwd(cfg, res, cts):
         kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
         (jax.ShapeDtypeStruct((b, h, k * cps, p, n), jnp.dtype(cfg.ds_dtype)), ds_seg),
         dy, ac_t, C, ds_end)
-    kern = functools.partial(_bwd_chunk_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec)
-    dx, db_h, dc_h, da, ddt_u, xdy = _call(
-        kern, cfg, cfg.num_warps_chunk, 1, (b, h, k * cps), grads,
-        x, dt_t, ac_t, B, C, dy, D, states, ds_chunks)
+    ins = (x, dt_t, ac_t, B, C, dy, D, states, ds_chunks)
+    # atomic: dB/dC are [b, lp, g, n] float32 rows every head of a group adds into, zero to start.
+    zeros = (jnp.zeros((b, lp, g, n), f32),) * 2 if atomic else ()
+    bc_out = (jax.ShapeDtypeStruct((b, lp, g, n), f32),) * 2 if atomic else grads[1:3]
+    kern = lambda part: functools.partial(_bwd_chunk_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec,
+                                          part=part, atomic=atomic)
+    grid = (b, h, k * cps)
+    if cfg.bwd_split:
+      dx, ddt_u, xdy = _call(kern("dx"), cfg, cfg.num_warps_chunk, 1, grid,
+                             (grads[0], vec, vec), *ins)
+      db_h, dc_h, da = _call(kern("bc"), cfg, cfg.num_warps_chunk, 1, grid, (*bc_out, vec),
+                             *ins, *zeros, aliases={9: 0, 10: 1} if atomic else None)
+    else:
+      dx, db_h, dc_h, da, ddt_u, xdy = _call(
+          kern("all"), cfg, cfg.num_warps_chunk, 1, grid, (grads[0], *bc_out, *grads[3:]), *ins,
+          *zeros, aliases={9: 1, 10: 2} if atomic else None)
   ddt = jnp.swapaxes(ddt_u + da * A[None, :, None], 1, 2)          # [b, lp, h]
   dA = jnp.sum(da * dt_t, axis=(0, 2))
-  group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
+  if atomic:
+    group_sum = lambda t: t.astype(B.dtype)                         # already summed in the kernel
+  else:
+    group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
   dD = jnp.sum(xdy, axis=(0, 2))
   return (dx, ddt.astype(dt.dtype), dA.astype(A.dtype), group_sum(db_h), group_sum(dc_h),
           dD.astype(D.dtype), ds_start[:, :, 0])
@@ -418,7 +526,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
                num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
                ds_block: int = 16, ds_dtype: str = "float32", num_warps_ds: int = 4,
-               num_stages_ds: int = 3, num_warps_chunk: int = 8,
+               num_stages_ds: int = 3, num_warps_chunk: int = 8, fwd: str = "sequential",
+               bwd_split: bool = False, group_sum: str = "xla",
                interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
@@ -426,7 +535,11 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
-  the two passes), `interpret` (None: on when no GPU).
+  the two passes), `fwd` ("sequential": one program per segment; "chunked": a state pass like the
+  dS pass, then one program per chunk), `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two
+  kernels), `group_sum` ("xla": per-head dB/dC summed over each group afterwards; "atomic": float32
+  atomic adds into the group's rows in the chunked backward, order-dependent rounding),
+  `interpret` (None: on when no GPU).
   """
   if bwd not in ("chunked", "sequential"):
     raise ValueError(f"bwd must be 'chunked' or 'sequential', got {bwd!r}")
@@ -434,6 +547,12 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
     raise ValueError(f"ds_block must be a power of two >= 16, got {ds_block}")
   if ds_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"ds_dtype must be 'float32' or 'bfloat16', got {ds_dtype!r}")
+  if fwd not in ("chunked", "sequential"):
+    raise ValueError(f"fwd must be 'chunked' or 'sequential', got {fwd!r}")
+  if group_sum not in ("xla", "atomic"):
+    raise ValueError(f"group_sum must be 'xla' or 'atomic', got {group_sum!r}")
+  if group_sum == "atomic" and bwd != "chunked":
+    raise ValueError(f"group_sum='atomic' needs bwd='chunked', got bwd={bwd!r}")
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2], B.shape[3]
   q = chunk_size or DEFAULT_CHUNK
@@ -445,7 +564,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
                num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
                num_warps_ds=num_warps_ds, num_stages_ds=num_stages_ds,
-               num_warps_chunk=num_warps_chunk,
+               num_warps_chunk=num_warps_chunk, fwd=fwd, bwd_split=bwd_split, group_sum=group_sum,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.
