@@ -229,9 +229,11 @@ CANDIDATES = (
 # Tuning rows for --variants (first shape only, timed right after its main rows): knob, value.
 # Defaults: segments from choose_segments (2 at (8, 2048)), ds_block 16, num_warps_chunk 8,
 # num_warps_ds 4, num_stages_ds 3.
+# chunk_size 32: [Q, Q] tiles a quarter the size, so fewer live registers in the chunk kernel (it is
+# at 255 with spills at Q = 64), twice the programs and state round trips.
 VARIANTS = (("segments", 1), ("segments", 4), ("ds_block", 32), ("ds_block", 64),
             ("num_warps_chunk", 4), ("num_warps_chunk", 16), ("num_warps_ds", 2),
-            ("num_stages_ds", 2))
+            ("num_stages_ds", 2), ("chunk_size", 32))
 # Cases of the correctness check against the float32 reference (name, impl, knobs): every dtype
 # and group count; the candidates with 2 groups (2 heads a group, so group_sum=atomic really sums).
 CHECK_CASES = (("chunked", "chunked", {}), ("pallas", "pallas", {}),
