@@ -125,12 +125,12 @@ def _chunk_decays(ac, causal, is_last):
 
 # ----------------------------------------------------------------------------------------- kernels
 
-def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, chunk, d_h, q, rep, prec):
-  """Writes one chunk's y given s [P, N], the state it starts from; returns (u, acum, acum_Q, B)."""
-  gi = hi // rep
+def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, gi, t0, d_h, masks,
+               q, prec):
+  """Writes one chunk's y given s [P, N], the state it starts from; returns (u, acum, acum_Q, B).
+  The caller computes gi, t0 and the masks (the sequential forward: once, outside its loop)."""
   cd = x_ref.dtype
-  causal, is_last = _masks(q)
-  t0 = pl.multiple_of(chunk * q, q)
+  causal, is_last = masks
   xs = x_ref[bi, pl.ds(t0, q), hi, :]                           # [Q, P]
   dts = dt_ref[bi, hi, pl.ds(t0, q)]                            # [Q]
   ac = ac_ref[bi, hi, pl.ds(t0, q)]                             # [Q]
@@ -150,16 +150,19 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
                 rep, prec):
   # fwd="sequential". st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts
   # from, for the backward.
+  # Statement order as in v3 (the same Triton IR for the same registers).
   bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  gi = hi // rep
   cd = x_ref.dtype
   d_h = d_ref[hi]
+  masks = _masks(q)
 
   def body(c, s):
-    chunk = ki * cps + c
+    t0 = pl.multiple_of((ki * cps + c) * q, q)
     if st_ref:
-      st_ref[0][bi, hi, chunk] = s.astype(st_ref[0].dtype)
-    u, ac, last, bs = _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, bi=bi, hi=hi,
-                                 chunk=chunk, d_h=d_h, q=q, rep=rep, prec=prec)
+      st_ref[0][bi, hi, ki * cps + c] = s.astype(st_ref[0].dtype)
+    u, ac, last, bs = _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, bi=bi, hi=hi, gi=gi,
+                                 t0=t0, d_h=d_h, masks=masks, q=q, prec=prec)
     uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
     return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [P, N]
 
@@ -198,7 +201,8 @@ def _out_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, st_ref, y_ref, *, q,
   # fwd="chunked", pass 2: one program per (batch, head, chunk), all independent.
   bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, st_ref[bi, hi, chunk], bi=bi, hi=hi,
-             chunk=chunk, d_h=d_ref[hi], q=q, rep=rep, prec=prec)
+             gi=hi // rep, t0=pl.multiple_of(chunk * q, q), d_h=d_ref[hi],
+             masks=_masks(q), q=q, prec=prec)
 
 
 def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs, bc_refs, bi, hi,
@@ -221,14 +225,14 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
   bs = b_ref[bi, pl.ds(t0, q), gi, :]
   cs = c_ref[bi, pl.ds(t0, q), gi, :]
   dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
+  if bc_refs is not None:
+    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
   dys = dy_raw.astype(cd)
   dy_f = dy_raw.astype(f32)
   decay, last = _chunk_decays(ac, causal, is_last)
   xf = xs.astype(f32)
   u = xf * dts[:, None]
   ucd = u.astype(cd)
-  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
-  ds_cd = ds.astype(cd)
   # Each gradient is stored as soon as it is complete, so few [Q, N] float32 tiles are live at once
   # (the kernel is register bound). Products:
   #   dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
@@ -240,13 +244,17 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
   #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t.
   # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
   # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
+  # (Statement order = v3's for bwd_split=False: the register allocation, 236 B of spill at 8 warps,
+  # is sensitive to it; moving w_end/ds_cd up and m1 down cost 56 B more.)
   cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
   if bc_refs is not None:
     db_ref, dc_ref, da_ref = bc_refs
-    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
     dyu = _dot(dys, ucd, (1, 1), prec) * decay                  # [t, s] L o (dy u^T)
     w = cb * dyu
     g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
+  if dx_refs is not None:
+    m1 = (cb * decay).astype(cd)
+  if bc_refs is not None:
     m2 = dyu.astype(cd)
     dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
     g = g + jnp.sum(cs.astype(f32) * dc_state, axis=1)
@@ -256,9 +264,10 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
       plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
     else:
       dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
+  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
+  ds_cd = ds.astype(cd)
   if dx_refs is not None:
     dx_ref, ddt_ref, xdy_ref = dx_refs
-    m1 = (cb * decay).astype(cd)
     du = _dot(m1, dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
     dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
     ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
