@@ -40,6 +40,13 @@ exp(a_{t+1}) S_t>). Summed over the whole sequence instead, these large, cancell
 carried their bf16 rounding into dA (15% error at 2k tokens); the kernel comment says how the in-chunk
 terms keep float32 accuracy. dB and dC leave per head and are summed over each group's heads in XLA.
 
+Candidates (knobs, off by default until measured; benchmarks/NOTES_ssd.md): fwd="chunked" runs the
+forward like the chunked backward, a state pass (one program per (batch, head, segment, head_dim
+block) storing each chunk's start state) then one program per chunk; bwd_split=True gives the
+dx/ddt and the dB/dC/dA halves of the chunk kernel one kernel each (fewer live tiles, inputs read
+twice); group_sum="atomic" adds dB/dC into the group's float32 rows with atomics inside the chunk
+kernel instead of the per-head round trip (summation order then varies run to run).
+
 Shapes inside: head_dim and d_state are zero-padded to powers of two >= 16 (Triton tiles), the length
 to a multiple of Q * segments with dt = 0 tokens, which leave the state untouched.
 """
