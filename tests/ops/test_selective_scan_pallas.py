@@ -96,14 +96,15 @@ def check_matches_reference(inp, softplus, config, tol):
 # Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance. Interpret mode
 # is slow, so few cases cover the branches between them; wider ones run nightly.
 CASES = {
-    # v4 (time-parallel chunks). Two groups of 12 channels, each padded to 16 (block_d 8 -> two
-    # blocks per group); d_state 5 padded to 8 (one state tile of 8); length 21 padded to 24 = 3
-    # segments of 8 tokens = 2 chunks of 4, the padded tail inside the last one (masked tokens);
-    # float32 B/C; no z, no initial state, no softplus.
+    # v4 (time-parallel chunks). Two groups of 12 channels, each padded to 16: one forward block
+    # of 16 per group, two backward blocks of 8 (bwd_block_d below block_d, as in the sweep's
+    # register-cutting candidates); d_state 5 padded to 8 (one state tile of 8); length 21 padded to
+    # 24 = 3 segments of 8 tokens = 2 chunks of 4, the padded tail inside the last one (masked
+    # tokens); float32 B/C; no z, no initial state, no softplus.
     "v4_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
-                               pss.Config(block_d=8, chunk=4, segments=3, state_block=8,
-                                          bwd_state_block=8), 1e-5),
+                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
+                                          state_block=8, bwd_state_block=8), 1e-5),
     # v4, bf16 activations with B/C given without the group axis, z gate, initial state, softplus;
     # one segment of two chunks; channels 12 padded to 16; length 7 padded to 8; the d_state of 4 in
     # two state tiles forward and one backward.
@@ -119,6 +120,10 @@ CASES = {
                        pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
 }
 SLOW_CASES = {
+    # v4 with the backward on narrower blocks, with z and initial state, two segments of 3 chunks.
+    "v4_f32_bwd_narrower": ((1, 20, 24, 4, 1), jnp.float32, {},
+                            pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
+                                       state_block=4, bwd_state_block=2), 1e-5),
     "v3_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=8, chunk=2, unroll=2, segments=3, variant="v3"),
@@ -281,15 +286,18 @@ def _lower_for_h100(fn, *args) -> str:
     pcr.gpu_info_lib.get_gpu_info = saved
 
 
-@pytest.mark.parametrize("variant", ["v3", "v4"])
-def test_kernels_lower_for_the_gpu(variant, monkeypatch):
+@pytest.mark.parametrize("variant,extra,bwd_warps", [
+    ("v3", {}, 1), ("v4", {}, 8),
+    # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
+    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16)])
+def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)
   b, L, d, n = 2, 512, 64, 16
   sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)   # noqa: E731
   args = (sds(b, L, d), sds(b, L, d), sds(d, n, dt=jnp.float32), sds(b, L, 1, n), sds(b, L, 1, n),
           sds(d, dt=jnp.float32), sds(b, L, d), sds(d, dt=jnp.float32))
-  cfg = pss.Config(variant=variant, segments=2)
+  cfg = pss.Config(variant=variant, segments=2, **extra)
 
   def loss(u, dl, A, B, C, D, z, bias):
     y = pss.selective_scan_pallas(u, dl, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
@@ -298,4 +306,5 @@ def test_kernels_lower_for_the_gpu(variant, monkeypatch):
 
   txt = _lower_for_h100(jax.grad(loss, argnums=tuple(range(8))), *args)
   assert txt.count("__gpu$xla.gpu.triton") == 4
-  assert txt.count("selective_scan_bwd") >= 1
+  bwd = [line for line in txt.splitlines() if 'name = "selective_scan_bwd"' in line]
+  assert len(bwd) == 1 and f"num_warps = {bwd_warps} : i32" in bwd[0]
