@@ -416,7 +416,7 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (to try the script on a CPU)")
   opts = ap.parse_args()
   # A `timeout` (SIGTERM) prints where every thread was before the process goes (use timeout -k).
-  faulthandler.register(signal.SIGTERM, all_threads=True)
+  faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
   global SHAPES, CHECKS, SWEEP, ORACLE_BYTES
   if opts.smoke:
     SHAPES = [(2, 64, 64, 4), (1, 256, 32, 4)]
