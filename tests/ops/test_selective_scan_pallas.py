@@ -22,6 +22,7 @@ from ssm_lab.ops.pallas import scan_primitive
 from ssm_lab.ops.pallas import selective_scan as pss
 from ssm_lab.ops.pallas.scan_primitive import linear_recurrence
 from ssm_lab.ops.selective_scan import REGISTRY
+from ssm_lab.ops.pallas.lowering import lower_for_gpu
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -276,14 +277,7 @@ def test_linear_recurrence_inside_an_interpreted_kernel_and_its_errors():
 
 
 def _lower_for_h100(fn, *args) -> str:
-  from jax._src.pallas.triton import gpu_info as gi
-  from jax._src.pallas.triton import pallas_call_registration as pcr
-  saved = pcr.gpu_info_lib.get_gpu_info
-  pcr.gpu_info_lib.get_gpu_info = lambda: gi.get_gpu_info_from_version(gi.GpuVersion.H100)
-  try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  finally:
-    pcr.gpu_info_lib.get_gpu_info = saved
+  return lower_for_gpu(fn, *args, gpu="H100")
 
 
 @pytest.mark.parametrize("variant,extra,bwd_warps", [

@@ -16,6 +16,7 @@ from ssm_lab.ops import ssd
 from ssm_lab.ops.pallas import ssd as pallas_ssd
 from ssm_lab.ops.pallas.ssd import choose_segments, ssd_pallas
 from ssm_lab.ops.ssd import REGISTRY
+from ssm_lab.ops.pallas.lowering import lower_for_gpu
 
 ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
 
@@ -260,14 +261,7 @@ def test_choose_segments():
 
 
 def _lower_for_h100(fn, *args) -> str:
-  from jax._src.pallas.triton import gpu_info as gi
-  from jax._src.pallas.triton import pallas_call_registration as pcr
-  saved = pcr.gpu_info_lib.get_gpu_info
-  pcr.gpu_info_lib.get_gpu_info = lambda: gi.get_gpu_info_from_version(gi.GpuVersion.H100)
-  try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  finally:
-    pcr.gpu_info_lib.get_gpu_info = saved
+  return lower_for_gpu(fn, *args, gpu="H100")
 
 
 @pytest.mark.parametrize("kw,n_kernels", [
