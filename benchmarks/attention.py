@@ -23,10 +23,8 @@ import datetime
 import importlib
 import json
 import math
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -38,6 +36,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ssm_lab.provenance import git_commit  # noqa: E402
 
 PEAK_TFLOPS = 736.0  # measured bf16 matmul ceiling of our H100
 TOKENS = 32768
@@ -78,15 +77,6 @@ def load_mha():
 
 
 MHA = load_mha()
-
-
-def git_commit() -> str:
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True, check=True, timeout=10)
-    return out.stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return os.environ.get("ATTN_COMMIT", "unknown")
 
 
 def rel(a, b) -> float:

@@ -37,7 +37,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ from ssm_lab import generate as gen  # noqa: E402
 from ssm_lab.models import cache_memory  # noqa: E402
 from ssm_lab.models.flops import param_count  # noqa: E402
 from ssm_lab.models.lm import LanguageModel, ModelArgs  # noqa: E402
+from ssm_lab.provenance import git_commit  # noqa: E402
 
 HBM_TBS = 2.46      # measured H100 ceilings (the session's common numbers)
 MATMUL_TFS = 736.0
@@ -433,16 +433,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def env_info(commit: str = "") -> dict[str, str]:
-  if commit:
-    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-            "date": datetime.date.today().isoformat(), "commit": commit, "jax": jax.__version__}
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip() or "unknown"
-  except OSError:
-    commit = "unknown"
   return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-          "date": datetime.date.today().isoformat(), "commit": commit, "jax": jax.__version__}
+          "date": datetime.date.today().isoformat(), "commit": git_commit(commit),
+          "jax": jax.__version__}
 
 
 def main() -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from ssm_lab.provenance import git_commit  # noqa: E402
 
 # Keep NVLink multicast off everywhere (a program that uses it can take a shared host's GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -270,8 +271,7 @@ def main() -> None:
                           " '|', d[0].device_kind, '|', len(d))"], capture_output=True, text=True,
                          env=_env(cpu_devices=a.cpu_devices))
   version, device, count = [s.strip() for s in (probe.stdout.strip() or "? | ? | 0").split("|")]
-  commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                      capture_output=True, text=True).stdout.strip() or "unknown"
+  commit = git_commit(a.commit)
   meta = {"device": device, "devices": int(count), "jax": version, "commit": commit,
           "date": datetime.date.today().isoformat(), "cpu_dry_run": bool(a.cpu_devices)}
   if meta["devices"] < 2:

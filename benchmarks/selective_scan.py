@@ -37,15 +37,12 @@ import concurrent.futures
 import datetime
 import faulthandler
 import functools
-import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
-import types
 from typing import Any, Callable
 
 import numpy as np
@@ -59,33 +56,10 @@ HBM_BYTES_PER_S = 2.46e12        # measured H100 ceiling (device-to-device copy)
 SHAPES = [(8, 2048, 1536, 16), (2, 8192, 1536, 16), (1, 65536, 2048, 16), (8, 2048, 5120, 16)]
 
 
-def _load_ops():
-  """Imports the op and the Pallas module; falls back to importing only the files this script needs
-  when another module of ssm_lab.ops fails to import (the working tree is shared)."""
-  try:
-    from ssm_lab.ops import selective_scan as ss_fn  # noqa: F401
-    ss = importlib.import_module("ssm_lab.ops.selective_scan")
-    pss = importlib.import_module("ssm_lab.ops.pallas.selective_scan")
-    return ss, pss, None
-  except Exception as e:  # noqa: BLE001  (any import failure of a sibling module)
-    why = f"{type(e).__name__}: {e}"
-  for name in [m for m in sys.modules if m.startswith("ssm_lab.ops")]:
-    del sys.modules[name]
-  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ssm_lab")
-  import ssm_lab  # noqa: F401
-  ops = types.ModuleType("ssm_lab.ops")
-  ops.__path__ = [os.path.join(root, "ops")]
-  sys.modules["ssm_lab.ops"] = ops
-  pal = types.ModuleType("ssm_lab.ops.pallas")
-  pal.__path__ = [os.path.join(root, "ops", "pallas")]
-  pal.interpret_mode = lambda: jax.default_backend() != "gpu"
-  sys.modules["ssm_lab.ops.pallas"] = pal
-  ss = importlib.import_module("ssm_lab.ops.selective_scan")
-  pss = importlib.import_module("ssm_lab.ops.pallas.selective_scan")
-  return ss, pss, why
+import ssm_lab.ops.pallas.selective_scan as PSS  # noqa: E402
+import ssm_lab.ops.selective_scan as SS  # noqa: E402
+from ssm_lab.provenance import git_commit  # noqa: E402
 
-
-SS, PSS, IMPORT_FALLBACK = _load_ops()
 
 
 def _jla():
@@ -429,14 +403,9 @@ def main() -> None:
   os.makedirs(opts.out, exist_ok=True)
   t_start = T0
   dev = jax.devices()[0]
-  try:
-    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-  except OSError:
-    commit = "unknown"
+  commit = git_commit()
   meta = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-              date=datetime.date.today().isoformat(), commit=commit, import_fallback=IMPORT_FALLBACK,
+              date=datetime.date.today().isoformat(), commit=commit,
               jla=None if JLA is not None else JLA_ERROR, hbm_ceiling_bytes_per_s=HBM_BYTES_PER_S,
               free_bytes_at_start=free_bytes())
   log(json.dumps(meta))

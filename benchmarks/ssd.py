@@ -27,15 +27,12 @@ import argparse
 import concurrent.futures
 import datetime
 import functools
-import importlib.util
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
-import types
 
 import jax
 import jax.numpy as jnp
@@ -47,40 +44,11 @@ MATMUL_TFS = 736.0
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _import_ssd():
-  """Returns (ssd, the ssm_lab.ops.pallas.ssd module). Falls back to loading those two modules alone
-  when the package's __init__ (which imports every op and kernel of the shared tree) fails."""
-  try:
-    import ssm_lab.ops.pallas.ssd as pal
-    from ssm_lab.ops import ssd
-    return ssd, pal
-  except Exception:  # noqa: BLE001  (any breakage elsewhere in the tree: isolate)
-    traceback.print_exc()
-    print("package import failed; loading ssm_lab.ops.ssd and ssm_lab.ops.pallas.ssd alone")
-  for name in list(sys.modules):
-    if name.startswith("ssm_lab"):
-      del sys.modules[name]
-  for pkg, path in (("ssm_lab", "ssm_lab"), ("ssm_lab.ops", "ssm_lab/ops"),
-                    ("ssm_lab.ops.pallas", "ssm_lab/ops/pallas")):
-    mod = types.ModuleType(pkg)
-    mod.__path__ = [str(ROOT / path)]
-    sys.modules[pkg] = mod
-  sys.modules["ssm_lab.ops.pallas"].interpret_mode = lambda: jax.default_backend() != "gpu"
+sys.path.insert(0, str(ROOT))
+import ssm_lab.ops.pallas.ssd as PAL  # noqa: E402
+from ssm_lab.ops import ssd  # noqa: E402
+from ssm_lab.provenance import git_commit  # noqa: E402
 
-  def load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-  load("ssm_lab.ops.registry", "ssm_lab/ops/registry.py")
-  ssd_mod = load("ssm_lab.ops.ssd", "ssm_lab/ops/ssd.py")
-  pal = load("ssm_lab.ops.pallas.ssd", "ssm_lab/ops/pallas/ssd.py")
-  return ssd_mod.ssd, pal
-
-
-ssd, PAL = _import_ssd()
 ssd_pallas = PAL.ssd_pallas
 
 
@@ -378,13 +346,7 @@ def main():
   out = pathlib.Path(opts.out)
   out.mkdir(parents=True, exist_ok=True)
 
-  commit = opts.commit
-  if commit is None:
-    try:
-      commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      commit = "unknown"
+  commit = git_commit(opts.commit)
   dev = jax.devices()[0]
   meta = dict(device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
               jax=jax.__version__, date=str(datetime.date.today()), commit=commit,
@@ -522,7 +484,7 @@ def render_md(meta, checks, results):
       others = [f"{k[len('pallas '):]} {v / d['pallas']:.3f}" for k, v in d.items()
                 if k.startswith("pallas ") and k != "pallas bwd=sequential"]
       if others:
-        lines.append(f"  - variant / default pallas (< 1 is faster): " + ", ".join(others))
+        lines.append("  - variant / default pallas (< 1 is faster): " + ", ".join(others))
   lines += ["", "Correctness (relative Frobenius error):", "",
             "| check | shape | dtype | groups | impl | max rel err | ok |",
             "| --- | --- | --- | --- | --- | ---: | --- |"]

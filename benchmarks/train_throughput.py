@@ -46,6 +46,7 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from ssm_lab.provenance import git_commit  # noqa: E402
 
 MEASURED_PEAK = 736e12   # bf16 dense matmul ceiling measured on this workplace's H100
 DATASHEET_PEAK = 989e12  # H100 SXM dense bf16 (what ssm_lab.train.PEAK_FLOPS uses)
@@ -258,13 +259,7 @@ def main() -> None:
   unknown = sorted(set(names) - set(table))
   if unknown:
     raise ValueError(f"--cases: unknown {unknown}; known: {sorted(table)}")
-  commit = a.commit
-  if not commit:
-    try:
-      commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      commit = "unknown"
+  commit = git_commit(a.commit)
   probe = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
                           "print(jax.__version__, '|', d.device_kind, '|', d.platform)"],
                          capture_output=True, text=True)
