@@ -61,6 +61,31 @@ def conv_tail(history: jax.Array, xs: jax.Array, d_conv: int) -> jax.Array:
   return jnp.concatenate([history, xs.astype(history.dtype)], axis=1)[:, xs.shape[1]:]
 
 
+def torch_conv_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv1d weight and bias init, which both
+  official Mamba implementations keep for their depthwise conv (fan_in = d_conv)."""
+  return symmetric_uniform(1.0 / math.sqrt(fan_in))
+
+
+def causal_depthwise_conv(xs: jax.Array, *, d_conv: int, mode: str, cache_conv: jax.Array | None,
+                          dtype: Any, param_dtype: Any) -> tuple[jax.Array, jax.Array | None]:
+  """The Mamba mixers' causal depthwise conv1d over xs [batch, length, ch], as a submodule named
+  "conv1d" of the calling (compact) module. Returns (conv output, the next conv cache or None).
+
+  "full" and "prefill" pad d_conv - 1 zeros on the left ("prefill" also returns the last inputs);
+  "decode" reads the cached inputs [batch, d_conv - 1, ch] in place of that padding."""
+  ch = xs.shape[-1]
+  init = torch_conv_init(d_conv)
+  conv = lambda padding: nn.Conv(ch, kernel_size=(d_conv,), feature_group_count=ch, padding=padding,
+                                 use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                                 kernel_init=init, bias_init=init, name="conv1d")
+  if mode == "decode":
+    new_conv = conv_tail(cache_conv, xs, d_conv)
+    return conv("VALID")(jnp.concatenate([cache_conv.astype(xs.dtype), xs], axis=1)), new_conv
+  new_conv = conv_tail(jnp.zeros_like(cache_conv), xs, d_conv) if mode == "prefill" else None
+  return conv([(d_conv - 1, 0)])(xs), new_conv
+
+
 class MambaMixer(nn.Module):
   """x: [batch, length, d_model] -> [batch, length, d_model].
 
@@ -107,18 +132,9 @@ class MambaMixer(nn.Module):
                                                param_dtype=self.param_dtype, name=name, **kw)
     xz = dense(2 * d_inner, "in_proj")(x)
     xs, z = jnp.split(xz, 2, axis=-1)
-    conv = lambda padding: nn.Conv(d_inner, kernel_size=(self.d_conv,), feature_group_count=d_inner,
-                                   padding=padding, use_bias=True, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="conv1d")
-    new_conv = None
-    if mode == "decode":
-      # The cached inputs take the place of the causal zero padding.
-      new_conv = conv_tail(cache["conv"], xs, self.d_conv)
-      xs = conv("VALID")(jnp.concatenate([cache["conv"].astype(xs.dtype), xs], axis=1))
-    else:
-      if mode == "prefill":
-        new_conv = conv_tail(jnp.zeros_like(cache["conv"]), xs, self.d_conv)
-      xs = conv([(self.d_conv - 1, 0)])(xs)
+    xs, new_conv = causal_depthwise_conv(
+        xs, d_conv=self.d_conv, mode=mode, cache_conv=None if cache is None else cache["conv"],
+        dtype=self.dtype, param_dtype=self.param_dtype)
     xs = jax.nn.silu(xs)
     x_dbl = dense(rank + 2 * self.d_state, "x_proj")(xs)
     dt_low, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)

@@ -15,7 +15,6 @@ Decoding carries a constant-size cache {"conv": [batch, d_conv - 1, conv_dim] (t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -23,22 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from ssm_lab import ops
-from ssm_lab.layers.mamba import conv_tail, dt_bias_init
+from ssm_lab.layers.mamba import causal_depthwise_conv, dt_bias_init
 
 
 def a_log_init(key, shape, dtype=jnp.float32):
   """A_log = log(U[1, 16]) per head (Mamba-2's A_init_range), so A = -exp(A_log) in [-16, -1]."""
   return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
-
-
-def torch_conv_init(fan_in: int):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv1d weight and bias init, which the
-  official Mamba-2 keeps (fan_in = d_conv for a depthwise conv)."""
-
-  def init(key, shape, dtype=jnp.float32):
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 def init_mamba2_cache(batch: int, *, d_inner: int, d_state: int, head_dim: int, n_groups: int,
@@ -144,20 +133,9 @@ class Mamba2Mixer(nn.Module):
 
     zxbcdt = dense(2 * d_inner + 2 * gn + heads, "in_proj")(x)
     z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
-    conv = lambda padding: nn.Conv(
-        conv_dim, kernel_size=(self.d_conv,), feature_group_count=conv_dim, padding=padding,
-        use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=torch_conv_init(self.d_conv), bias_init=torch_conv_init(self.d_conv),
-        name="conv1d")
-    new_conv = None
-    if mode == "decode":
-      # The cached inputs take the place of the causal zero padding.
-      new_conv = conv_tail(cache["conv"], xbc, self.d_conv)
-      xbc = conv("VALID")(jnp.concatenate([cache["conv"].astype(xbc.dtype), xbc], axis=1))
-    else:
-      if mode == "prefill":
-        new_conv = conv_tail(jnp.zeros_like(cache["conv"]), xbc, self.d_conv)
-      xbc = conv([(self.d_conv - 1, 0)])(xbc)
+    xbc, new_conv = causal_depthwise_conv(
+        xbc, d_conv=self.d_conv, mode=mode, cache_conv=None if cache is None else cache["conv"],
+        dtype=self.dtype, param_dtype=self.param_dtype)
     xbc = jax.nn.silu(xbc)
     xs, B, C = jnp.split(xbc, [d_inner, d_inner + gn], axis=-1)
     xs = xs.reshape(batch, length, heads, self.head_dim)

@@ -82,6 +82,10 @@ def test_mamba_mixer_parameters_follow_the_official_initialisation():
   d_inner, rank = expand * d_model, math.ceil(d_model / 16)
   assert params["in_proj"]["kernel"].shape == (d_model, 2 * d_inner)
   assert params["conv1d"]["kernel"].shape == (4, 1, d_inner)
+  # PyTorch's default Conv1d init, which the official Mamba keeps: U(+-1/sqrt(d_conv)), bias too.
+  assert float(np.abs(params["conv1d"]["kernel"]).max()) <= 0.5
+  assert float(np.abs(params["conv1d"]["bias"]).max()) <= 0.5
+  assert float(np.abs(params["conv1d"]["bias"]).max()) > 0.0
   assert params["x_proj"]["kernel"].shape == (d_inner, rank + 2 * d_state)
   assert params["dt_proj_kernel"].shape == (rank, d_inner)
   assert np.abs(params["dt_proj_kernel"]).max() <= rank ** -0.5
