@@ -12,9 +12,9 @@ case is skipped once the budget is spent, and results are written after every ca
      The cache is laid out as a prefill of 2048 random tokens leaves it (attention slots 0..2047
      valid; random SSM states), so each step does exactly a real step's work; cases whose predicted
      weights + cache exceed 90% of the device memory are reported as OOM without running;
-  4. prefill throughput: the 2048-token prompt at batch 1 and 16 (the cache it writes included);
-  5. memory against context: each model's compiled decode step at batch 1 for contexts 2k-128k:
-     XLA's memory analysis (arguments + temporaries) beside the cache's size.
+  4. memory against context: each model's compiled decode step at batch 1 for contexts 2k-128k:
+     XLA's memory analysis (arguments + temporaries) beside the cache's size;
+  5. prefill throughput: the 2048-token prompt at batch 1 and 16 (the cache it writes included).
 
 Writes generation.json and generation.md under --out and prints the tables last. The whole sweep
 (8 models x 4 batch sizes, each a separate compile of a 12-48 layer decode loop) likely needs more than
@@ -446,7 +446,8 @@ def main() -> int:
                  help="write the closed-form cache table only (no device work)")
   p.add_argument("--budget_s", type=float, default=230.0,
                  help="stop starting new cases after this many seconds")
-  p.add_argument("--models", default="", help="comma-separated subset of the model names")
+  p.add_argument("--models", default="",
+                 help="comma-separated subset of the model names, run in this order")
   p.add_argument("--batches", default="1,16,64,256")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
@@ -527,7 +528,10 @@ def main() -> int:
 
   limit = device_memory()
   by_size: dict[str, list[str]] = {}
-  for name in sorted(margs, key=lambda n: res["models"][n]["params"]):
+  # Smallest models first, or the order --models gives.
+  order = ([n for n in args.models.split(",") if n in margs] if args.models else
+           sorted(margs, key=lambda n: res["models"][n]["params"]))
+  for name in order:
     by_size.setdefault(name.rsplit("-", 1)[1], []).append(name)
 
   # Decode first (the comparison the section is about), smallest models first.
@@ -572,6 +576,15 @@ def main() -> int:
                               "ratio": r["tokens_per_s"] / base[r["batch"]]})
     save()
 
+  for name in list(by_size.values())[-1]:
+    model = LanguageModel(margs[name])
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 1), jnp.int32))["params"]
+    rows = precompile({c: functools.partial(context_memory_case, name, model, abstract, c)
+                       for c in contexts}) if budget.left() > 0 else {}
+    for ctx in contexts:
+      guarded(res["context_memory"], {"model": name, "context": ctx},
+              lambda c=ctx: _raise_or(rows[c]))
   for names in by_size.values():
     for name in names:
       if budget.left() <= 0:
@@ -585,15 +598,6 @@ def main() -> int:
                                                                     prompt, new))
       del params
 
-  for name in list(by_size.values())[-1]:
-    model = LanguageModel(margs[name])
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, 1), jnp.int32))["params"]
-    rows = precompile({c: functools.partial(context_memory_case, name, model, abstract, c)
-                       for c in contexts}) if budget.left() > 0 else {}
-    for ctx in contexts:
-      guarded(res["context_memory"], {"model": name, "context": ctx},
-              lambda c=ctx: _raise_or(rows[c]))
   save()
   print(markdown(res), flush=True)
   return 0

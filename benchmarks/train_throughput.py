@@ -30,7 +30,10 @@ On 2026-11-23 a first H100 attempt with --case_timeout_s 90 lost both cases it s
 (transformer-350m, mamba-350m) to that timeout, before phase reporting existed: give each case
 minutes, and read the PHASE lines (imports, state init, compile, warm-up) of any that time out.
 
-Cases run in the order listed (350M first); --budget_s stops starting new ones.
+Cases run in the order listed (350M first); --budget_s stops starting new ones. Before that, every
+case is compiled at once in parallel processes into a persistent compilation cache
+(`--precompile on`, the default; `--precompile_timeout_s`), so the serial timed processes load their
+executables instead of compiling them one after another.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -78,8 +82,12 @@ TINY = {
 
 
 def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: int, *,
-             devices: int = 1, parallelism: str = "dp") -> dict:
+             devices: int = 1, parallelism: str = "dp", compile_only: bool = False) -> dict:
   """Compiles and times the train step of one case in this process; returns its record.
+
+  `compile_only`: compile the state initialiser and the train step from abstract values (no device
+  buffers) and return the compile time; with a persistent compilation cache configured (see
+  `_cache_env`) this fills the cache for a later timed run of the same case.
 
   `spec["batch"]` is the batch per device; with `devices` > 1 the global batch is that times
   `devices`, sharded over a mesh of the first `devices` devices ("dp" or "fsdp" for the state).
@@ -139,15 +147,29 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   shardings = parallel.state_shardings(abstract, mesh, parallelism)
   param_sh = shardings.params if parallelism == "fsdp" and devices > 1 else None
   phase("model built")
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-  jax.block_until_ready(state)
-  phase("state initialised")
-  n_params = param_count(state.params)
   rows = parallel.batch_sharding(mesh)
   step_fn = jax.jit(functools.partial(train.train_step, model=model, kind="lm", tx=tx, accum=1,
                                       mesh=mesh, param_shardings=param_sh),
                     in_shardings=(shardings, rows),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  init_fn = jax.jit(init, out_shardings=shardings)
+  if compile_only:
+    t0 = time.perf_counter()
+    init_fn.lower(jax.random.PRNGKey(0)).compile()
+    abs_state = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                          weak_type=getattr(x, "weak_type", False)),
+        abstract, shardings)
+    abs_batch = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), new_batch())
+    step_fn.lower(abs_state, abs_batch).compile()
+    phase("compiled (abstract)")
+    return {"case": name, "compile_only_s": round(time.perf_counter() - t0, 1),
+            "phases_s": phases}
+  state = init_fn(jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  phase("state initialised")
+  n_params = param_count(state.params)
   batches = [parallel.shard_batch(new_batch(), mesh) for _ in range(4)]
 
   t0 = time.perf_counter()
@@ -214,6 +236,13 @@ def _markdown(meta: dict, records: list[dict]) -> str:
         f"{r['peak_memory_gib']} | {r['compile_s']} | {impls} | "
         f"{r['first_loss']} / {r['ln_vocab']} |")
   by = {r["case"]: r for r in records if "error" not in r}
+  pre = meta.get("precompile")
+  if pre:
+    lines += ["", f"Every case was first compiled at once, one process each, into a persistent "
+              f"compilation cache ({pre.get('wall_s')} s wall; per case: "
+              + ", ".join(f"{k} {v}" for k, v in pre.items() if k != "wall_s")
+              + "); the timed processes then ran one at a time, so their `compile s` is mostly "
+              "the cache load."]
   lines.append("")
   for size in ("130m", "350m"):
     tf, mb, m2 = (by.get(f"{k}-{size}") for k in ("transformer", "mamba", "mamba2"))
@@ -230,6 +259,50 @@ def _markdown(meta: dict, records: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _child_cmd(name: str, a: argparse.Namespace, compile_only: bool = False) -> list[str]:
+  return ([sys.executable, os.path.abspath(__file__), "--_child", name, "--preset", a.preset,
+           "--seq_len", str(a.seq_len), "--steps", str(a.steps), "--rounds", str(a.rounds),
+           "--batch", str(a.batch)] + (["--_compile_only"] if compile_only else []))
+
+
+def _cache_env(cache_dir: str) -> dict[str, str]:
+  """Environment that makes every JAX process of this run read and write one persistent
+  compilation cache, whatever the entry's size or compile time."""
+  os.makedirs(cache_dir, exist_ok=True)
+  return {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def _precompile(names: list[str], a: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+  """Compiles every case at once, one process each, into the persistent cache.
+
+  Compiling (XLA's autotuning included) takes a case far longer than timing it; run serially, six
+  cases need most of a 10-minute device call. In parallel they share the host's cores, and the timed
+  processes that follow, one at a time, load their executables from the cache (their `compile_s`
+  shows whether they did). The compile processes allocate no model state and do not preallocate
+  device memory; a case whose compile fails or times out here is simply compiled again when timed.
+  """
+  cenv = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  t0 = time.time()
+  procs = {n: subprocess.Popen(_child_cmd(n, a, compile_only=True), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=cenv) for n in names}
+  out: dict[str, Any] = {}
+  for n, proc in procs.items():
+    try:
+      stdout, _ = proc.communicate(timeout=max(1.0, a.precompile_timeout_s - (time.time() - t0)))
+      found = [ln for ln in stdout.splitlines() if ln.startswith("CASE_RESULT ")]
+      out[n] = (json.loads(found[-1].split(" ", 1)[1]).get("compile_only_s") if found else
+                f"rc {proc.returncode}: " + " / ".join(stdout.strip().splitlines()[-2:]))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.communicate()
+      out[n] = f"timed out after {a.precompile_timeout_s:.0f} s"
+  out["wall_s"] = round(time.time() - t0, 1)
+  print("PRECOMPILE " + json.dumps(out), flush=True)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -243,7 +316,14 @@ def main() -> None:
   p.add_argument("--budget_s", type=float, default=1e9,
                  help="start no case once this many seconds have passed")
   p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
+  p.add_argument("--precompile", choices=("on", "off"), default="on",
+                 help="first compile every case at once, in parallel processes, into a persistent "
+                      "compilation cache that the timed (serial) processes then read")
+  p.add_argument("--precompile_timeout_s", type=float, default=200)
+  p.add_argument("--cache_dir", default="",
+                 help="persistent compilation cache (default: a fresh temporary folder)")
   p.add_argument("--_child", default="", help=argparse.SUPPRESS)
+  p.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   table = TINY if a.preset == "tiny" else CASES
 
@@ -251,7 +331,8 @@ def main() -> None:
     spec = dict(table[a._child])
     if a.batch:
       spec["batch"] = a.batch
-    record = run_case(a._child, spec, a.seq_len, a.steps, a.rounds)
+    record = run_case(a._child, spec, a.seq_len, a.steps, a.rounds,
+                      compile_only=a._compile_only)
     print("CASE_RESULT " + json.dumps(record), flush=True)
     return
 
@@ -270,17 +351,18 @@ def main() -> None:
   os.makedirs(a.out, exist_ok=True)
   records: list[dict] = []
   start = time.time()
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if a.precompile == "on":
+    env.update(_cache_env(a.cache_dir or tempfile.mkdtemp(prefix="ssm_lab_jax_cache_")))
+    meta["precompile"] = _precompile(names, a, env)
   for name in names:
     if time.time() - start > a.budget_s:
       records.append({"case": name, "error": "not run: --budget_s reached"})
       continue
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--preset", a.preset,
-           "--seq_len", str(a.seq_len), "--steps", str(a.steps), "--rounds", str(a.rounds),
-           "--batch", str(a.batch)]
     t0 = time.time()
     try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.case_timeout_s,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+      proc = subprocess.run(_child_cmd(name, a), capture_output=True, text=True,
+                            timeout=a.case_timeout_s, env=env)
       found = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE_RESULT ")]
       if proc.returncode == 0 and found:
         record = json.loads(found[-1].split(" ", 1)[1])
