@@ -7,13 +7,13 @@ case is skipped once the budget is spent, and results are written after every ca
   1. correctness: prefill + decode logits against the full forward pass (float32, every layer type);
   2. cache memory: bytes `init_cache` occupies on the device (memory_stats bytes_in_use delta) against
      the closed form of ssm_lab.models.cache_memory, per model and context length;
-  3. decode throughput: 128 new tokens after a 2048-token context, batch 1 to 256, one compiled
+  3. memory against context (the largest models): each model's compiled decode step at batch 1
+     for contexts 2k-128k: XLA's memory analysis (arguments + temporaries) beside the cache's size;
+  4. decode throughput: 128 new tokens after a 2048-token context, batch 1 to 256, one compiled
      `lax.scan` of decode steps (ssm_lab.generate.decode_tokens, greedy), median of 3 after warm-up.
      The cache is laid out as a prefill of 2048 random tokens leaves it (attention slots 0..2047
      valid; random SSM states), so each step does exactly a real step's work; cases whose predicted
      weights + cache exceed 90% of the device memory are reported as OOM without running;
-  4. memory against context: each model's compiled decode step at batch 1 for contexts 2k-128k:
-     XLA's memory analysis (arguments + temporaries) beside the cache's size;
   5. prefill throughput: the 2048-token prompt at batch 1 and 16 (the cache it writes included).
 
 Writes generation.json and generation.md under --out and prints the tables last. The whole sweep
@@ -98,27 +98,29 @@ def model_zoo(smoke: bool) -> dict[str, dict[str, Any]]:
 
 
 def random_params(model: LanguageModel, seed: int = 0) -> Any:
-  """Random weights of the model's shapes, drawn on the device: N(0, 0.02) matrices, unit norm
-  scales and D, Mamba's A_log = log(1..d_state) and dt_bias = softplus^-1(0.01)."""
+  """Random weights of the model's shapes, drawn on the device in one compiled program: N(0, 0.02)
+  matrices, unit norm scales and D, Mamba's A_log = log(1..d_state) and dt_bias = softplus^-1(0.01)."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes["params"])
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  normal = jax.jit(lambda k, s: (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(
-      s.dtype), static_argnums=1)
-  out = []
-  for (path, s), k in zip(leaves, keys, strict=True):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("scale", "D"):
-      out.append(jnp.ones(s.shape, s.dtype))
-    elif name == "A_log":
-      n = s.shape[-1] if len(s.shape) == 2 else 1
-      base = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) if n > 1 else jnp.zeros(())
-      out.append(jnp.broadcast_to(base + 0.5, s.shape).astype(s.dtype))
-    elif name == "dt_bias":
-      out.append(jnp.full(s.shape, float(np.log(np.expm1(0.01))), s.dtype))
-    else:
-      out.append(normal(k, jax.ShapeDtypeStruct(tuple(s.shape), s.dtype)))
-  return jax.tree_util.tree_unflatten(treedef, out)
+
+  def make(key):
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for i, (path, s) in enumerate(leaves):
+      name = str(getattr(path[-1], "key", path[-1]))
+      if name in ("scale", "D"):
+        out.append(jnp.ones(s.shape, s.dtype))
+      elif name == "A_log":
+        n = s.shape[-1] if len(s.shape) == 2 else 1
+        base = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) if n > 1 else jnp.zeros(())
+        out.append(jnp.broadcast_to(base + 0.5, s.shape).astype(s.dtype))
+      elif name == "dt_bias":
+        out.append(jnp.full(s.shape, float(np.log(np.expm1(0.01))), s.dtype))
+      else:
+        out.append((0.02 * jax.random.normal(keys[i], s.shape, jnp.float32)).astype(s.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return jax.jit(make)(jax.random.PRNGKey(seed))
 
 
 def _cache_builder(model: LanguageModel, batch: int, max_len: int, filled: int) -> Callable:
@@ -193,6 +195,14 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times), times
+
+
+T0 = time.perf_counter()
+
+
+def log(*parts: Any) -> None:
+  """print, prefixed with the seconds since the script started (a cut-off run says where it was)."""
+  print(f"[{time.perf_counter() - T0:7.1f}s]", *parts, flush=True)
 
 
 class Budget:
@@ -448,6 +458,8 @@ def main() -> int:
                  help="stop starting new cases after this many seconds")
   p.add_argument("--models", default="",
                  help="comma-separated subset of the model names, run in this order")
+  p.add_argument("--decode_models", default="",
+                 help="comma-separated: time decode (and prefill) only for these (default: all)")
   p.add_argument("--batches", default="1,16,64,256")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--commit", default="", help="git commit to record (default: git rev-parse)")
@@ -505,21 +517,21 @@ def main() -> int:
       traceback.print_exc()
       section.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
     save()
-    print(json.dumps(section[-1], default=str)[:300], flush=True)
+    log(json.dumps(section[-1], default=str)[:300])
 
   if args.memory_model_only:
     save()
     print(markdown(res))
     return 0
 
-  print(json.dumps(res["env"]), flush=True)
+  log(json.dumps(res["env"]))
   try:
     res["correctness"] = check_correctness(args.smoke)
   except Exception as err:  # noqa: BLE001
     traceback.print_exc()
     res["correctness"] = {"error": f"{type(err).__name__}: {err}"}
   save()
-  print("correctness", res["correctness"], flush=True)
+  log("correctness", res["correctness"])
 
   for name, a in margs.items():
     for batch, ctx in ((8, prompt + new), (1, contexts[-1])):
@@ -534,23 +546,36 @@ def main() -> int:
   for name in order:
     by_size.setdefault(name.rsplit("-", 1)[1], []).append(name)
 
-  # Decode first (the comparison the section is about), smallest models first.
+  # Memory against context first: compile-only, cheap, and what the constant-state claim is about.
+  for name in list(by_size.values())[-1]:
+    model = LanguageModel(margs[name])
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 1), jnp.int32))["params"]
+    rows = precompile({c: functools.partial(context_memory_case, name, model, abstract, c)
+                       for c in contexts}) if budget.left() > 0 else {}
+    for ctx in contexts:
+      guarded(res["context_memory"], {"model": name, "context": ctx},
+              lambda c=ctx: _raise_or(rows[c]))
+  # Then decode (the comparison the section is about), smallest models first.
+  decode_only = [n for n in args.decode_models.split(",") if n]
   for size, names in by_size.items():
     for name in names:
       a = margs[name]
+      if decode_only and name not in decode_only:
+        continue
       if budget.left() <= 0:
         res["decode"] += [{"model": name, "batch": b, "skipped": "budget"} for b in batches]
         continue
       model = LanguageModel(a)
-      params = random_params(model)
+      params = jax.block_until_ready(random_params(model))
+      log(f"{name}: random weights ready")
       pbytes = tree_bytes(params)
       fits = [b for b in batches if not limit or pbytes + cache_memory.cache_bytes_per_sequence(
           a, prompt + new)["total"] * b <= 0.9 * limit]
       t0 = time.perf_counter()
       compiled = precompile({b: functools.partial(compile_decode, model, params, b, prompt, new)
                              for b in fits})
-      print(f"{name}: compiled decode for batches {fits} in {time.perf_counter() - t0:.1f} s",
-            flush=True)
+      log(f"{name}: compiled decode for batches {fits} in {time.perf_counter() - t0:.1f} s")
       for b in batches:
         cache_b = cache_memory.cache_bytes_per_sequence(a, prompt + new)["total"] * b
         row = {"model": name, "batch": b}
@@ -576,17 +601,10 @@ def main() -> int:
                               "ratio": r["tokens_per_s"] / base[r["batch"]]})
     save()
 
-  for name in list(by_size.values())[-1]:
-    model = LanguageModel(margs[name])
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, 1), jnp.int32))["params"]
-    rows = precompile({c: functools.partial(context_memory_case, name, model, abstract, c)
-                       for c in contexts}) if budget.left() > 0 else {}
-    for ctx in contexts:
-      guarded(res["context_memory"], {"model": name, "context": ctx},
-              lambda c=ctx: _raise_or(rows[c]))
   for names in by_size.values():
     for name in names:
+      if decode_only and name not in decode_only:
+        continue
       if budget.left() <= 0:
         res["prefill"] += [{"model": name, "batch": b, "skipped": "budget"} for b in (1, 16)]
         continue
