@@ -179,8 +179,11 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     segments = 1
     while programs * segments < 512 and length // (segments * 2) >= 8 * chunk:
       segments *= 2
-  return Config(block_d=block_d, num_warps=c.num_warps or 8, bwd_block_d=bwd_block_d,
-                bwd_num_warps=c.bwd_num_warps or c.num_warps or 8, chunk=chunk, unroll=chunk,
+  # 4 warps a program (forward and backward): the H100 sweeps of 2026-11-23 (commits 91f8ac3 and
+  # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
+  # 4.49 / 4.94 / 24.86 / 12.71 with 8 warps (10-14% faster everywhere; notes file).
+  return Config(block_d=block_d, num_warps=c.num_warps or 4, bwd_block_d=bwd_block_d,
+                bwd_num_warps=c.bwd_num_warps or c.num_warps or 4, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
                 bwd_state_block=bwd_state_block)
 
