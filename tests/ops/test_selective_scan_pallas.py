@@ -3,8 +3,9 @@
 On CPU the kernels run in Pallas interpret mode (small shapes; each case compiles a few interpreted
 kernels, so the cases are chosen to cover the kernel's branches once each: groups, channel and time
 padding, d_state padding, time segments, no z / no initial state, softplus off, bf16), for the default
-v4 kernels (time-parallel chunks) and the v3 ones (token by token). Also: the scan primitive the v4
-kernels use, against a sequential loop, and that both variants lower to Triton for an H100. The GPU
+v4 kernels (time-parallel chunks), the v5 backward (Config.bwd="v5") and the v3 kernels (token by
+token). Also: the scan primitive the v4 kernels use, against a sequential loop, and that the
+variants lower to Triton for an H100. The GPU
 case is marked `gpu` and runs through the device tool (benchmarks/selective_scan.py checks realistic
 shapes).
 """
@@ -116,6 +117,12 @@ CASES = {
     "v4_f32_dstate64": ((1, 16, 8, 64, 1), jnp.float32, {},
                         pss.Config(block_d=8, chunk=8, segments=2, state_block=64,
                                    bwd_state_block=64), 1e-5),
+    # v5 backward (Config.bwd="v5": explicit in-register recurrences, one tile layout, pre-gate y
+    # from the forward): bf16, z, initial state, softplus, groups; length 13 padded to 16 = 2
+    # segments of 2 chunks (masked tail); d_state 6 padded to 8 in two backward state tiles of 4.
+    "v5_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
+                              pss.Config(block_d=8, chunk=4, segments=2, state_block=8,
+                                         bwd_state_block=4, bwd="v5"), 2e-2),
     # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
     "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
                        pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
@@ -125,6 +132,11 @@ SLOW_CASES = {
     "v4_f32_bwd_narrower": ((1, 20, 24, 4, 1), jnp.float32, {},
                             pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
                                        state_block=4, bwd_state_block=2), 1e-5),
+    # v5 backward in float32 without z, initial state or softplus, the backward on narrower blocks.
+    "v5_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                               dict(z=False, init=False, softplus=False),
+                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
+                                          state_block=8, bwd_state_block=2, bwd="v5"), 1e-5),
     "v3_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=8, chunk=2, unroll=2, segments=3, variant="v3"),
@@ -198,6 +210,12 @@ def test_default_config_v4():
     pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=8, unroll=16))
   with pytest.raises(ValueError, match="variant"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v5"))
+  assert cfg.bwd == "v4" and pss.default_config(8, 2048, 1536, 16,
+                                                config=pss.Config(bwd="v5")).bwd_state_block == 4
+  with pytest.raises(ValueError, match="Config.bwd"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v6"))
+  with pytest.raises(ValueError, match="needs variant 'v4'"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v3", bwd="v5"))
 
 
 def test_unsupported_calls_raise_by_name_and_fall_back_under_auto():
@@ -229,6 +247,13 @@ def test_gpu_realistic_shape():
   """On the GPU: a Mamba-sized call (bf16, default tiling, segments) against the reference."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, None, 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_v5_backward():
+  """The same with the v5 backward (Config.bwd="v5", chunk 8: the sweep's lead candidate)."""
+  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
+  check_matches_reference(inp, True, pss.Config(bwd="v5", chunk=8), 1e-2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +308,9 @@ def _lower_for_h100(fn, *args) -> str:
 @pytest.mark.parametrize("variant,extra,bwd_warps", [
     ("v3", {}, 1), ("v4", {}, 4),
     # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
-    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16)])
+    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16),
+    # The v5 backward (Config.bwd="v5"), the sweep's lead candidate.
+    ("v4", dict(bwd="v5", chunk=8), 4)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

@@ -92,6 +92,9 @@ class Config:
       d_state / state_block groups.
     bwd_state_block: the same for the backward-direction kernels (they hold about twice as many
       live tiles per state).
+    bwd: v4 only: the backward kernel. "v4" (the default) or "v5" (one register layout for every
+      tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
+      see "v5 backward" below). Default "v4" until a device measurement says otherwise.
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -108,6 +111,7 @@ class Config:
   variant: str = "v4"
   state_block: int | None = None
   bwd_state_block: int | None = None
+  bwd: str = "v4"
 
 
 def _pow2_ceil(x: int) -> int:
@@ -128,6 +132,8 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
     return _default_config_v4(batch, length, d_group, n_groups, n_p, c)
   if c.variant != "v3":
     raise ValueError(f"Config.variant must be 'v3' or 'v4', got {c.variant!r}")
+  if c.bwd != "v4":
+    raise ValueError(f"Config.bwd={c.bwd!r} needs variant 'v4' (got variant 'v3')")
   # One warp per program, one channel per lane while d_state <= 16; past that, lanes split the
   # states of a channel so that a lane keeps at most 16 of them.
   block_d = c.block_d or max(4, min(32, _pow2_ceil(d_group), 512 // n_p))
@@ -166,7 +172,9 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   if c.unroll not in (None, chunk):
     raise ValueError(f"Config.unroll={c.unroll} must equal Config.chunk={chunk} for variant 'v4'")
   state_block = c.state_block or min(16, n_p)
-  bwd_state_block = c.bwd_state_block or min(8, n_p)
+  # v5 backward: 4 states a tile (offline SASS at (8, 2048, 1536, 16), chunk 8: 248 registers, no
+  # spill; 8 states spill; notes file).
+  bwd_state_block = c.bwd_state_block or min(4 if c.bwd == "v5" else 8, n_p)
   for name, v in (("state_block", state_block), ("bwd_state_block", bwd_state_block)):
     if v & (v - 1) or n_p % v:
       raise ValueError(f"Config.{name}={v} must be a power of two dividing the padded d_state {n_p}")
@@ -174,6 +182,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     if v & (v - 1):
       raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
   segments = c.segments
+  if c.bwd not in ("v4", "v5"):
+    raise ValueError(f"Config.bwd must be 'v4' or 'v5', got {c.bwd!r}")
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
     segments = 1
@@ -185,7 +195,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   return Config(block_d=block_d, num_warps=c.num_warps or 4, bwd_block_d=bwd_block_d,
                 bwd_num_warps=c.bwd_num_warps or c.num_warps or 4, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
-                bwd_state_block=bwd_state_block)
+                bwd_state_block=bwd_state_block, bwd=c.bwd)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -555,13 +565,15 @@ def _dt_tile(x, t0, st: _Static):
 
 def _fwd4_kernel(*refs, st: _Static, mode: str):
   """mode "fwd": y and the segment's end state (and the chunk checkpoints when a third output is
-  given); mode "state": the end state from a zero start and the sum of delta (segment first pass)."""
+  given, and the pre-gate output y / (z sigmoid(z)) in float32 when a fourth is); mode "state": the
+  end state from a zero start and the sum of delta (segment first pass)."""
   if mode == "state":
     r, _ = _refs(refs, st, "u dl b a bias hloc dts")
     rest = []
   else:
     r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
   ck_ref = rest[0] if rest else None
+  ypre_ref = rest[1] if len(rest) > 1 else None
   T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.state_block
   bd = r["bias"].shape[0]
   groups = st.n_pad // nb
@@ -600,6 +612,8 @@ def _fwd4_kernel(*refs, st: _Static, mode: str):
         y = y + jnp.sum(h * ck[k][:, None, :], axis=2)
       new.append(_row(h, last))
     if mode == "fwd":
+      if ypre_ref is not None:
+        ypre_ref[rows, :] = y
       if st.has_z:
         y = y * z * _sigmoid(z, st.interpret)
       r["y"][rows, :] = y.astype(r["y"].dtype)
@@ -720,6 +734,185 @@ def _bwd4_kernel(*refs, st: _Static, mode: str):
 
 
 # --------------------------------------------------------------------------------------------------
+# v5 backward (Config.bwd="v5"): the v4 backward's algebra, rearranged for the register layout.
+#
+# Offline SASS of the v4 backward (triton 3.6, sm_90, 4 warps, (8, 2048, 1536, 16)) per chunk: 8392
+# instructions, 2050 SHFL, 80 BAR, 255 registers + 584 B spill; only ~1600 of the instructions are the
+# arithmetic itself. The rest is (a) 33 layout conversions per chunk: Triton gives each [T, block_d]
+# and [T, state_block] load its own vectorised layout (the rows are provably contiguous) and the
+# reductions' results yet another, all different from the [T, block_d, state_block] tiles' layout,
+# and most conversions cross warps (shared memory and a barrier each); (b) the sums over states, one
+# shuffle tree per state group per quantity (y, sum g B, sum g A w). v5:
+#   * loads every per-token and per-channel operand directly as a [T, block_d, state_block] (or
+#     [1, block_d, state_block]) tile through index arrays Triton cannot prove contiguous (`_one()`),
+#     so all of them get the default layout of that shape, the same as the computed tiles': no
+#     conversions. Per-token values are then replicated over the lanes that hold states (each lane
+#     computes its own copy: the same instruction count as the layout Triton would convert to) and
+#     the [T, block_d] outputs are stored from every such lane (identical values to one address).
+#   * adds the products of all state groups elementwise before one sum over states per quantity.
+#   * with a z gate, takes the pre-gate output y (needed by dz) from the forward (float32, saved
+#     with the checkpoints) instead of a third sum over states.
+# dB and dC (sums over channels) are written per channel block as in v4.
+
+
+class _Tile3:
+  """Opaque index arrays for the v5 backward's [state_block, block_d, T] tiles (see "v5 backward").
+
+  The axes are (states, channels, tokens): with no provable contiguity, Triton's coalescing orders a
+  tile's axes first to last, so lanes go over states, then channels, warps over channels, and the
+  T tokens of the scans stay inside each thread (the layout v4's tiles get).
+  """
+
+  def __init__(self, T: int, bd: int, nb: int):
+    one = _one()
+
+    def ax(size, axis, shape):
+      shp = [1, 1, 1]
+      shp[axis] = size
+      return jnp.broadcast_to((jax.lax.iota(jnp.int32, size) * one).reshape(shp), shape)
+
+    full, single = (nb, bd, T), (nb, bd, 1)
+    self.state, self.chan, self.tok = ax(nb, 0, full), ax(bd, 1, full), ax(T, 2, full)
+    self.state1, self.chan1 = ax(nb, 0, single), ax(bd, 1, single)
+    st_, tk_ = jax.lax.iota(jnp.int32, nb) * one, jax.lax.iota(jnp.int32, T) * one
+    self.out_state = jnp.broadcast_to(st_[:, None], (nb, T))
+    self.out_tok = jnp.broadcast_to(tk_[None, :], (nb, T))
+
+  def tokens(self, ref, t0, clip=None):
+    """Rows t0.. of a [tokens, bd] block, replicated over states: [nb, bd, T]."""
+    rows = self.tok + t0
+    return ref[jnp.minimum(rows, clip) if clip is not None else rows, self.chan]
+
+  def store_tokens(self, ref, t0, value):
+    ref[self.tok + t0, self.chan] = value
+
+  def states(self, ref, t0, k0):
+    """Rows t0.., states k0.. of a [tokens, n] block, replicated over channels: [nb, bd, T]."""
+    return ref[self.tok + t0, self.state + k0]
+
+  def store_states(self, ref, t0, k0, value):
+    """value [nb, T] into rows t0.., states k0.. of a [tokens, n] block."""
+    ref[self.out_tok + t0, self.out_state + k0] = value
+
+  def chans(self, ref):
+    """A [bd] block replicated over states: [nb, bd, 1]."""
+    return ref[self.chan1]
+
+  def store_chans(self, ref, value):
+    ref[self.chan1] = value
+
+  def tile(self, ref, k0, *lead):
+    """States k0.. of an [n, bd] block (after the `lead` indices): [nb, bd, 1]."""
+    return ref[(*lead, self.state1 + k0, self.chan1)]
+
+  def store_tile(self, ref, k0, value, *lead):
+    ref[(*lead, self.state1 + k0, self.chan1)] = value
+
+
+def _bwd5_kernel(*refs, st: _Static):
+  """Every gradient of one segment's tokens (as `_bwd4_kernel` mode "bwd"; see "v5 backward").
+
+  Tiles are [state_block, block_d, T] (`_Tile3`); per-channel values and carries [.., .., 1]."""
+  r, rest = _refs(refs, st, "u dl z b c a d bias ck dy gend")
+  ypre_ref = rest.pop(0) if st.has_z else None
+  r2, _ = _refs(rest, st, "du ddl dz dbp dcp da dd dbias dh0")
+  r.update(r2)
+  interp = st.interpret
+  T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.bwd_state_block
+  bd = r["bias"].shape[0]
+  groups = st.n_pad // nb
+  ix = _Tile3(T, bd, nb)
+  n_chunks = S // T
+  t_base = pl.program_id(1) * S
+  bias = ix.chans(r["bias"])                                              # [nb, bd, 1]
+  d_skip = ix.chans(r["d"])
+  a2 = [ix.tile(r["a"], k * nb) * LOG2E for k in range(groups)]          # [nb, bd, 1]
+  # Token positions as a plain iota (not opaque): the compiler knows each register's token, so the
+  # selects below fold away and `_row` / `_put` are register moves.
+  tk = jnp.broadcast_to(jax.lax.iota(jnp.int32, T)[None, None, :], (nb, bd, T))
+  zeros = jnp.zeros((nb, bd, 1), F32)
+
+  def row(x, i):                                        # token i of x [nb, bd, T]: [nb, bd, 1]
+    return jnp.sum(jnp.where(tk == i, x, -0.0), axis=2, keepdims=True)   # -0.0: x + -0.0 == x
+
+  def put(tile, i, v):                                  # tile with token i replaced by v [nb, bd, 1]
+    return jnp.where(tk == i, v, tile)
+
+  def chunk(kk, carry):
+    gs, d_as, d_d, d_bias = carry
+    ci = n_chunks - 1 - kk
+    t0 = ci * T
+    # All loads of the chunk first (see "Kernels" above).
+    x = ix.tokens(r["dl"], t0).astype(F32) + bias
+    dout = ix.tokens(r["dy"], t0).astype(F32)
+    u = ix.tokens(r["u"], t0).astype(F32)
+    z = ix.tokens(r["z"], t0).astype(F32) if st.has_z else None
+    ypre = ix.tokens(ypre_ref, t0) if st.has_z else None
+    bk = [ix.states(r["b"], t0, k * nb).astype(F32) for k in range(groups)]
+    ck = [ix.states(r["c"], t0, k * nb).astype(F32) for k in range(groups)]
+    hk = [ix.tile(r["ck"], k * nb, ci) for k in range(groups)]
+    dt = _softplus(x, interp) if st.softplus else x
+    if st.masked:
+      dt = dt * ((t_base + t0 + tk) < st.length).astype(F32)
+    if st.has_z:
+      sg = _sigmoid(z, interp)
+      dys = dout * z * sg
+    else:
+      dys = dout
+    dtu = dt * u
+    gb_acc = gaw_acc = None                                               # summed over groups first
+    new_g, new_da = [], []
+    for k in range(groups):
+      a = _ex2(dt * a2[k], interp)                                        # [nb, bd, T]
+      b = dtu * bk[k]
+      c = dys * ck[k]
+      # The chunk's states h_t = a_t h_{t-1} + b_t from the checkpoint, then the adjoint backwards:
+      # g_t = dL/dh_t = c_t + a_{t+1} g_{t+1} (gs[k] arrives already multiplied by a_{t0+T}).
+      h, hs = hk[k], b
+      for i in range(T):
+        h = row(a, i) * h + row(b, i)
+        hs = put(hs, i, h)
+      g, gt = gs[k], c
+      for i in reversed(range(T)):
+        g = g + row(c, i)
+        gt = put(gt, i, g)
+        g = row(a, i) * g
+      new_g.append(g)
+      w = hs - b                                                          # exp(dt A) h_{t-1}
+      gw = gt * w
+      gb = gt * bk[k]
+      gaw = gw * a2[k]
+      gb_acc = gb if gb_acc is None else gb_acc + gb
+      gaw_acc = gaw if gaw_acc is None else gaw_acc + gaw
+      new_da.append(d_as[k] + jnp.sum(gw * dt, axis=2, keepdims=True))
+      ix.store_states(r["dbp"], t0, k * nb, jnp.sum(gt * dtu, axis=1))
+      ix.store_states(r["dcp"], t0, k * nb, jnp.sum(hs * dys, axis=1))
+    g_b = jnp.sum(gb_acc, axis=0, keepdims=True)                          # [1, bd, T]
+    g_aw = jnp.sum(gaw_acc, axis=0, keepdims=True)
+    if st.has_z:
+      ix.store_tokens(r["dz"], t0,
+                      (dout * ypre * sg * (1.0 + z * (1.0 - sg))).astype(r["dz"].dtype))
+    ix.store_tokens(r["du"], t0, (dys * d_skip + dt * g_b).astype(r["du"].dtype))
+    ddt = g_aw * (1.0 / LOG2E) + u * g_b
+    # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without another exp of x.
+    dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
+    if st.masked:
+      dx = dx * ((t_base + t0 + tk) < st.length).astype(F32)
+    ix.store_tokens(r["ddl"], t0, dx.astype(r["ddl"].dtype))
+    return (new_g, new_da, d_d + jnp.sum(dys * u, axis=2, keepdims=True),
+            d_bias + jnp.sum(dx, axis=2, keepdims=True))
+
+  g0 = [ix.tile(r["gend"], k * nb) for k in range(groups)]
+  gs, d_as, d_d, d_bias = jax.lax.fori_loop(0, n_chunks, chunk,
+                                            (g0, [zeros] * groups, zeros, zeros))
+  for k in range(groups):
+    ix.store_tile(r["da"], k * nb, d_as[k])
+    ix.store_tile(r["dh0"], k * nb, gs[k])
+  ix.store_chans(r["dd"], d_d)
+  ix.store_chans(r["dbias"], d_bias)
+
+
+# --------------------------------------------------------------------------------------------------
 # pallas_call wrappers.
 
 
@@ -741,6 +934,11 @@ def _specs(st: _Static, bd: int, seg_offset: int = 0):
   return tok, grp, chan, tile, seg_tile, seg_chan
 
 
+def _saves_ypre(st: _Static) -> bool:
+  """Whether the forward saves the pre-gate output for the backward (v5 backward with a z gate)."""
+  return st.cfg.variant == "v4" and st.cfg.bwd == "v5" and st.has_z
+
+
 def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool):
   bd = st.cfg.block_d
   b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
@@ -753,6 +951,9 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
   if save_ck:
     out_shape.append(jax.ShapeDtypeStruct((b, lp // T, n, dp), F32))
     out_specs.append(pl.BlockSpec((None, S // T, n, bd), lambda j, p, b: (b, p, 0, j)))
+    if _saves_ypre(st):
+      out_shape.append(jax.ShapeDtypeStruct((b, lp, dp), F32))
+      out_specs.append(tok)
   return pl.pallas_call(
       (functools.partial(_fwd4_kernel, st=st, mode="fwd") if st.cfg.variant == "v4"
        else functools.partial(_fwd_kernel, st=st, save_ck=save_ck)), out_shape=out_shape,
@@ -793,7 +994,7 @@ def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
       name="selective_scan_adjoint")(*args)
 
 
-def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
+def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend, ypre=None):
   bd = st.cfg.bwd_block_d
   b, lp, dp, n, P, T = st.batch, st.padded_length, st.d_pad, st.n_pad, st.cfg.segments, st.cfg.chunk
   S = st.seg_len
@@ -804,6 +1005,9 @@ def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
   in_specs = ([tok, tok] + ([tok] if st.has_z else []) + [grp] * len(bcs)
               + [tile, chan, chan, ck_spec, tok, seg_tile])
   args = [u, dl] + ([z] if st.has_z else []) + list(bcs) + [a, d_skip, bias, ck, dy, gend]
+  if ypre is not None:
+    in_specs.append(tok)
+    args.append(ypre)
   out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype), jax.ShapeDtypeStruct((b, lp, dp), dl.dtype)]
   out_specs = [tok, tok]
   if st.has_z:
@@ -814,8 +1018,10 @@ def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
                 jax.ShapeDtypeStruct((b, P, dp), F32), jax.ShapeDtypeStruct((b, P, n, dp), F32)]
   out_specs += [part, part, seg_tile, seg_chan, seg_chan, seg_tile]
   return pl.pallas_call(
-      (functools.partial(_bwd4_kernel, st=st, mode="bwd") if st.cfg.variant == "v4"
-       else functools.partial(_bwd_kernel, st=st)), out_shape=out_shape, grid=(nblk, P, b),
+      (functools.partial(_bwd_kernel, st=st) if st.cfg.variant == "v3"
+       else functools.partial(_bwd5_kernel, st=st) if st.cfg.bwd == "v5"
+       else functools.partial(_bwd4_kernel, st=st, mode="bwd")), out_shape=out_shape,
+      grid=(nblk, P, b),
       in_specs=in_specs, out_specs=out_specs, compiler_params=_params(st, st.cfg.bwd_num_warps),
       interpret=st.interpret, name="selective_scan_bwd")(*args)
 
@@ -858,12 +1064,12 @@ def _scan(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0):
 
 
 def _scan_fwd(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0):
-  y, hend, ck = _forward(st, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck=True)
-  return (y, hend[:, -1]), (u, dl, z, bm, cm, a, d_skip, bias, ck, h0)
+  y, hend, ck, *ypre = _forward(st, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck=True)
+  return (y, hend[:, -1]), (u, dl, z, bm, cm, a, d_skip, bias, ck, h0, *ypre)
 
 
 def _scan_bwd(st: _Static, res, cts):
-  u, dl, z, bm, cm, a, d_skip, bias, ck, h0 = res
+  u, dl, z, bm, cm, a, d_skip, bias, ck, h0, *ypre = res
   dy, dh_final = cts
   dy = dy.astype(u.dtype)
   dh_final = dh_final.astype(F32)
@@ -882,7 +1088,7 @@ def _scan_bwd(st: _Static, res, cts):
     _, earlier = jax.lax.scan(step, dh_final, (jnp.moveaxis(gloc, 1, 0), jnp.moveaxis(dts, 1, 0)),
                               reverse=True)
     gend = jnp.concatenate([jnp.moveaxis(earlier, 0, 1), dh_final[:, None]], axis=1)
-  outs = _bwd_call(st, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend)
+  outs = _bwd_call(st, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend, *ypre)
   du, ddl = outs[0], outs[1]
   dz = outs[2] if st.has_z else None
   dbp, dcp, dap, ddp, dbiasp, dh0p = outs[3:] if st.has_z else outs[2:]
