@@ -242,6 +242,14 @@ def _softplus(x, interpret):
   return jnp.maximum(x, 0.0) + jnp.log1p(_ex2(-jnp.abs(x) * LOG2E, interpret))
 
 
+def _softplus_and_slope(x, interp):
+  """(softplus(x), sigmoid(x)) from one exponential: with e = exp(-|x|), sigmoid(x) = 1 / (1 + e) for
+  x >= 0 and e / (1 + e) below (both exact to rounding; cheaper than -expm1(-softplus(x)))."""
+  e = _ex2(-jnp.abs(x) * LOG2E, interp)
+  r = 1.0 / (1.0 + e)
+  return jnp.maximum(x, 0.0) + jnp.log1p(e), jnp.where(x >= 0.0, r, e * r)
+
+
 def _one():
   """The int32 1, computed from the program id so that Triton cannot fold it before choosing layouts."""
   return jnp.minimum(pl.program_id(0), 0) + 1
@@ -809,6 +817,64 @@ class _Tile3:
     ref[(*lead, self.state1 + k0, self.chan1)] = value
 
 
+def _token_rows(T: int, bd: int, nb: int):
+  """(tk, row, put) for [nb, bd, T] tiles: token positions, token i of a tile, a tile with token i
+  replaced. tk is a plain iota (not opaque): the compiler knows each register's token, so the selects
+  fold away and `row` / `put` are register moves (an explicit recurrence over them is one FMA per
+  element, where Triton's reverse tt.scan costs 640 SHFL a [8, 32, 16] tile; notes file)."""
+  tk = jnp.broadcast_to(jax.lax.iota(jnp.int32, T)[None, None, :], (nb, bd, T))
+
+  def row(x, i):
+    return jnp.sum(jnp.where(tk == i, x, -0.0), axis=2, keepdims=True)   # x + -0.0 == x: folds
+
+  def put(tile, i, v):
+    return jnp.where(tk == i, v, tile)
+
+  return tk, row, put
+
+
+def _adjoint5_kernel(*refs, st: _Static):
+  """The v5 segment adjoint pass (as `_bwd4_kernel` mode "adjoint", with explicit recurrences)."""
+  r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
+  interp = st.interpret
+  T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.bwd_state_block
+  bd = r["bias"].shape[0]
+  groups = st.n_pad // nb
+  ix = _Tile3(T, bd, nb)
+  tk, row, _ = _token_rows(T, bd, nb)
+  t_base = (pl.program_id(1) + 1) * S                     # this grid runs segments 1..P-1
+  bias = ix.chans(r["bias"])
+  a2 = [ix.tile(r["a"], k * nb) * LOG2E for k in range(groups)]
+
+  def chunk(kk, carry):
+    gs, dts = carry
+    t0 = (S // T - 1 - kk) * T
+    x = ix.tokens(r["dl"], t0).astype(F32) + bias
+    dys = ix.tokens(r["dy"], t0).astype(F32)
+    z = ix.tokens(r["z"], t0).astype(F32) if st.has_z else None
+    ck = [ix.states(r["c"], t0, k * nb).astype(F32) for k in range(groups)]
+    dt = _softplus(x, interp) if st.softplus else x
+    if st.masked:
+      dt = dt * ((t_base + t0 + tk) < st.length).astype(F32)
+    if st.has_z:
+      dys = dys * z * _sigmoid(z, interp)
+    new = []
+    for k in range(groups):
+      a = _ex2(dt * a2[k], interp)
+      c = dys * ck[k]
+      g = gs[k]
+      for i in reversed(range(T)):
+        g = row(a, i) * (g + row(c, i))
+      new.append(g)
+    return new, dts + jnp.sum(dt, axis=2, keepdims=True)
+
+  zeros = jnp.zeros((nb, bd, 1), F32)
+  gs, dts = jax.lax.fori_loop(0, S // T, chunk, ([zeros] * groups, zeros))
+  for k in range(groups):
+    ix.store_tile(r["gloc"], k * nb, gs[k])
+  ix.store_chans(r["dts"], dts)
+
+
 def _bwd5_kernel(*refs, st: _Static):
   """Every gradient of one segment's tokens (as `_bwd4_kernel` mode "bwd"; see "v5 backward").
 
@@ -827,16 +893,8 @@ def _bwd5_kernel(*refs, st: _Static):
   bias = ix.chans(r["bias"])                                              # [nb, bd, 1]
   d_skip = ix.chans(r["d"])
   a2 = [ix.tile(r["a"], k * nb) * LOG2E for k in range(groups)]          # [nb, bd, 1]
-  # Token positions as a plain iota (not opaque): the compiler knows each register's token, so the
-  # selects below fold away and `_row` / `_put` are register moves.
-  tk = jnp.broadcast_to(jax.lax.iota(jnp.int32, T)[None, None, :], (nb, bd, T))
+  tk, row, put = _token_rows(T, bd, nb)
   zeros = jnp.zeros((nb, bd, 1), F32)
-
-  def row(x, i):                                        # token i of x [nb, bd, T]: [nb, bd, 1]
-    return jnp.sum(jnp.where(tk == i, x, -0.0), axis=2, keepdims=True)   # -0.0: x + -0.0 == x
-
-  def put(tile, i, v):                                  # tile with token i replaced by v [nb, bd, 1]
-    return jnp.where(tk == i, v, tile)
 
   def chunk(kk, carry):
     gs, d_as, d_d, d_bias = carry
@@ -851,7 +909,7 @@ def _bwd5_kernel(*refs, st: _Static):
     bk = [ix.states(r["b"], t0, k * nb).astype(F32) for k in range(groups)]
     ck = [ix.states(r["c"], t0, k * nb).astype(F32) for k in range(groups)]
     hk = [ix.tile(r["ck"], k * nb, ci) for k in range(groups)]
-    dt = _softplus(x, interp) if st.softplus else x
+    dt, slope = _softplus_and_slope(x, interp) if st.softplus else (x, None)
     if st.masked:
       dt = dt * ((t_base + t0 + tk) < st.length).astype(F32)
     if st.has_z:
@@ -894,8 +952,7 @@ def _bwd5_kernel(*refs, st: _Static):
                       (dout * ypre * sg * (1.0 + z * (1.0 - sg))).astype(r["dz"].dtype))
     ix.store_tokens(r["du"], t0, (dys * d_skip + dt * g_b).astype(r["du"].dtype))
     ddt = g_aw * (1.0 / LOG2E) + u * g_b
-    # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without another exp of x.
-    dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
+    dx = ddt * slope if st.softplus else ddt
     if st.masked:
       dx = dx * ((t_base + t0 + tk) < st.length).astype(F32)
     ix.store_tokens(r["ddl"], t0, dx.astype(r["ddl"].dtype))
@@ -985,8 +1042,9 @@ def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
   in_specs = [tok] + ([tok] if st.has_z else []) + [grp, tile, chan, tok]
   args = [dl] + ([z] if st.has_z else []) + [c_or_packed, a, bias, dy]
   return pl.pallas_call(
-      (functools.partial(_bwd4_kernel, st=st, mode="adjoint") if st.cfg.variant == "v4"
-       else functools.partial(_adjoint_kernel, st=st)),
+      (functools.partial(_adjoint_kernel, st=st) if st.cfg.variant == "v3"
+       else functools.partial(_adjoint5_kernel, st=st) if st.cfg.bwd == "v5"
+       else functools.partial(_bwd4_kernel, st=st, mode="adjoint")),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=in_specs, out_specs=[seg_tile, seg_chan],
