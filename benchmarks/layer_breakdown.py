@@ -34,6 +34,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -87,6 +88,75 @@ def grouped_conv_in_layers():
     yield
   finally:
     mamba_mod.shifted_depthwise_conv = saved
+
+
+# ---- candidate formulations (timed and checked against the layers' autodiff versions)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_silu_vjp(xs, kernel, bias, out_dtype):
+  """Candidate: silu(shifted_depthwise_conv(xs, kernel, bias)) with a hand-written VJP whose only
+  residuals are the inputs (the backward recomputes the pre-activation from bf16 xs) and whose
+  kernel gradient is 4 reductions of one recomputed float32 product each."""
+  return _conv_silu_fwd(xs, kernel, bias, out_dtype)[0]
+
+def _acc(xs, kernel, bias):
+  k = kernel.shape[0]
+  length = xs.shape[1] - (k - 1)
+  acc = bias.astype(F32)
+  for i in range(k):
+    acc = acc + xs[:, i:i + length].astype(F32) * kernel[i, 0].astype(F32)
+  return acc
+
+def _conv_silu_fwd(xs, kernel, bias, out_dtype):
+  return jax.nn.silu(_acc(xs, kernel, bias)).astype(out_dtype), (xs, kernel, bias)
+
+def _conv_silu_bwd(out_dtype, res, dy):
+  xs, kernel, bias = res
+  k = kernel.shape[0]
+  length = xs.shape[1] - (k - 1)
+  acc = _acc(xs, kernel, bias)
+  sg = jax.nn.sigmoid(acc)
+  da = dy.astype(F32) * sg * (1.0 + acc * (1.0 - sg))            # [b, L, ch]
+  dpad = jnp.pad(da, ((0, 0), (k - 1, k - 1), (0, 0)))
+  dxs = sum(dpad[:, k - 1 - i:k - 1 - i + xs.shape[1]] * kernel[i, 0].astype(F32) for i in range(k))
+  dk = jnp.stack([jnp.sum(da * xs[:, i:i + length].astype(F32), axis=(0, 1)) for i in range(k)])
+  return (dxs.astype(xs.dtype), dk[:, None, :].astype(kernel.dtype),
+          jnp.sum(da, axis=(0, 1)).astype(bias.dtype))
+
+conv_silu_vjp.defvjp(_conv_silu_fwd, _conv_silu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def gated_norm_vjp(scale, y, z, n_groups, eps, out_dtype):
+  """Candidate: GatedRMSNorm (rmsnorm_per_group(y * silu(z)) * scale) with a hand-written VJP whose
+  residuals are y, z (bf16) and the float32 [..., n_groups] inverse RMS."""
+  return _gn_fwd(scale, y, z, n_groups, eps, out_dtype)[0]
+
+def _gn_h(y, z, n_groups):
+  h = y.astype(F32) * jax.nn.silu(z.astype(F32))
+  return h.reshape(*h.shape[:-1], n_groups, h.shape[-1] // n_groups)
+
+def _gn_fwd(scale, y, z, n_groups, eps, out_dtype):
+  hg = _gn_h(y, z, n_groups)
+  r = jax.lax.rsqrt(jnp.mean(hg * hg, axis=-1, keepdims=True) + eps)
+  out = (hg * r).reshape(y.shape) * scale.astype(F32)
+  return out.astype(out_dtype), (scale, y, z, r)
+
+def _gn_bwd(n_groups, eps, out_dtype, res, dout):
+  scale, y, z, r = res
+  hg = _gn_h(y, z, n_groups)
+  nrm = hg * r                                                     # [..., G, d/G]
+  g = (dout.astype(F32) * scale.astype(F32)).reshape(nrm.shape)
+  dh = r * (g - nrm * jnp.mean(g * nrm, axis=-1, keepdims=True))
+  dh = dh.reshape(y.shape)
+  zf = z.astype(F32)
+  sg = jax.nn.sigmoid(zf)
+  dy = dh * zf * sg
+  dz = dh * y.astype(F32) * sg * (1.0 + zf * (1.0 - sg))
+  dscale = jnp.sum((dout.astype(F32) * nrm.reshape(y.shape)).reshape(-1, y.shape[-1]), axis=0)
+  return dscale.astype(scale.dtype), dy.astype(y.dtype), dz.astype(z.dtype)
+
+gated_norm_vjp.defvjp(_gn_fwd, _gn_bwd)
 
 
 def dense(x, w):
@@ -146,6 +216,9 @@ def build_cases(s: Shapes) -> list[tuple[str, str, Callable, tuple, bool]]:
       ("mamba1", "conv+silu", conv_silu, (xs, p1["conv1d"]["kernel"], p1["conv1d"]["bias"]), False),
       ("mamba1", "conv+silu [grouped]", conv_silu,
        (xs, p1["conv1d"]["kernel"], p1["conv1d"]["bias"]), True),
+      ("mamba1", "conv+silu [custom vjp]",
+       lambda xs, k, c: conv_silu_vjp(pad(xs, m1.d_conv), k.astype(BF16), c.astype(BF16), BF16),
+       (xs, p1["conv1d"]["kernel"], p1["conv1d"]["bias"]), False),
       ("mamba1", "x_proj+dt_proj", x_dt_proj,
        (xs, p1["x_proj"]["kernel"], p1["dt_proj_kernel"]), False),
       ("mamba1", "selective_scan", scan,
@@ -177,6 +250,9 @@ def build_cases(s: Shapes) -> list[tuple[str, str, Callable, tuple, bool]]:
        (rnd(b, L, h, hd), rnd(b, L, h, scale=0.5), p2["A_log"], rnd(b, L, 1, n2), rnd(b, L, 1, n2),
         p2["D"], p2["dt_bias"]), False),
       ("mamba2", "gated_norm", lambda sc, y, z: norm2.apply({"params": {"scale": sc}}, y, z),
+       (p2["norm"]["scale"], rnd(b, L, m2.d_inner), rnd(b, L, m2.d_inner)), False),
+      ("mamba2", "gated_norm [custom vjp]",
+       lambda sc, y, z: gated_norm_vjp(sc, y, z, m2.n_groups, m2.norm_eps, BF16),
        (p2["norm"]["scale"], rnd(b, L, m2.d_inner), rnd(b, L, m2.d_inner)), False),
       ("mamba2", "out_proj", dense, (rnd(b, L, m2.d_inner), p2["out_proj"]["kernel"]), False),
       ("mamba2", "layer", lambda p, x: m2.apply({"params": p}, x), (p2, x), False),
@@ -392,25 +468,27 @@ def main():
     print(row, flush=True)
     save()
 
-  # The two conv formulations at full size: outputs and every gradient (bf16 compute).
-  for group in ("mamba1", "mamba2"):
-    for new, old in ((f"{group}/conv+silu", f"{group}/conv+silu [grouped]"),
-                     (f"{group}/layer", f"{group}/layer [grouped conv]")):
-      e_new, e_old = exes.get(new + "/fwdbwd"), exes.get(old + "/fwdbwd")
-      if not all(e is not None and not isinstance(e, Exception) for e in (e_new, e_old)):
-        continue
-      if time.time() - t_start > opts.budget_s + 20:
-        break
-      try:
-        args = next(c[3] for c in cases if f"{c[0]}/{c[1]}" == new)
-        got, ref = e_new(args, cts[new]), e_old(args, cts[new])
-        errs = [rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
-        checks.append(dict(case=f"{new} vs grouped conv", max_rel_err=max(errs),
-                           per_leaf=[round(e, 5) for e in errs]))
-      except Exception as e:  # noqa: BLE001
-        checks.append(dict(case=f"{new} vs grouped conv", error=repr(e)[:300]))
-      print(checks[-1], flush=True)
-      save()
+  # Formulations of one part at full size: outputs and every gradient (bf16 compute).
+  pairs = [(f"{g}/{p}", f"{g}/{p} {alt}") for g in ("mamba1", "mamba2")
+           for p, alt in (("conv+silu", "[grouped]"), ("layer", "[grouped conv]"))]
+  pairs += [("mamba1/conv+silu [custom vjp]", "mamba1/conv+silu"),
+            ("mamba2/gated_norm [custom vjp]", "mamba2/gated_norm")]
+  for new, old in pairs:
+    e_new, e_old = exes.get(new + "/fwdbwd"), exes.get(old + "/fwdbwd")
+    if not all(e is not None and not isinstance(e, Exception) for e in (e_new, e_old)):
+      continue
+    if time.time() - t_start > opts.budget_s + 20:
+      break
+    try:
+      args = next(c[3] for c in cases if f"{c[0]}/{c[1]}" == new)
+      got, ref = e_new(args, cts[new]), e_old(args, cts[new])
+      errs = [rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+      checks.append(dict(case=f"{new} vs {old}", max_rel_err=max(errs),
+                         per_leaf=[round(e, 5) for e in errs]))
+    except Exception as e:  # noqa: BLE001
+      checks.append(dict(case=f"{new} vs {old}", error=repr(e)[:300]))
+    print(checks[-1], flush=True)
+    save()
   print(save(), flush=True)
   pool.shutdown(wait=False, cancel_futures=True)
   if not all(f.done() for f in futures.values()):
@@ -425,7 +503,8 @@ def render_md(meta, checks, rows) -> str:
            "float32 parameters. Median ms after warm-up; fwd+bwd = forward + VJP w.r.t. every "
            "float input (parameters too). XLA GFLOP / MB: the compiled program's cost analysis; "
            f"roofline = max(GFLOP / {MATMUL_TFS} TF/s, MB / {HBM_TBS} TB/s); frac = roofline / "
-           "measured. [grouped]: the depthwise conv as lax's grouped convolution (before).", "",
+           "measured. [grouped]: the depthwise conv as lax's grouped convolution (before); "
+           "[custom vjp]: candidate hand-written backward passes (not in the layers).", "",
            f"Compiles done at {meta.get('compile_s', '?')} s; elapsed {meta.get('elapsed_s')} s.",
            "",
            "| group | part | fwd ms | fwd+bwd ms | fwd+bwd XLA GFLOP | fwd+bwd XLA MB | "
@@ -439,7 +518,8 @@ def render_md(meta, checks, rows) -> str:
     lines.append(f"| {r['group']} | {r['part']} | {f(r.get('fwd_ms'))} | {f(ms)} | "
                  f"{f(r.get('fwdbwd_xla_gflop'), 1)} | {f(r.get('fwdbwd_xla_mb'), 0)} | "
                  f"{f(roof)} | {f(frac, 2)} |" + (f" {err[:120]}" if err else ""))
-  lines += ["", "## Conv formulations agree (fwd+bwd outputs, relative Frobenius error)", ""]
+  lines += ["", "## Formulations agree (fwd+bwd outputs and gradients, bf16; relative Frobenius "
+            "error)", ""]
   lines += [f"- {c['case']}: " + (f"max {c['max_rel_err']:.2e} over {len(c['per_leaf'])} arrays"
                                   if "max_rel_err" in c else c.get("error", "?")) for c in checks]
   by = {(r["group"], r["part"]): r.get("fwdbwd_ms") for r in rows}
