@@ -117,12 +117,13 @@ CASES = {
     "v4_f32_dstate64": ((1, 16, 8, 64, 1), jnp.float32, {},
                         pss.Config(block_d=8, chunk=8, segments=2, state_block=64,
                                    bwd_state_block=64), 1e-5),
-    # v5 backward (Config.bwd="v5": explicit in-register recurrences, one tile layout, pre-gate y
-    # from the forward): bf16, z, initial state, softplus, groups; length 13 padded to 16 = 2
-    # segments of 2 chunks (masked tail); d_state 6 padded to 8 in two backward state tiles of 4.
+    # v5 kernels (Config.fwd/bwd="v5": explicit in-register recurrences, one tile layout, pre-gate
+    # y from the forward): bf16, z, initial state, softplus, groups; length 13 padded to 16 = 2
+    # segments of 2 chunks (masked tail; all four kernels); d_state 6 padded to 8 in two backward
+    # state tiles of 4 and one forward tile of 8.
     "v5_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
                               pss.Config(block_d=8, chunk=4, segments=2, state_block=8,
-                                         bwd_state_block=4, bwd="v5"), 2e-2),
+                                         bwd_state_block=4, bwd="v5", fwd="v5"), 2e-2),
     # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
     "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
                        pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
@@ -132,11 +133,16 @@ SLOW_CASES = {
     "v4_f32_bwd_narrower": ((1, 20, 24, 4, 1), jnp.float32, {},
                             pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
                                        state_block=4, bwd_state_block=2), 1e-5),
-    # v5 backward in float32 without z, initial state or softplus, the backward on narrower blocks.
+    # v5 kernels in float32 without z, initial state or softplus, the backward on narrower blocks.
     "v5_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
-                                          state_block=8, bwd_state_block=2, bwd="v5"), 1e-5),
+                                          state_block=2, bwd_state_block=2, bwd="v5", fwd="v5"),
+                               1e-5),
+    # The v5 backward after the v4 forward (which then also saves the pre-gate y), float32, z.
+    "v5_bwd_after_v4_fwd": ((1, 20, 24, 4, 1), jnp.float32, {},
+                            pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
+                                       state_block=4, bwd_state_block=2, bwd="v5"), 1e-5),
     "v3_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=8, chunk=2, unroll=2, segments=3, variant="v3"),
@@ -214,7 +220,10 @@ def test_default_config_v4():
                                                 config=pss.Config(bwd="v5")).bwd_state_block == 4
   with pytest.raises(ValueError, match="Config.bwd"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v6"))
-  with pytest.raises(ValueError, match="needs variant 'v4'"):
+  assert pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5")).state_block == 4
+  with pytest.raises(ValueError, match="Config.fwd"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v3"))
+  with pytest.raises(ValueError, match="need variant 'v4'"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v3", bwd="v5"))
 
 
@@ -251,9 +260,9 @@ def test_gpu_realistic_shape():
 
 @pytest.mark.gpu
 def test_gpu_realistic_shape_v5_backward():
-  """The same with the v5 backward (Config.bwd="v5", chunk 8: the sweep's lead candidate)."""
+  """The same with the v5 kernels (Config.fwd/bwd="v5", chunk 8: the sweep's lead candidate)."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  check_matches_reference(inp, True, pss.Config(bwd="v5", chunk=8), 1e-2)
+  check_matches_reference(inp, True, pss.Config(bwd="v5", fwd="v5", chunk=8), 1e-2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,8 +318,8 @@ def _lower_for_h100(fn, *args) -> str:
     ("v3", {}, 1), ("v4", {}, 4),
     # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
     ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16),
-    # The v5 backward (Config.bwd="v5"), the sweep's lead candidate.
-    ("v4", dict(bwd="v5", chunk=8), 4)])
+    # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
+    ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

@@ -95,6 +95,8 @@ class Config:
     bwd: v4 only: the backward kernel. "v4" (the default) or "v5" (one register layout for every
       tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
       see "v5 backward" below). Default "v4" until a device measurement says otherwise.
+    fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
+      default) or "v5" (the v5 backward's tiles and explicit recurrences; see "v5 forward").
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -112,6 +114,7 @@ class Config:
   state_block: int | None = None
   bwd_state_block: int | None = None
   bwd: str = "v4"
+  fwd: str = "v4"
 
 
 def _pow2_ceil(x: int) -> int:
@@ -132,8 +135,9 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
     return _default_config_v4(batch, length, d_group, n_groups, n_p, c)
   if c.variant != "v3":
     raise ValueError(f"Config.variant must be 'v3' or 'v4', got {c.variant!r}")
-  if c.bwd != "v4":
-    raise ValueError(f"Config.bwd={c.bwd!r} needs variant 'v4' (got variant 'v3')")
+  if c.bwd != "v4" or c.fwd != "v4":
+    raise ValueError(f"Config.bwd={c.bwd!r} / Config.fwd={c.fwd!r} need variant 'v4' (got variant "
+                     f"'v3')")
   # One warp per program, one channel per lane while d_state <= 16; past that, lanes split the
   # states of a channel so that a lane keeps at most 16 of them.
   block_d = c.block_d or max(4, min(32, _pow2_ceil(d_group), 512 // n_p))
@@ -171,7 +175,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   chunk = c.chunk or max(8, min(16, _pow2_ceil(length)))
   if c.unroll not in (None, chunk):
     raise ValueError(f"Config.unroll={c.unroll} must equal Config.chunk={chunk} for variant 'v4'")
-  state_block = c.state_block or min(16, n_p)
+  state_block = c.state_block or min(4 if c.fwd == "v5" else 16, n_p)
   # v5 backward: 4 states a tile (offline SASS at (8, 2048, 1536, 16), chunk 8: 248 registers, no
   # spill; 8 states spill; notes file).
   bwd_state_block = c.bwd_state_block or min(4 if c.bwd == "v5" else 8, n_p)
@@ -182,8 +186,9 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     if v & (v - 1):
       raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
   segments = c.segments
-  if c.bwd not in ("v4", "v5"):
-    raise ValueError(f"Config.bwd must be 'v4' or 'v5', got {c.bwd!r}")
+  for name, v in (("bwd", c.bwd), ("fwd", c.fwd)):
+    if v not in ("v4", "v5"):
+      raise ValueError(f"Config.{name} must be 'v4' or 'v5', got {v!r}")
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
     segments = 1
@@ -195,7 +200,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   return Config(block_d=block_d, num_warps=c.num_warps or 4, bwd_block_d=bwd_block_d,
                 bwd_num_warps=c.bwd_num_warps or c.num_warps or 4, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
-                bwd_state_block=bwd_state_block, bwd=c.bwd)
+                bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -833,6 +838,79 @@ def _token_rows(T: int, bd: int, nb: int):
   return tk, row, put
 
 
+def _fwd5_kernel(*refs, st: _Static, mode: str):
+  """The v5 forward-direction kernels ("v5 forward"): as `_fwd4_kernel` (same modes and outputs),
+  on [state_block, block_d, T] tiles with the recurrence written out over the chunk's tokens."""
+  if mode == "state":
+    r, _ = _refs(refs, st, "u dl b a bias hloc dts")
+    rest = []
+  else:
+    r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
+  ck_ref = rest[0] if rest else None
+  ypre_ref = rest[1] if len(rest) > 1 else None
+  interp = st.interpret
+  T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.state_block
+  bd = r["bias"].shape[0]
+  groups = st.n_pad // nb
+  ix = _Tile3(T, bd, nb)
+  tk, row, put = _token_rows(T, bd, nb)
+  t_base = pl.program_id(1) * S
+  bias = ix.chans(r["bias"])
+  a2 = [ix.tile(r["a"], k * nb) * LOG2E for k in range(groups)]
+  zeros = jnp.zeros((nb, bd, 1), F32)
+  if mode == "state":
+    h0 = [zeros] * groups
+  else:
+    h0 = [ix.tile(r["h0"], k * nb) for k in range(groups)]
+    d_skip = ix.chans(r["d"])
+
+  def chunk(ci, carry):
+    hs, dts = carry
+    t0 = ci * T
+    x = ix.tokens(r["dl"], t0).astype(F32) + bias
+    u = ix.tokens(r["u"], t0).astype(F32)
+    bk = [ix.states(r["b"], t0, k * nb).astype(F32) for k in range(groups)]
+    if mode == "fwd":
+      ck = [ix.states(r["c"], t0, k * nb).astype(F32) for k in range(groups)]
+      z = ix.tokens(r["z"], t0).astype(F32) if st.has_z else None
+    if ck_ref is not None:
+      for k in range(groups):
+        ix.store_tile(ck_ref, k * nb, hs[k], ci)
+    dt = _softplus(x, interp) if st.softplus else x
+    if st.masked:
+      dt = dt * ((t_base + t0 + tk) < st.length).astype(F32)
+    dtu = dt * u
+    y_acc, new = None, []
+    for k in range(groups):
+      a = _ex2(dt * a2[k], interp)
+      b = dtu * bk[k]
+      h, hs_k = hs[k], b
+      for i in range(T):
+        h = row(a, i) * h + row(b, i)
+        if mode == "fwd":
+          hs_k = put(hs_k, i, h)
+      new.append(h)
+      if mode == "fwd":
+        yk = hs_k * ck[k]
+        y_acc = yk if y_acc is None else y_acc + yk
+    if mode == "state":
+      return new, dts + jnp.sum(dt, axis=2, keepdims=True)
+    y = jnp.sum(y_acc, axis=0, keepdims=True) + d_skip * u                # [nb, bd, T]
+    if ypre_ref is not None:
+      ix.store_tokens(ypre_ref, t0, y)
+    if st.has_z:
+      y = y * z * _sigmoid(z, interp)
+    ix.store_tokens(r["y"], t0, y.astype(r["y"].dtype))
+    return new, dts
+
+  hs, dts = jax.lax.fori_loop(0, S // T, chunk, (h0, zeros))
+  out = r["hloc"] if mode == "state" else r["hend"]
+  for k in range(groups):
+    ix.store_tile(out, k * nb, hs[k])
+  if mode == "state":
+    ix.store_chans(r["dts"], dts)
+
+
 def _adjoint5_kernel(*refs, st: _Static):
   """The v5 segment adjoint pass (as `_bwd4_kernel` mode "adjoint", with explicit recurrences)."""
   r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
@@ -1012,8 +1090,9 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
       out_shape.append(jax.ShapeDtypeStruct((b, lp, dp), F32))
       out_specs.append(tok)
   return pl.pallas_call(
-      (functools.partial(_fwd4_kernel, st=st, mode="fwd") if st.cfg.variant == "v4"
-       else functools.partial(_fwd_kernel, st=st, save_ck=save_ck)), out_shape=out_shape,
+      (functools.partial(_fwd_kernel, st=st, save_ck=save_ck) if st.cfg.variant == "v3"
+       else functools.partial(_fwd5_kernel, st=st, mode="fwd") if st.cfg.fwd == "v5"
+       else functools.partial(_fwd4_kernel, st=st, mode="fwd")), out_shape=out_shape,
       grid=(dp // bd, P, b), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
       name="selective_scan_fwd")(*args)
@@ -1024,8 +1103,9 @@ def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
   return pl.pallas_call(
-      (functools.partial(_fwd4_kernel, st=st, mode="state") if st.cfg.variant == "v4"
-       else functools.partial(_state_kernel, st=st)),
+      (functools.partial(_state_kernel, st=st) if st.cfg.variant == "v3"
+       else functools.partial(_fwd5_kernel, st=st, mode="state") if st.cfg.fwd == "v5"
+       else functools.partial(_fwd4_kernel, st=st, mode="state")),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=[tok, tok, grp, tile, chan],
