@@ -193,6 +193,8 @@ CANDIDATES = (
     ("pallas group_sum=atomic", {"group_sum": "atomic"}, False),
     ("pallas ds_dtype=bfloat16", {"ds_dtype": "bfloat16"}, False),
     ("pallas all3", {"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}, True),
+    # The two winners at (1, 65536) together (results/ssd_65536.md).
+    ("pallas bwd_split+ds bf16", {"bwd_split": True, "ds_dtype": "bfloat16"}, False),
 )
 # Tuning rows for --variants (first shape only, timed right after its main rows): knob, value.
 # Defaults: segments from choose_segments (2 at (8, 2048)), ds_block 16, num_warps_chunk 8,
