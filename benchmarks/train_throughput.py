@@ -26,9 +26,13 @@ ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6
   PYTHONUNBUFFERED=1 python3 benchmarks/train_throughput.py --out $OUT --budget_s 400 \
       --case_timeout_s 240 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
 
-On 2026-11-23 a first H100 attempt with --case_timeout_s 90 lost both cases it started
-(transformer-350m, mamba-350m) to that timeout, before phase reporting existed: give each case
-minutes, and read the PHASE lines (imports, state init, compile, warm-up) of any that time out.
+Measured on 2026-11-23 (H100, commit 91f8ac3, results/train_throughput.md) with carry
+[".carry/snap"] (a `git archive` of HEAD plus the wheel) and `--budget_s 430 --case_timeout_s 150
+--precompile_timeout_s 190`: all six cases in 415 s. The parallel precompile took 192 s; four cases
+finished it and then loaded their step in 2-7 s instead of compiling it (transformer-350m's compile
+alone took 138 s there); the two 48-layer SSM cases (mamba-350m, mamba2-350m) hit its limit and
+compiled again in their timed process (~50 s each). An earlier attempt without the cache and with a
+90 s case limit lost both cases it started.
 
 Cases run in the order listed (350M first); --budget_s stops starting new ones. Before that, every
 case is compiled at once in parallel processes into a persistent compilation cache
