@@ -391,26 +391,12 @@ def main():
   groups = set(opts.groups.split(","))
   cases = [c for c in build_cases(s) if c[0] in groups]
   cts = {}
-  # Lower in this thread (tracing is Python; the grouped-conv rows swap a module global while they
-  # trace), then compile everything in parallel.
-  lowered = {}
-  for i, (group, part, fn, args, grouped) in enumerate(cases):
-    name = f"{group}/{part}"
-    fwd, fb = programs(fn, args)
-    try:
-      with grouped_conv_in_layers() if grouped else contextlib.nullcontext():
-        cts[name] = cotangent(fn, args, jax.random.PRNGKey(100 + i))
-        lowered[name + "/fwd"] = jax.jit(fwd).lower(*args)
-        lowered[name + "/fwdbwd"] = jax.jit(fb).lower(args, cts[name])
-    except Exception as e:  # noqa: BLE001  (one bad case must not lose the others)
-      traceback.print_exc()
-      lowered[name + "/fwd"] = lowered[name + "/fwdbwd"] = e
-  print(f"lowered {len(lowered)} programs in {time.time() - t_start:.1f}s", flush=True)
-
-  # Compiles start in priority order: the grouped-conv programs first (XLA may spend long on their
-  # batch-grouped kernel gradient), then the rest. Rows are timed once every compile is done or at
-  # 0.6 of the budget, the grouped ones last; a compile still running when its row comes is waited
-  # for until the budget ends, so one slow compile cannot hold the other rows back.
+  # Programs are lowered in this thread (tracing is Python; the grouped-conv rows swap a module
+  # global while they trace) and each is handed to the compile pool as soon as it is lowered, the
+  # grouped-conv programs first (XLA may spend long on their batch-grouped kernel gradient). Rows are
+  # timed once every compile is done or at 0.6 of the budget, the grouped ones last; a compile still
+  # running when its row comes is waited for until the budget ends, so one slow compile cannot hold
+  # the other rows back.
   deadline = t_start + 0.6 * opts.budget_s
   t_comp = time.time()
 
@@ -428,10 +414,21 @@ def main():
     print(f"  compile {key}: {secs:.1f}s {status} (t={time.time() - t_comp:.0f}s)", flush=True)
     return exe, secs
 
-  grouped_keys = {f"{c[0]}/{c[1]}" for c in cases if c[4]}
-  order = sorted(lowered, key=lambda k: k.rsplit("/", 1)[0] not in grouped_keys)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=opts.workers)
-  futures = {k: pool.submit(comp, k, lowered[k]) for k in order}
+  futures = {}
+  for i, (group, part, fn, args, grouped) in sorted(enumerate(cases), key=lambda ic: not ic[1][4]):
+    name = f"{group}/{part}"
+    fwd, fb = programs(fn, args)
+    try:
+      with grouped_conv_in_layers() if grouped else contextlib.nullcontext():
+        cts[name] = cotangent(fn, args, jax.random.PRNGKey(100 + i))
+        low = {"fwd": jax.jit(fwd).lower(*args), "fwdbwd": jax.jit(fb).lower(args, cts[name])}
+    except Exception as e:  # noqa: BLE001  (one bad case must not lose the others)
+      traceback.print_exc()
+      low = {"fwd": e, "fwdbwd": e}
+    for mode, lw in low.items():
+      futures[f"{name}/{mode}"] = pool.submit(comp, f"{name}/{mode}", lw)
+  print(f"lowered {len(futures)} programs in {time.time() - t_start:.1f}s", flush=True)
   concurrent.futures.wait(futures.values(), timeout=max(0.0, deadline - time.time()))
   meta["compile_s"] = round(time.time() - t_start, 1)
   save()
