@@ -337,7 +337,7 @@ def time_exe(exe, args, reps: int, target_s: float = 0.02) -> tuple[float, float
   t = time.perf_counter()
   jax.block_until_ready(exe(*args))
   one = time.perf_counter() - t
-  calls = int(min(50, max(1, round(target_s / max(one, 1e-6)))))
+  calls = int(min(200, max(1, round(target_s / max(one, 1e-6)))))
   times = []
   for _ in range(reps):
     t = time.perf_counter()
