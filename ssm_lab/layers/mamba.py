@@ -76,10 +76,10 @@ def shifted_depthwise_conv(xs: jax.Array, kernel: jax.Array, bias: jax.Array,
   out[:, t] = bias + sum_k kernel[k, 0] * xs[:, t + k]
 
   Why not `lax.conv_general_dilated(feature_group_count=ch)`: its kernel gradient is a convolution
-  with batch_group_count = ch, which XLA expands into a dense ch x ch conv (CPU: 550 GFLOP for one
-  [8, 2048, 2048] bf16 layer, where the products here are 4 per element), and GPU grouped convs are
-  slow in both directions. Here the forward is one elementwise fusion and the gradients are shifted
-  sums and per-channel reductions, all bandwidth-bound.
+  with batch_group_count = ch, which XLA:CPU expands into a dense ch x ch conv (550 GFLOP for one
+  [8, 2048, 2048] bf16 layer, where 4 products per element are needed), and grouped-conv backward
+  passes are known to be slow on GPU too (benchmarks/NOTES_layers.md). Here the forward is one
+  elementwise fusion and the gradients are shifted sums and per-channel reductions.
   """
   d_conv = kernel.shape[0]
   length = xs.shape[1] - (d_conv - 1)
