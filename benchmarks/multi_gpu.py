@@ -13,7 +13,8 @@ Three parts, each writing into --out (multi_gpu.json, multi_gpu.md; the table is
   scaling      train-step throughput of the ~350M Transformer and Mamba (benchmarks/
                train_throughput.py's cases, bf16, length 2048) on 1 GPU and with dp and fsdp over
                all GPUs at the same batch per GPU (weak scaling): tokens/s, scaling efficiency,
-               MFU, peak memory per GPU.
+               MFU, peak memory per GPU. The six runs first compile at once into a persistent
+               compilation cache (as in train_throughput.py), then run one at a time from it.
 
 NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set for every child), as the
 device notes require. A CPU dry run of the whole flow: `--cpu_devices 2` (simulated devices, toy
@@ -187,13 +188,39 @@ def part_scaling(work: str, a: argparse.Namespace, n_devices: int) -> dict[str, 
   cases = ("transformer-tiny", "mamba-tiny") if a.cpu_devices else ("transformer-350m",
                                                                     "mamba-350m")
   seq = "64" if a.cpu_devices else "2048"
-  rows = []
-  for case in cases:
-    for devices, par in ((1, "dp"), (n_devices, "dp"), (n_devices, "fsdp")):
-      cmd = [sys.executable, os.path.abspath(__file__), "--_scaling", case, "--preset", preset,
+  runs = [(case, devices, par) for case in cases
+          for devices, par in ((1, "dp"), (n_devices, "dp"), (n_devices, "fsdp"))]
+
+  def cmd(case, devices, par, compile_only=False):
+    return ([sys.executable, os.path.abspath(__file__), "--_scaling", case, "--preset", preset,
              "--seq_len", seq, "--devices", str(devices), "--parallelism", par]
+            + (["--_compile_only"] if compile_only else []))
+
+  # As in train_throughput.py: compile every run at once into a persistent compilation cache (a
+  # 350M train step took 138 s to compile on one H100; six of them in series would fill the call),
+  # then time them one at a time from the cache.
+  import train_throughput as tt  # noqa: PLC0415
+  env = _env(tt._cache_env(tempfile.mkdtemp(prefix="multi_gpu_cache_")), cpu_devices=a.cpu_devices)
+  t0 = time.time()
+  pre = {run: subprocess.Popen(cmd(*run, compile_only=True), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+         for run in runs}
+  precompile = {}
+  for run, proc in pre.items():
+    try:
+      precompile["/".join(map(str, run))] = proc.wait(
+          timeout=max(1.0, a.precompile_timeout_s - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+      precompile["/".join(map(str, run))] = "timed out"
+  precompile["wall_s"] = round(time.time() - t0, 1)
+  print("PRECOMPILE " + json.dumps(precompile), flush=True)
+  rows = []
+  for case, devices, par in runs:
       try:
-        proc = subprocess.run(cmd, env=_env(cpu_devices=a.cpu_devices), capture_output=True,
+        proc = subprocess.run(cmd(case, devices, par), env=env, capture_output=True,
                               text=True, timeout=a.part_timeout_s)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE_RESULT ")]
         row = (json.loads(found[-1].split(" ", 1)[1]) if found else
@@ -209,7 +236,7 @@ def part_scaling(work: str, a: argparse.Namespace, n_devices: int) -> dict[str, 
     if base and "error" not in row:
       row["scaling_efficiency"] = round(
           row["tokens_per_s"] / (base["tokens_per_s"] * row["devices"]), 3)
-  return {"rows": rows}
+  return {"rows": rows, "precompile": precompile}
 
 
 def _markdown(meta: dict, results: dict) -> str:
@@ -244,6 +271,8 @@ def main() -> None:
   p.add_argument("--parts", default="parity,processes,scaling")
   p.add_argument("--cpu_devices", type=int, default=0, help="dry run on N simulated CPU devices")
   p.add_argument("--part_timeout_s", type=float, default=240)
+  p.add_argument("--precompile_timeout_s", type=float, default=200,
+                 help="scaling: limit of the parallel compile into the persistent cache")
   p.add_argument("--commit", default="")
   # Child modes.
   p.add_argument("--_parity", default="", help=argparse.SUPPRESS)
@@ -253,6 +282,7 @@ def main() -> None:
   p.add_argument("--seq_len", type=int, default=2048, help=argparse.SUPPRESS)
   p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
   p.add_argument("--parallelism", default="dp", help=argparse.SUPPRESS)
+  p.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
 
   if a._parity:
@@ -263,7 +293,8 @@ def main() -> None:
     import train_throughput as tt  # noqa: PLC0415
     table = tt.TINY if a.preset == "tiny" else tt.CASES
     record = tt.run_case(a._scaling, table[a._scaling], a.seq_len, steps=5, rounds=3,
-                         devices=a.devices, parallelism=a.parallelism)
+                         devices=a.devices, parallelism=a.parallelism,
+                         compile_only=a._compile_only)
     print("CASE_RESULT " + json.dumps(record), flush=True)
     return
 
