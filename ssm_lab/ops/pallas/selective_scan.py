@@ -2,7 +2,10 @@
 
 Two kernel families, chosen by the static `Config.variant`: "v4" (the default) is parallel over time
 inside a chunk; "v3" walks time token by token (kept so one benchmark run can time both). Everything
-below up to "v4" describes v3; the algebra (adjoint, gradients, segments, padding) is shared.
+below up to "v4" describes v3; the algebra (adjoint, gradients, segments, padding) is shared. Within
+v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backward-direction kernels
+(same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below),
+off by default until a device measurement.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
 walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
@@ -94,9 +97,9 @@ class Config:
       live tiles per state).
     bwd: v4 only: the backward kernel. "v4" (the default) or "v5" (one register layout for every
       tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
-      see "v5 backward" below). Default "v4" until a device measurement says otherwise.
+      see "v5 kernels" below). Default "v4" until a device measurement says otherwise.
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
-      default) or "v5" (the v5 backward's tiles and explicit recurrences; see "v5 forward").
+      default) or "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below).
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -747,29 +750,38 @@ def _bwd4_kernel(*refs, st: _Static, mode: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# v5 backward (Config.bwd="v5"): the v4 backward's algebra, rearranged for the register layout.
+# v5 kernels (Config.bwd="v5" / Config.fwd="v5"): the v4 algebra, rearranged for what Triton makes
+# of it.
 #
 # Offline SASS of the v4 backward (triton 3.6, sm_90, 4 warps, (8, 2048, 1536, 16)) per chunk: 8392
 # instructions, 2050 SHFL, 80 BAR, 255 registers + 584 B spill; only ~1600 of the instructions are the
-# arithmetic itself. The rest is (a) 33 layout conversions per chunk: Triton gives each [T, block_d]
-# and [T, state_block] load its own vectorised layout (the rows are provably contiguous) and the
-# reductions' results yet another, all different from the [T, block_d, state_block] tiles' layout,
-# and most conversions cross warps (shared memory and a barrier each); (b) the sums over states, one
+# arithmetic itself. The rest: (a) Triton's reverse tt.scan (the adjoint) costs ~640 SHFL a
+# [16, 32, 8] tile even though the scanned axis lies inside each thread (a forward tt.scan costs
+# none); (b) 33 layout conversions a chunk: each [T, block_d] and [T, state_block] load gets its own
+# vectorised layout (the rows are provably contiguous), the reductions' results yet another, and
+# most conversions cross warps (shared memory and a barrier each); (c) the sums over states, one
 # shuffle tree per state group per quantity (y, sum g B, sum g A w). v5:
-#   * loads every per-token and per-channel operand directly as a [T, block_d, state_block] (or
-#     [1, block_d, state_block]) tile through index arrays Triton cannot prove contiguous (`_one()`),
-#     so all of them get the default layout of that shape, the same as the computed tiles': no
-#     conversions. Per-token values are then replicated over the lanes that hold states (each lane
-#     computes its own copy: the same instruction count as the layout Triton would convert to) and
-#     the [T, block_d] outputs are stored from every such lane (identical values to one address).
-#   * adds the products of all state groups elementwise before one sum over states per quantity.
-#   * with a z gate, takes the pre-gate output y (needed by dz) from the forward (float32, saved
-#     with the checkpoints) instead of a third sum over states.
+#   * tiles are [state_block, block_d, T] and every operand is loaded directly as such a tile (or
+#     [state_block, block_d, 1]) through index arrays Triton cannot prove contiguous (`_one()`).
+#     Triton's coalescing then orders the axes first to last (argSort of equal contiguities keeps
+#     them in order), so every tile has one layout: lanes over states then channels, warps over
+#     channels, the T tokens inside each thread. No conversions. Per-token values are replicated
+#     over the lanes that hold states (each lane computes its own copy, as the slice layouts of v4
+#     did) and [T, block_d] outputs are stored from every such lane (identical values, one address).
+#   * no tt.scan: the recurrences are written out over the chunk's tokens (`_token_rows`): with
+#     token positions from a plain iota the compiler knows which register holds which token, the
+#     selects fold away and each step is one FMA a state element (the scan's pair product and the
+#     carry fold disappear too). The adjoint reuses the forward decays a_t (one exponential per
+#     element instead of two; no next-token delta).
+#   * the products of all state groups are added elementwise before one sum over states per
+#     quantity; with a z gate the pre-gate output y (needed by dz) comes from the forward (float32,
+#     saved with the checkpoints; the v4 forward saves it too when the v5 backward follows).
+#   * softplus'(x) = sigmoid(x) from softplus's own exponential (no expm1).
 # dB and dC (sums over channels) are written per channel block as in v4.
 
 
 class _Tile3:
-  """Opaque index arrays for the v5 backward's [state_block, block_d, T] tiles (see "v5 backward").
+  """Opaque index arrays for the v5 kernels' [state_block, block_d, T] tiles (see "v5 kernels").
 
   The axes are (states, channels, tokens): with no provable contiguity, Triton's coalescing orders a
   tile's axes first to last, so lanes go over states, then channels, warps over channels, and the
@@ -839,7 +851,7 @@ def _token_rows(T: int, bd: int, nb: int):
 
 
 def _fwd5_kernel(*refs, st: _Static, mode: str):
-  """The v5 forward-direction kernels ("v5 forward"): as `_fwd4_kernel` (same modes and outputs),
+  """The v5 forward-direction kernels (see "v5 kernels"): as `_fwd4_kernel` (same modes and outputs),
   on [state_block, block_d, T] tiles with the recurrence written out over the chunk's tokens."""
   if mode == "state":
     r, _ = _refs(refs, st, "u dl b a bias hloc dts")
@@ -954,7 +966,7 @@ def _adjoint5_kernel(*refs, st: _Static):
 
 
 def _bwd5_kernel(*refs, st: _Static):
-  """Every gradient of one segment's tokens (as `_bwd4_kernel` mode "bwd"; see "v5 backward").
+  """Every gradient of one segment's tokens (as `_bwd4_kernel` mode "bwd"; see "v5 kernels").
 
   Tiles are [state_block, block_d, T] (`_Tile3`); per-channel values and carries [.., .., 1]."""
   r, rest = _refs(refs, st, "u dl z b c a d bias ck dy gend")
