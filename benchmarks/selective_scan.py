@@ -563,6 +563,10 @@ SWEEP = [
     ((1, 65536, 2048, 16), dict(bwd="v5", chunk=8)),
     ((8, 2048, 5120, 16), dict(fwd="v5", bwd="v5", chunk=8)),
     ((8, 2048, 5120, 16), dict(bwd="v5", chunk=8)),
+    # v5's segment passes cost about half of v4's a token: does the split still pay (shape 1), or
+    # pay more (the long single sequence)?
+    ((8, 2048, 1536, 16), dict(fwd="v5", bwd="v5", chunk=8, segments=1)),
+    ((1, 65536, 2048, 16), dict(fwd="v5", bwd="v5", chunk=8, segments=16)),
     # Run 3 (H100, 91f8ac3): the register candidates above 8 warps all lost (bwd_num_warps 16:
     # 6.25 ms vs 4.1-4.6); fewer segments and 4 warps won at (8, 2048, 1536, 16). This sweep checks
     # whether those two generalise before they become the defaults.
