@@ -220,7 +220,8 @@ def test_default_config_v4():
                                                 config=pss.Config(bwd="v5")).bwd_state_block == 4
   with pytest.raises(ValueError, match="Config.bwd"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v6"))
-  assert pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5")).state_block == 4
+  v5 = pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5"))
+  assert v5.state_block == 4 and v5.chunk == 8 and cfg.chunk == 16
   with pytest.raises(ValueError, match="Config.fwd"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v3"))
   with pytest.raises(ValueError, match="need variant 'v4'"):
