@@ -72,3 +72,11 @@ def test_ssd_smoke(tmp_path):
   _run("ssd.py", "--smoke", "--out", str(tmp_path), "--commit", "test")
   md = (tmp_path / "ssd.md").read_text()
   assert "| chunked |" in md and "| pallas |" in md
+
+
+@pytest.mark.slow
+def test_layer_breakdown_smoke(tmp_path):
+  _run("layer_breakdown.py", "--smoke", "--out", str(tmp_path), "--workers", "2")
+  assert any(p.suffix == ".json" for p in tmp_path.iterdir())
+  md = next(p for p in tmp_path.iterdir() if p.suffix == ".md").read_text()
+  assert "conv" in md and "layer" in md
