@@ -1007,6 +1007,9 @@ def _bwd5_kernel(*refs, st: _Static):
     if st.has_z:
       sg = _sigmoid(z, interp)
       dys = dout * z * sg
+      # dz now (every load of the chunk is done): z, y and dy are then dead for the rest of it.
+      ix.store_tokens(r["dz"], t0,
+                      (dout * ypre * sg * (1.0 + z * (1.0 - sg))).astype(r["dz"].dtype))
     else:
       dys = dout
     dtu = dt * u
@@ -1039,9 +1042,6 @@ def _bwd5_kernel(*refs, st: _Static):
       ix.store_states(r["dcp"], t0, k * nb, jnp.sum(hs * dys, axis=1))
     g_b = jnp.sum(gb_acc, axis=0, keepdims=True)                          # [1, bd, T]
     g_aw = jnp.sum(gaw_acc, axis=0, keepdims=True)
-    if st.has_z:
-      ix.store_tokens(r["dz"], t0,
-                      (dout * ypre * sg * (1.0 + z * (1.0 - sg))).astype(r["dz"].dtype))
     ix.store_tokens(r["du"], t0, (dys * d_skip + dt * g_b).astype(r["du"].dtype))
     ddt = g_aw * (1.0 / LOG2E) + u * g_b
     dx = ddt * slope if st.softplus else ddt
