@@ -581,17 +581,21 @@ def _dt_tile(x, t0, st: _Static):
   return dt
 
 
+def _fwd_refs(refs, st: _Static, mode: str):
+  """The refs of a v4/v5 forward-direction kernel: (named refs, chunk-checkpoint ref or None,
+  pre-gate output ref or None). Mode "state" has neither optional output."""
+  if mode == "state":
+    r, _ = _refs(refs, st, "u dl b a bias hloc dts")
+    return r, None, None
+  r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
+  return r, (rest[0] if rest else None), (rest[1] if len(rest) > 1 else None)
+
+
 def _fwd4_kernel(*refs, st: _Static, mode: str):
   """mode "fwd": y and the segment's end state (and the chunk checkpoints when a third output is
   given, and the pre-gate output y / (z sigmoid(z)) in float32 when a fourth is); mode "state": the
   end state from a zero start and the sum of delta (segment first pass)."""
-  if mode == "state":
-    r, _ = _refs(refs, st, "u dl b a bias hloc dts")
-    rest = []
-  else:
-    r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
-  ck_ref = rest[0] if rest else None
-  ypre_ref = rest[1] if len(rest) > 1 else None
+  r, ck_ref, ypre_ref = _fwd_refs(refs, st, mode)
   T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.state_block
   bd = r["bias"].shape[0]
   groups = st.n_pad // nb
@@ -855,13 +859,7 @@ def _token_rows(T: int, bd: int, nb: int):
 def _fwd5_kernel(*refs, st: _Static, mode: str):
   """The v5 forward-direction kernels (see "v5 kernels"): as `_fwd4_kernel` (same modes and outputs),
   on [state_block, block_d, T] tiles with the recurrence written out over the chunk's tokens."""
-  if mode == "state":
-    r, _ = _refs(refs, st, "u dl b a bias hloc dts")
-    rest = []
-  else:
-    r, rest = _refs(refs, st, "u dl z b c a d bias h0 y hend")
-  ck_ref = rest[0] if rest else None
-  ypre_ref = rest[1] if len(rest) > 1 else None
+  r, ck_ref, ypre_ref = _fwd_refs(refs, st, mode)
   interp = st.interpret
   T, S, nb = st.cfg.chunk, st.seg_len, st.cfg.state_block
   bd = r["bias"].shape[0]
