@@ -120,8 +120,8 @@ def random_params(model: LanguageModel, seed: int = 0) -> Any:
     elif name == "dt_bias":
       x = np.full(s.shape, np.log(np.expm1(0.01)), np.float32)
     else:
-      # Uniform with standard deviation 0.02 (3x faster to draw than a normal; only the scale
-      # matters for timing and for keeping activations in range).
+      # Uniform with standard deviation 0.02 (about twice as fast to draw as a normal here: 19 s
+      # against 44 s for 1.3B; only the scale matters for timing and for keeping values in range).
       x = rng.random(s.shape, dtype=np.float32)
       x -= np.float32(0.5)
       x *= np.float32(0.02 * np.sqrt(12.0))
@@ -507,6 +507,13 @@ def markdown(res: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write_results(out_dir: str, res: dict[str, Any]) -> None:
+  with open(os.path.join(out_dir, "generation.json"), "w") as f:
+    json.dump(res, f, indent=1, default=str)
+  with open(os.path.join(out_dir, "generation.md"), "w") as f:
+    f.write(markdown(res))
+
+
 def env_info(commit: str = "") -> dict[str, str]:
   return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
           "date": datetime.date.today().isoformat(), "commit": git_commit(commit),
@@ -539,10 +546,7 @@ def main() -> int:
       with open(path) as f:
         runs.append(json.load(f))
     merged = merge_runs(runs)
-    with open(os.path.join(args.out, "generation.json"), "w") as f:
-      json.dump(merged, f, indent=1, default=str)
-    with open(os.path.join(args.out, "generation.md"), "w") as f:
-      f.write(markdown(merged))
+    write_results(args.out, merged)
     print(markdown(merged))
     return 0
   os.makedirs(args.out, exist_ok=True)
@@ -583,10 +587,7 @@ def main() -> int:
                                   for n, a in margs.items()}}
 
   def save():
-    with open(os.path.join(args.out, "generation.json"), "w") as f:
-      json.dump(res, f, indent=1, default=str)
-    with open(os.path.join(args.out, "generation.md"), "w") as f:
-      f.write(markdown(res))
+    write_results(args.out, res)
 
   def guarded(section: list, row: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
     if budget.left() <= 0:

@@ -200,23 +200,9 @@ def part_scaling(work: str, a: argparse.Namespace, n_devices: int) -> dict[str, 
   # 350M train step took 138 s to compile on one H100; six of them in series would fill the call),
   # then time them one at a time from the cache.
   import train_throughput as tt  # noqa: PLC0415
-  env = _env(tt._cache_env(tempfile.mkdtemp(prefix="multi_gpu_cache_")), cpu_devices=a.cpu_devices)
-  t0 = time.time()
-  pre = {run: subprocess.Popen(cmd(*run, compile_only=True), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL,
-                               env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
-         for run in runs}
-  precompile = {}
-  for run, proc in pre.items():
-    try:
-      precompile["/".join(map(str, run))] = proc.wait(
-          timeout=max(1.0, a.precompile_timeout_s - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-      precompile["/".join(map(str, run))] = "timed out"
-  precompile["wall_s"] = round(time.time() - t0, 1)
-  print("PRECOMPILE " + json.dumps(precompile), flush=True)
+  env = _env(tt.cache_env(tempfile.mkdtemp(prefix="multi_gpu_cache_")), cpu_devices=a.cpu_devices)
+  precompile = tt.precompile({"/".join(map(str, run)): cmd(*run, compile_only=True)
+                              for run in runs}, env, a.precompile_timeout_s)
   rows = []
   for case, devices, par in runs:
       try:

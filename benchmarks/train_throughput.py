@@ -91,7 +91,7 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
 
   `compile_only`: compile the state initialiser and the train step from abstract values (no device
   buffers) and return the compile time; with a persistent compilation cache configured (see
-  `_cache_env`) this fills the cache for a later timed run of the same case.
+  `cache_env`) this fills the cache for a later timed run of the same case.
 
   `spec["batch"]` is the batch per device; with `devices` > 1 the global batch is that times
   `devices`, sharded over a mesh of the first `devices` devices ("dp" or "fsdp" for the state).
@@ -269,7 +269,7 @@ def _child_cmd(name: str, a: argparse.Namespace, compile_only: bool = False) -> 
            "--batch", str(a.batch)] + (["--_compile_only"] if compile_only else []))
 
 
-def _cache_env(cache_dir: str) -> dict[str, str]:
+def cache_env(cache_dir: str) -> dict[str, str]:
   """Environment that makes every JAX process of this run read and write one persistent
   compilation cache, whatever the entry's size or compile time."""
   os.makedirs(cache_dir, exist_ok=True)
@@ -278,30 +278,39 @@ def _cache_env(cache_dir: str) -> dict[str, str]:
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
-def _precompile(names: list[str], a: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
-  """Compiles every case at once, one process each, into the persistent cache.
+def precompile(cmds: dict[str, list[str]], env: dict[str, str], timeout_s: float) -> dict[str, Any]:
+  """Runs the compile-only child commands all at once (one process each) into the persistent cache
+  that `env` names; returns each one's compile seconds (its CASE_RESULT `compile_only_s`) or why it
+  has none, and the wall time.
 
   Compiling (XLA's autotuning included) takes a case far longer than timing it; run serially, six
   cases need most of a 10-minute device call. In parallel they share the host's cores, and the timed
   processes that follow, one at a time, load their executables from the cache (their `compile_s`
   shows whether they did). The compile processes allocate no model state and do not preallocate
   device memory; a case whose compile fails or times out here is simply compiled again when timed.
+  Each child's output goes to a file, so a chatty one cannot block on a full pipe.
   """
   cenv = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   t0 = time.time()
-  procs = {n: subprocess.Popen(_child_cmd(n, a, compile_only=True), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=cenv) for n in names}
+  logs = {k: tempfile.TemporaryFile("w+") for k in cmds}
+  procs = {k: subprocess.Popen(c, stdout=logs[k], stderr=subprocess.STDOUT, text=True, env=cenv)
+           for k, c in cmds.items()}
   out: dict[str, Any] = {}
-  for n, proc in procs.items():
+  for k, proc in procs.items():
     try:
-      stdout, _ = proc.communicate(timeout=max(1.0, a.precompile_timeout_s - (time.time() - t0)))
-      found = [ln for ln in stdout.splitlines() if ln.startswith("CASE_RESULT ")]
-      out[n] = (json.loads(found[-1].split(" ", 1)[1]).get("compile_only_s") if found else
-                f"rc {proc.returncode}: " + " / ".join(stdout.strip().splitlines()[-2:]))
+      proc.wait(timeout=max(1.0, timeout_s - (time.time() - t0)))
     except subprocess.TimeoutExpired:
       proc.kill()
-      proc.communicate()
-      out[n] = f"timed out after {a.precompile_timeout_s:.0f} s"
+      proc.wait()
+      out[k] = f"timed out after {timeout_s:.0f} s"
+      continue
+    logs[k].seek(0)
+    lines = logs[k].read().strip().splitlines()
+    found = [ln for ln in lines if ln.startswith("CASE_RESULT ")]
+    out[k] = (json.loads(found[-1].split(" ", 1)[1]).get("compile_only_s") if found else
+              f"rc {proc.returncode}: " + " / ".join(lines[-2:]))
+  for f in logs.values():
+    f.close()
   out["wall_s"] = round(time.time() - t0, 1)
   print("PRECOMPILE " + json.dumps(out), flush=True)
   return out
@@ -357,8 +366,9 @@ def main() -> None:
   start = time.time()
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if a.precompile == "on":
-    env.update(_cache_env(a.cache_dir or tempfile.mkdtemp(prefix="ssm_lab_jax_cache_")))
-    meta["precompile"] = _precompile(names, a, env)
+    env.update(cache_env(a.cache_dir or tempfile.mkdtemp(prefix="ssm_lab_jax_cache_")))
+    meta["precompile"] = precompile({n: _child_cmd(n, a, compile_only=True) for n in names}, env,
+                                    a.precompile_timeout_s)
   for name in names:
     if time.time() - start > a.budget_s:
       records.append({"case": name, "error": "not run: --budget_s reached"})
