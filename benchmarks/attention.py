@@ -38,7 +38,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-PEAK_TFLOPS = 736.0  # measured bf16 matmul ceiling of our H100
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ceilings  # noqa: E402
+
+PEAK_TFLOPS = 736.0  # measured bf16 matmul ceiling of the chip: set in main() from ceilings.py
 TOKENS = 32768
 HEADS = 16
 SMOKE = 1  # --smoke divides every length by 16 (CPU interpret-mode dry run of the script itself)
@@ -409,6 +412,8 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   dev = jax.devices()[0]
+  global PEAK_TFLOPS
+  PEAK_TFLOPS = ceilings.for_device(dev.device_kind).matmul_tf_s
   meta = dict(device=f"{dev.device_kind}", date=datetime.date.today().isoformat(),
               commit=git_commit(), jax=jax.__version__, backend=jax.default_backend(),
               mha_available=MHA is not None)

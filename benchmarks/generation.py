@@ -55,7 +55,10 @@ from ssm_lab.models.flops import param_count  # noqa: E402
 from ssm_lab.models.lm import LanguageModel, ModelArgs  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-HBM_TBS = 2.46      # measured H100 ceilings (the session's common numbers)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ceilings  # noqa: E402
+
+HBM_TBS = 2.46      # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 MATMUL_TFS = 736.0
 VOCAB = 50280       # GPT-NeoX tokenizer padded to a multiple of 8, as the Mamba checkpoints use
 PROMPT, NEW = 2048, 128
@@ -342,7 +345,8 @@ def _raise_or(value: Any) -> Any:
 
 def floor_step_s(args: ModelArgs, param_bytes: int, n_params: int, batch: int,
                  context: int) -> tuple[float, float]:
-  """(memory floor, compute floor) of one decode step in seconds at the measured H100 ceilings:
+  """(memory floor, compute floor) of one decode step in seconds at the measured ceilings of the
+  chip that runs (benchmarks/ceilings.py, set in main):
   every weight and the whole cache read once; 2 FLOPs per weight per token plus the attention
   products (4 * context * heads * head_dim per attention layer and token)."""
   cache = cache_memory.cache_bytes_per_sequence(args, context)["total"] * batch
@@ -412,19 +416,21 @@ def gib(b: float | None) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
   env = res["env"]
+  ceil = ceilings.for_device(env["device"])
+  hbm_tbs, matmul_tfs = ceil.hbm_tb_s, ceil.matmul_tf_s
   if res["settings"].get("memory_model_only"):
     lines = [f"# Generation benchmark: closed-form cache memory only ({env['date']}, commit "
              f"{env['commit']}, jax {env['jax']}, computed on {env['device']})", "",
              "The GPU sections (device cache memory, decode and prefill throughput, decode memory "
              "against context) have not been run: `python benchmarks/generation.py --out DIR` on "
-             "the H100 fills them in.", ""]
+             "a GPU fills them in.", ""]
   else:
     lines = [f"# Generation benchmark ({env['device']}, {env['date']}, commit {env['commit']}, "
              f"jax {env['jax']})", "",
              f"Random weights, bfloat16 weights and activations; decode = "
              f"{res['settings']['new']} greedy tokens after a {res['settings']['prompt']}-token "
              f"context in one compiled `lax.scan`; medians of 3 after warm-up. HBM floor = bytes "
-             f"a step must read (weights + whole cache) / {HBM_TBS} TB/s.", ""]
+             f"a step must read (weights + whole cache) / {hbm_tbs} TB/s.", ""]
     if env.get("runs"):
       lines += ["Merged from several device calls (each measured row records its commit in the "
                 "JSON): " + "; ".join(f"commit {r['commit']} ({r['device']}, {r['date']})"
@@ -453,7 +459,7 @@ def markdown(res: dict[str, Any]) -> str:
       if "error" in r or "skipped" in r:
         lines.append(f"| {r['model']} | {r['batch']} | {r.get('skipped') or r.get('error')} | | | |")
         continue
-      floor = r["hbm_bytes_per_step"] / (HBM_TBS * 1e12)
+      floor = r["hbm_bytes_per_step"] / (hbm_tbs * 1e12)
       lines.append(f"| {r['model']} | {r['batch']} | {r['ms_per_step']:.2f} | "
                    f"{r['tokens_per_s']:,.0f} | {1e3 * floor:.2f} | "
                    f"{floor / (r['ms_per_step'] / 1e3):.0%} |")
@@ -496,9 +502,9 @@ def markdown(res: dict[str, Any]) -> str:
   if res.get("floors"):
     lines += ["", "## Predicted decode ceiling (not a measurement)", "",
               f"tokens/s = batch / max(memory floor, compute floor) of one step at context "
-              f"{res['settings']['prompt'] + res['settings']['new']}, from the measured H100 "
-              f"ceilings ({HBM_TBS} TB/s, {MATMUL_TFS} TF/s bf16); OOM where weights + cache "
-              f"exceed 80 GB.", "",
+              f"{res['settings']['prompt'] + res['settings']['new']}, from the measured "
+              f"ceilings of the {env['device']} ({hbm_tbs} TB/s, {matmul_tfs} TF/s bf16); OOM where "
+              f"weights + cache exceed {res['floors'].get('memory_gb', 80):.0f} GB.", "",
               "| model | " + " | ".join(f"batch {b}" for b in res["floors"]["batches"]) + " |",
               "|---|" + "---:|" * len(res["floors"]["batches"])]
     for name, row in res["floors"]["rows"].items():
@@ -550,6 +556,9 @@ def main() -> int:
     print(markdown(merged))
     return 0
   os.makedirs(args.out, exist_ok=True)
+  global HBM_TBS, MATMUL_TFS
+  ceil = ceilings.for_device()
+  HBM_TBS, MATMUL_TFS = ceil.hbm_tb_s, ceil.matmul_tf_s
   budget = Budget(args.budget_s)
   zoo = model_zoo(args.smoke)
   if args.models:
@@ -571,14 +580,15 @@ def main() -> int:
                            "param_bytes": sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
                                               for s in jax.tree_util.tree_leaves(shapes))}
   floor_batches = [1, 16, 64, 256]
-  res["floors"] = {"batches": floor_batches, "rows": {}}
+  memory_bytes = device_memory() or 80e9
+  res["floors"] = {"batches": floor_batches, "rows": {}, "memory_gb": memory_bytes / 1e9}
   for name, a in margs.items():
     m = res["models"][name]
     row = []
     for b in floor_batches:
       mem_s, flop_s = floor_step_s(a, m["param_bytes"], m["params"], b, prompt + new)
       fits = m["param_bytes"] + cache_memory.cache_bytes_per_sequence(
-          a, prompt + new)["total"] * b <= 80e9
+          a, prompt + new)["total"] * b <= memory_bytes
       row.append(b / max(mem_s, flop_s) if fits else None)
     res["floors"]["rows"][name] = row
   res["memory_model"] = {"contexts": [1024, 2176, 8192, 32768, 131072],

@@ -60,7 +60,10 @@ from ssm_lab.layers.mlp import SwiGLU, default_d_ff  # noqa: E402
 from ssm_lab.layers.norm import RMSNorm  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-HBM_TBS = 2.46        # measured H100 ceilings (the session's common numbers)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ceilings  # noqa: E402
+
+HBM_TBS = 2.46        # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 MATMUL_TFS = 736.0
 BF16, F32 = jnp.bfloat16, jnp.float32
 # train_throughput.py's 350M cases measured on the H100 (benchmarks/results/train_throughput.md):
@@ -371,9 +374,12 @@ def main():
   out_dir = pathlib.Path(opts.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   dev = jax.devices()[0]
+  global HBM_TBS, MATMUL_TFS
+  ceil = ceilings.for_device(getattr(dev, "device_kind", str(dev)))
+  HBM_TBS, MATMUL_TFS = ceil.hbm_tb_s, ceil.matmul_tf_s
   meta = dict(device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
               jax=jax.__version__, date=str(datetime.date.today()), commit=git_commit(opts.commit),
-              ceilings=dict(hbm_tb_s=HBM_TBS, bf16_matmul_tf_s=MATMUL_TFS), smoke=opts.smoke)
+              ceilings_source=ceil.source, ceilings=dict(hbm_tb_s=HBM_TBS, bf16_matmul_tf_s=MATMUL_TFS), smoke=opts.smoke)
   s = Shapes(opts.smoke, opts.batch, opts.length)
   meta["shape"] = dict(batch=s.b, length=s.L, d_model=s.d)
   reps = 2 if opts.smoke else opts.reps

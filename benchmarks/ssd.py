@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HBM_TBS = 2.46      # measured H100 ceilings (the session's common numbers)
+HBM_TBS = 2.46      # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}   # relative Frobenius error vs the float32 oracle
 MATMUL_TFS = 736.0
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +48,9 @@ sys.path.insert(0, str(ROOT))
 import ssm_lab.ops.pallas.ssd as PAL  # noqa: E402
 from ssm_lab.ops import ssd  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ceilings  # noqa: E402
 
 ssd_pallas = PAL.ssd_pallas
 
@@ -350,9 +353,12 @@ def main():
 
   commit = git_commit(opts.commit)
   dev = jax.devices()[0]
+  global HBM_TBS, MATMUL_TFS
+  ceil = ceilings.for_device(getattr(dev, "device_kind", str(dev)))
+  HBM_TBS, MATMUL_TFS = ceil.hbm_tb_s, ceil.matmul_tf_s
   meta = dict(device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
               jax=jax.__version__, date=str(datetime.date.today()), commit=commit,
-              ceilings=dict(hbm_tb_s=HBM_TBS, bf16_matmul_tf_s=MATMUL_TFS))
+              ceilings_source=ceil.source, ceilings=dict(hbm_tb_s=HBM_TBS, bf16_matmul_tf_s=MATMUL_TFS))
   linear_attention, jla_err = _import_jla()
   use_jla = linear_attention is not None and jax.default_backend() == "gpu"
   meta["jax_linear_attention"] = "0.1.0 mosaic_gpu" if linear_attention else f"unavailable: {jla_err}"

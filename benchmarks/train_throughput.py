@@ -10,7 +10,8 @@ Each case runs in its own subprocess so that its peak memory (`peak_bytes_in_use
 failing case (out of memory, a missing layer) costs only itself; the parent stops starting cases when
 `--budget_s` would be exceeded. MFU = model FLOPs per token (ssm_lab.models.flops, 3x forward) times
 tokens/s over a peak: both the datasheet dense bf16 peak the training loop uses (989 TFLOP/s for an
-H100) and the measured bf16 matmul ceiling of this workplace's H100 (736 TFLOP/s).
+H100 or H200) and the measured bf16 matmul ceiling of the chip that ran (benchmarks/ceilings.py:
+736 TFLOP/s on this workplace's H100, 790 on its H200).
 
   python benchmarks/train_throughput.py --out benchmarks/results            # all cases
   python benchmarks/train_throughput.py --cases transformer-350m --steps 5
@@ -56,8 +57,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-MEASURED_PEAK = 736e12   # bf16 dense matmul ceiling measured on this workplace's H100
-DATASHEET_PEAK = 989e12  # H100 SXM dense bf16 (what ssm_lab.train.PEAK_FLOPS uses)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import ceilings  # noqa: E402
+
+DATASHEET_PEAK = 989e12  # H100/H200 SXM dense bf16 (what ssm_lab.train.PEAK_FLOPS uses)
 VOCAB = 50304            # GPT-NeoX's 50277 tokens padded to a multiple of 128
 
 _COMMON = dict(vocab_size=VOCAB, dtype="bfloat16", param_dtype="float32", tie_embeddings=True,
@@ -199,6 +202,7 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   fpt = flops_per_token(args, seq_len)
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
   first_loss = float(first["loss_sum"] / first["count"])
+  measured_peak = ceilings.for_device(mesh.devices.flat[0].device_kind).matmul_tf_s * 1e12
   return {
       "case": name, "devices": devices, "parallelism": parallelism, "pattern": args.pattern, "d_model": args.d_model, "params": n_params,
       "batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
@@ -207,7 +211,8 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
       "tokens_per_s": round(tokens_per_s), "train_flops_per_token": fpt,
       "model_tflops_per_s": round(fpt * tokens_per_s / 1e12, 1),
       "mfu_datasheet": round(fpt * tokens_per_s / (DATASHEET_PEAK * devices), 4),
-      "mfu_measured_peak": round(fpt * tokens_per_s / (MEASURED_PEAK * devices), 4),
+      "measured_peak_tf_s": measured_peak / 1e12,
+      "mfu_measured_peak": round(fpt * tokens_per_s / (measured_peak * devices), 4),
       "peak_memory_gib": round(max(peaks) / 2**30, 2) or None,  # the fullest device
       "compiled_temp_gib": round(mem.temp_size_in_bytes / 2**30, 2) if mem else None,
       # Sanity: random tokens at initialisation give a loss near ln(vocab); the step stayed finite.
@@ -219,14 +224,16 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
 
 
 def _markdown(meta: dict, records: list[dict]) -> str:
+  measured = next((r["measured_peak_tf_s"] for r in records if "measured_peak_tf_s" in r),
+                  ceilings.for_device(meta["device"]).matmul_tf_s)
   lines = [f"# Training throughput ({meta['device']})", "",
            f"Date {meta['date']}, commit {meta['commit']}, jax {meta['jax']}. bf16 compute, float32 "
            f"params and AdamW state, length {meta['seq_len']}, impl='auto'. MFU against "
            f"{DATASHEET_PEAK / 1e12:.0f} TFLOP/s (datasheet, as ssm_lab.train logs it) and "
-           f"{MEASURED_PEAK / 1e12:.0f} TFLOP/s (measured bf16 matmul ceiling). Median of "
+           f"{measured:.0f} TFLOP/s (measured bf16 matmul ceiling of this chip). Median of "
            f"{meta['rounds']} rounds of {meta['steps']} steps after 2 warm-up steps.", "",
            "| case | params | batch x len | step ms | tokens/s | model TFLOP/s | MFU (989) | "
-           "MFU (736) | peak mem GiB | compile s | impls | first loss / ln V |",
+           f"MFU ({measured:.0f}) | peak mem GiB | compile s | impls | first loss / ln V |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in records:
     if "error" in r:
@@ -259,7 +266,7 @@ def _markdown(meta: dict, records: list[dict]) -> str:
   if "transformer-350m" in by:
     r = by["transformer-350m"]
     lines.append(f"- Transformer 350M MFU {100 * r['mfu_datasheet']:.1f}% of 989 TFLOP/s, "
-                 f"{100 * r['mfu_measured_peak']:.1f}% of 736 (target >= 45%)")
+                 f"{100 * r['mfu_measured_peak']:.1f}% of {measured:.0f} (target >= 45%)")
   return "\n".join(lines) + "\n"
 
 
