@@ -18,12 +18,11 @@ from typing import NamedTuple
 class Ceilings(NamedTuple):
   hbm_tb_s: float         # TB/s a copy kernel reaches (bytes read + written)
   matmul_tf_s: float      # TF/s of a large bf16 matmul
-  datasheet_tf_s: float   # dense bf16 TF/s by the vendor's datasheet (what MFU is usually quoted against)
   source: str
 
 
-H100 = Ceilings(2.46, 736.0, 989.0, "H100 80GB, measured (project brief)")
-H200 = Ceilings(4.3, 790.0, 989.0, "H200, measured (device tool KINDS.md)")
+H100 = Ceilings(2.46, 736.0, "H100 80GB, measured (project brief)")
+H200 = Ceilings(4.3, 790.0, "H200, measured (device tool KINDS.md)")
 
 
 def for_device(device_kind: str | None = None) -> Ceilings:

@@ -80,3 +80,15 @@ def test_layer_breakdown_smoke(tmp_path):
   assert any(p.suffix == ".json" for p in tmp_path.iterdir())
   md = next(p for p in tmp_path.iterdir() if p.suffix == ".md").read_text()
   assert "conv" in md and "layer" in md
+
+
+def test_ceilings_follow_the_device_that_ran():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import ceilings  # noqa: PLC0415
+
+  assert ceilings.for_device("NVIDIA H100 80GB HBM3") == ceilings.H100
+  assert ceilings.for_device("NVIDIA H200") == ceilings.H200
+  assert ceilings.H200.hbm_tb_s > ceilings.H100.hbm_tb_s
+  cpu = ceilings.for_device("cpu")
+  assert (cpu.hbm_tb_s, cpu.matmul_tf_s) == (ceilings.H100.hbm_tb_s, ceilings.H100.matmul_tf_s)
+  assert "assumed" in cpu.source
