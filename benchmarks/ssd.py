@@ -162,12 +162,22 @@ def compile_all(jobs, workers, deadline):
     except Exception as e:  # noqa: BLE001
       return name, e, time.time() - t
 
+  def record(name, exe, secs):
+    out[name] = exe
+    status = ("skipped: compile deadline" if exe is None else "ok" if not isinstance(exe, Exception)
+              else f"FAILED {type(exe).__name__}: {str(exe)[:300]}")
+    print(f"  compile {name}: {secs:.1f}s {status} (t={time.time() - t0:.0f}s)", flush=True)
+
+  # jax-linear-attention's programs compile one at a time first: its mosaic_gpu backward at
+  # (8, 2048) refused the call when compiled among parallel compiles (results/ssd_h200.md) and
+  # compiled alone (ssd_h200_8x2048_serial.md).
+  serial = [item for item in jobs.items() if "jla" in item[0]]
+  for item in serial:
+    record(*comp(item))
+  rest = [item for item in jobs.items() if "jla" not in item[0]]
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    for name, exe, secs in pool.map(comp, jobs.items()):
-      out[name] = exe
-      status = ("skipped: compile deadline" if exe is None else "ok" if not isinstance(exe, Exception)
-                else f"FAILED {type(exe).__name__}: {str(exe)[:300]}")
-      print(f"  compile {name}: {secs:.1f}s {status} (t={time.time() - t0:.0f}s)", flush=True)
+    for name, exe, secs in pool.map(comp, rest):
+      record(name, exe, secs)
   print(f"compiled {len(jobs)} programs in {time.time() - t0:.1f}s", flush=True)
   return out
 
@@ -198,6 +208,17 @@ CANDIDATES = (
     ("pallas all3", {"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}, True),
     # The two winners at (1, 65536) together (results/ssd_65536.md).
     ("pallas bwd_split+ds bf16", {"bwd_split": True, "ds_dtype": "bfloat16"}, False),
+    # num_warps_chunk=4 (0.72 of the default's time at (8, 2048), results/ssd_h200.md: two programs
+    # an SM despite spills) with the other winners: the candidates for the next default.
+    ("pallas w4", {"num_warps_chunk": 4}, False),
+    ("pallas w4+ds bf16", {"num_warps_chunk": 4, "ds_dtype": "bfloat16"}, False),
+    ("pallas w4+ds bf16+split", {"num_warps_chunk": 4, "ds_dtype": "bfloat16", "bwd_split": True},
+     False),
+    ("pallas w4+split", {"num_warps_chunk": 4, "bwd_split": True}, False),
+    ("pallas w4+ds bf16+q32", {"num_warps_chunk": 4, "ds_dtype": "bfloat16", "chunk_size": 32},
+     True),
+    ("pallas w4+ds bf16+fwd chunked", {"num_warps_chunk": 4, "ds_dtype": "bfloat16",
+                                       "fwd": "chunked"}, True),
 )
 # Tuning rows for --variants (first shape only, timed right after its main rows): knob, value.
 # Defaults: segments from choose_segments (2 at (8, 2048)), ds_block 16, num_warps_chunk 8,
