@@ -2,7 +2,7 @@
 # Nsight Compute counters of the scan and SSD kernels against jax-linear-attention's, one fwd+bwd
 # call each (benchmarks/profile_kernels.py), at the first benchmark shape of each op.
 #
-#   benchmarks/ncu_profile.sh OUT_DIR [scan|ssd|all] [source]
+#   benchmarks/ncu_profile.sh OUT_DIR [all|scan|ssd|NAME,NAME...] [source]
 #
 # Writes OUT_DIR/<name>.csv (ncu --csv --page details: one row a kernel x metric) and <name>.err.
 # "source" adds a full-set profile of the scan's v4 backward kernel with per-SASS-instruction warp
@@ -14,6 +14,12 @@ which=${2:-all}
 source_page=${3:-}
 mkdir -p "$out"
 NCU=${NCU:-ncu}
+# ncu saves and restores the device memory a kernel may write for each replay pass; with XLA's
+# default pool (75% of the GPU preallocated) it failed to profile kernels (2026-12-04, H200).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# KERNELS: an ncu kernel-name regex (e.g. "selective_scan|mosaic"); default every kernel.
+filter=()
+[[ -n ${KERNELS:-} ]] && filter=(-k "regex:$KERNELS")
 py=benchmarks/profile_kernels.py
 sections=(--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats
           --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
@@ -24,21 +30,20 @@ SSD=8x2048x24x64x128
 run() {
   local name=$1; shift
   local t=$SECONDS
-  timeout "${NCU_TIMEOUT:-150}" "$NCU" --clock-control none --profile-from-start off "${sections[@]}" \
+  timeout "${NCU_TIMEOUT:-150}" "$NCU" --clock-control none --profile-from-start off "${filter[@]}" "${sections[@]}" \
     --csv --page details python3 "$py" "$@" > "$out/$name.csv" 2> "$out/$name.err"
   echo "ncu $name: rc=$? $((SECONDS - t))s $(grep -c . "$out/$name.csv") lines"
 }
 
-if [[ $which == scan || $which == all ]]; then
-  run scan_v4 --op scan --shape $SCAN
-  run scan_v5 --op scan --shape $SCAN --config '{"fwd": "v5", "bwd": "v5", "chunk": 8}'
-  run scan_jla --op jla_scan --shape $SCAN
-fi
-if [[ $which == ssd || $which == all ]]; then
-  run ssd_default --op ssd --shape $SSD
-  run ssd_w4_dsbf16 --op ssd --shape $SSD --config '{"num_warps_chunk": 4, "ds_dtype": "bfloat16"}'
-  run ssd_jla --op jla_ssd --shape $SSD
-fi
+# which: "all", "scan", "ssd" or a comma-separated list of the names below.
+want() { [[ $which == all || ,$which, == *,$1,* || $1 == ${which}_* ]]; }
+want scan_v4 && run scan_v4 --op scan --shape $SCAN
+want scan_v5 && run scan_v5 --op scan --shape $SCAN --config '{"fwd": "v5", "bwd": "v5", "chunk": 8}'
+want scan_jla && run scan_jla --op jla_scan --shape $SCAN
+want ssd_default && run ssd_default --op ssd --shape $SSD
+want ssd_w4_dsbf16 && run ssd_w4_dsbf16 --op ssd --shape $SSD \
+  --config '{"num_warps_chunk": 4, "ds_dtype": "bfloat16"}'
+want ssd_jla && run ssd_jla --op jla_ssd --shape $SSD
 if [[ $source_page == source ]]; then
   t=$SECONDS
   timeout "${NCU_TIMEOUT:-150}" "$NCU" --clock-control none --profile-from-start off --set full \

@@ -29,6 +29,7 @@ import datetime
 import functools
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -365,6 +366,11 @@ def main():
                   help="seconds from start: no compile starts after 0.6 of it, no check or timed "
                        "row after it (recorded as skipped). Default 360 (3600 with --smoke)")
   ap.add_argument("--workers", type=int, default=12, help="parallel compiles")
+  ap.add_argument("--candidates", default=None,
+                  help="regex: only the candidate rows whose name matches (default: all)")
+  ap.add_argument("--scale-checks-only", action="store_true",
+                  help="skip the small-shape checks against the reference; keep the check of "
+                       "every pallas row against the float32 chunked op at each benchmark shape")
   opts = ap.parse_args()
   if opts.budget_s is None:
     opts.budget_s = 3600.0 if opts.smoke else 360.0
@@ -408,13 +414,14 @@ def main():
             ("pallas bwd=sequential", ours("pallas", bwd="sequential"), False)]
     if use_jla:
       rows.append(("jla simple_gla mosaic_gpu", jla_fn(linear_attention), True))
-    rows += [(name, ours("pallas", **kw), fwd) for name, kw, fwd in CANDIDATES]
+    rows += [(name, ours("pallas", **kw), fwd) for name, kw, fwd in CANDIDATES
+             if opts.candidates is None or re.search(opts.candidates, name)]
     if opts.variants and i == 0:
       rows += [(f"pallas {k}={v}", ours("pallas", **{k: v}), False) for k, v in VARIANTS]
     plan[shape] = rows
 
   # Every program, compiled up front in parallel (priority order: checks, then shape by shape).
-  data = {} if opts.no_check else check_inputs(opts.smoke)
+  data = {} if opts.no_check or opts.scale_checks_only else check_inputs(opts.smoke)
   jobs = check_jobs(data)
   for shape, rows in plan.items():
     b, l, h, p, n = shape
