@@ -5,12 +5,12 @@
 #   benchmarks/ncu_profile.sh OUT_DIR [all|scan|ssd|NAME,NAME...] [source]
 #
 # Writes OUT_DIR/<name>.csv (ncu --csv --page details: one row a kernel x metric) and <name>.err.
-# "source" adds a full-set profile of the scan's v4 backward kernel with per-SASS-instruction warp
-# stall samples (<name>_sass.csv). Needs ncu on the PATH (Firecracker machines; --clock-control
-# none, as the device notes ask) and, for the jla rows, jax-linear-attention importable.
+# "source" adds full-set profiles of the scan's v4 and v5 kernels (see full() below). Needs ncu on
+# the PATH (Firecracker machines; --clock-control none, as the device notes ask) and, for the jla
+# rows, jax-linear-attention importable. "" as NAME list with "source" runs only the full sets.
 set -u
-out=${1:?usage: ncu_profile.sh OUT_DIR [scan|ssd|all] [source]}
-which=${2:-all}
+out=${1:?usage: ncu_profile.sh OUT_DIR [all|scan|ssd|NAME,NAME...] [source]}
+which=${2-all}
 source_page=${3:-}
 mkdir -p "$out"
 NCU=${NCU:-ncu}
@@ -44,16 +44,23 @@ want ssd_default && run ssd_default --op ssd --shape $SSD
 want ssd_w4_dsbf16 && run ssd_w4_dsbf16 --op ssd --shape $SSD \
   --config '{"num_warps_chunk": 4, "ds_dtype": "bfloat16"}'
 want ssd_jla && run ssd_jla --op jla_ssd --shape $SSD
-if [[ $source_page == source ]]; then
-  t=$SECONDS
+# "source": the full set (per-SASS-instruction warp-stall samples included) for the scan's default
+# v4 kernels and the v5 ones, at the same shape: <name>_sass.csv (ncu --page source) and
+# <name>_full.csv (--page details).
+full() {
+  local name=$1 config=$2
+  local t=$SECONDS
   timeout "${NCU_TIMEOUT:-150}" "$NCU" --clock-control none --profile-from-start off --set full \
-    --import-source no -k regex:selective_scan_bwd -o "$out/scan_v4_bwd" -f \
-    python3 "$py" --op scan --shape $SCAN > "$out/scan_v4_bwd.err" 2>&1
-  echo "ncu scan_v4_bwd full: rc=$? $((SECONDS - t))s"
-  "$NCU" -i "$out/scan_v4_bwd.ncu-rep" --page source --csv --print-source sass \
-    > "$out/scan_v4_bwd_sass.csv" 2>> "$out/scan_v4_bwd.err"
-  echo "sass page: rc=$? $(grep -c . "$out/scan_v4_bwd_sass.csv") lines"
-  "$NCU" -i "$out/scan_v4_bwd.ncu-rep" --page details --csv > "$out/scan_v4_bwd_full.csv" \
-    2>> "$out/scan_v4_bwd.err"
-  rm -f "$out/scan_v4_bwd.ncu-rep"
+    --import-source no -k "regex:${FULL_KERNELS:-selective_scan_(fwd|bwd)}" -o "$out/$name" -f \
+    python3 "$py" --op scan --shape $SCAN --config "$config" > "$out/$name.err" 2>&1
+  echo "ncu $name full: rc=$? $((SECONDS - t))s"
+  "$NCU" -i "$out/$name.ncu-rep" --page source --csv --print-source sass \
+    > "$out/${name}_sass.csv" 2>> "$out/$name.err"
+  echo "  sass page: rc=$? $(grep -c . "$out/${name}_sass.csv") lines"
+  "$NCU" -i "$out/$name.ncu-rep" --page details --csv > "$out/${name}_full.csv" 2>> "$out/$name.err"
+  rm -f "$out/$name.ncu-rep"
+}
+if [[ $source_page == source ]]; then
+  full scan_v4_src '{}'
+  full scan_v5_src '{"fwd": "v5", "bwd": "v5", "chunk": 8}'
 fi

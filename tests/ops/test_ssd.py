@@ -56,7 +56,8 @@ def _call(impl, a, **kw):
 
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
-KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split", "group_sum")
+KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split", "group_sum",
+         "num_warps_chunk")
 _call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
@@ -161,7 +162,9 @@ def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("kw", [{}, {"bwd": "sequential"}, {"ds_dtype": "bfloat16"}])
+# {} stores dS_end in bf16 here (ds_dtype="auto" with bf16 x); {"ds_dtype": "float32"} the other way.
+@pytest.mark.parametrize("kw", [{}, {"bwd": "sequential"}, {"ds_dtype": "float32"},
+                                {"num_warps_chunk": 8}])
 def test_pallas_bfloat16_close_to_float32_reference(kw):
   a = make(jax.random.PRNGKey(4), b=1, l=96, h=2, p=16, g=1, n=16, dtype=jnp.bfloat16)
   a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
@@ -236,6 +239,31 @@ def test_impl_selection():
   assert chosen.name == "chunked"
 
 
+@pytest.mark.parametrize("dtype,want", [(jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32)])
+def test_pallas_ds_dtype_auto_follows_x(dtype, want):
+  # The dS pass's per-chunk output (dS_end of every chunk, between the backward's two kernels) is bf16 for bf16 inputs and float32 for float32 ones, unless ds_dtype says otherwise.
+  a = make(jax.random.PRNGKey(12), b=1, l=64, h=2, p=16, g=1, n=16, dtype=dtype)
+
+  def ds_dtypes(**kw):
+    jaxpr = jax.make_jaxpr(lambda a: grads("pallas-direct", a, chunk_size=16, **kw))(a)
+    found = set()
+
+    def walk(jp):
+      for eqn in jp.eqns:
+        if eqn.primitive.name == "pallas_call" and "ssd_ds_kernel" in str(eqn.params["name"]):
+          found.add(eqn.outvars[0].aval.dtype)
+        for p in eqn.params.values():             # nested programs (jit, custom_vjp): duck-typed
+          if hasattr(p, "eqns"):
+            walk(p)
+          elif hasattr(getattr(p, "jaxpr", None), "eqns"):
+            walk(p.jaxpr)
+    walk(jaxpr.jaxpr)
+    return found
+
+  assert ds_dtypes() == {jnp.dtype(want)}
+  assert ds_dtypes(ds_dtype="float32") == {jnp.dtype(jnp.float32)}
+
+
 def test_pallas_knob_errors_name_the_knob():
   a = make(jax.random.PRNGKey(11))
   x, dt, A, B, C = (a[k] for k in ("x", "dt", "A", "B", "C"))
@@ -243,7 +271,7 @@ def test_pallas_knob_errors_name_the_knob():
     ssd_pallas(x, dt, A, B, C, bwd="fast")
   with pytest.raises(ValueError, match=r"ds_block must be a power of two >= 16, got 24"):
     ssd_pallas(x, dt, A, B, C, ds_block=24)
-  with pytest.raises(ValueError, match=r"ds_dtype must be 'float32' or 'bfloat16'"):
+  with pytest.raises(ValueError, match=r"ds_dtype must be 'auto', 'float32' or 'bfloat16'"):
     ssd_pallas(x, dt, A, B, C, ds_dtype="float16")
   with pytest.raises(ValueError, match=r"fwd must be 'chunked' or 'sequential', got 'x'"):
     ssd_pallas(x, dt, A, B, C, fwd="x")

@@ -71,6 +71,12 @@ f32 = jnp.float32
 # about two of these programs per SM).
 MIN_PROGRAMS = 264
 MIN_CHUNKS_PER_SEGMENT = 8
+# dS_end's storage between the backward's two passes, by x's dtype (ds_dtype="auto"). bf16 halves
+# that round trip: 0.57-0.66 of the float32 default's fwd+bwd time together with num_warps_chunk=4
+# on the H200 (results/ssd_h200_defaults.md), with bf16 inputs' dA error vs the float32 chunked op
+# 9.3e-4 -> 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3); every other gradient
+# unchanged. float32 inputs keep float32 dS (bf16 would cost them ~3e-4 relative).
+DS_DTYPE_AUTO = {"bfloat16": "bfloat16"}
 
 
 class Config(NamedTuple):
@@ -86,10 +92,11 @@ class Config(NamedTuple):
   bwd: str = "chunked"          # "chunked" (dS pass + chunk-parallel kernel) or "sequential"
   ds_block: int = 16            # chunked: head_dim rows per dS-pass program
   ds_dtype: str = "float32"     # chunked: how dS_end is stored between the passes ("bfloat16": half
-                                # the bytes, loses the low half that keeps bf16 dA accurate)
+                                # the bytes; ssd_pallas picks it for bf16 inputs, see DS_DTYPE_AUTO)
   num_warps_ds: int = 4
   num_stages_ds: int = 3
-  num_warps_chunk: int = 8      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles)
+  num_warps_chunk: int = 4      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles;
+                                # 4 warps spill but fit two programs an SM: 0.75-0.81 of 8's time)
   fwd: str = "sequential"       # "sequential" (one program per segment) or "chunked" (state pass,
                                 # then one program per chunk)
   bwd_split: bool = False       # chunked bwd: dx/ddt and dB/dC/dA in two kernels (fewer live tiles)
@@ -370,8 +377,10 @@ def _prec(dtype):
 
 
 def _call(kernel, cfg, num_warps, num_stages, grid, out_shape, *args, aliases=None):
+  # Named after the kernel function ("ssd_ds_kernel", ...): profiles and jaxprs show which is which.
+  name = "ssd" + getattr(kernel, "func", kernel).__name__
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
+      kernel, out_shape=out_shape, grid=grid, interpret=cfg.interpret, name=name,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       input_output_aliases=aliases or {},
   )(*args)
@@ -541,8 +550,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                initial_state: jax.Array | None = None, return_final_state: bool = False,
                segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
                num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
-               ds_block: int = 16, ds_dtype: str = "float32", num_warps_ds: int = 4,
-               num_stages_ds: int = 3, num_warps_chunk: int = 8, fwd: str = "sequential",
+               ds_block: int = 16, ds_dtype: str = "auto", num_warps_ds: int = 4,
+               num_stages_ds: int = 3, num_warps_chunk: int = 4, fwd: str = "sequential",
                bwd_split: bool = False, group_sum: str = "xla",
                interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
@@ -551,7 +560,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
-  the two passes), `fwd` ("sequential": one program per segment; "chunked": a state pass like the
+  the two passes; "auto": bfloat16 for bfloat16 x, float32 otherwise), `fwd` ("sequential": one program per segment; "chunked": a state pass like the
   dS pass, then one program per chunk), `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two
   kernels), `group_sum` ("xla": per-head dB/dC summed over each group afterwards; "atomic": float32
   atomic adds into the group's rows in the chunked backward, order-dependent rounding),
@@ -561,8 +570,10 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
     raise ValueError(f"bwd must be 'chunked' or 'sequential', got {bwd!r}")
   if ds_block < 16 or ds_block & (ds_block - 1):
     raise ValueError(f"ds_block must be a power of two >= 16, got {ds_block}")
-  if ds_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"ds_dtype must be 'float32' or 'bfloat16', got {ds_dtype!r}")
+  if ds_dtype not in ("auto", "float32", "bfloat16"):
+    raise ValueError(f"ds_dtype must be 'auto', 'float32' or 'bfloat16', got {ds_dtype!r}")
+  if ds_dtype == "auto":
+    ds_dtype = DS_DTYPE_AUTO.get(jnp.dtype(x.dtype).name, "float32")
   if fwd not in ("chunked", "sequential"):
     raise ValueError(f"fwd must be 'chunked' or 'sequential', got {fwd!r}")
   if group_sum not in ("xla", "atomic"):
