@@ -210,6 +210,7 @@ CANDIDATES = (
     ("pallas fwd=chunked", {"fwd": "chunked"}, True),
     ("pallas bwd_split", {"bwd_split": True}, False),
     ("pallas group_sum=atomic", {"group_sum": "atomic"}, False),
+    ("pallas bwd_split+fwd=chunked", {"bwd_split": True, "fwd": "chunked"}, True),
 )
 # Tuning rows for --variants (first shape only, timed right after its main rows): knob, value.
 # Defaults: segments from choose_segments (2 at (8, 2048)), ds_block 16, num_warps_chunk 4,
@@ -356,6 +357,8 @@ def main():
                   help="seconds from start: no compile starts after 0.6 of it, no check or timed "
                        "row after it (recorded as skipped). Default 360 (3600 with --smoke)")
   ap.add_argument("--workers", type=int, default=12, help="parallel compiles")
+  ap.add_argument("--rounds", type=int, default=1,
+                  help="time every row once per round, R rounds in turn; report the median round")
   ap.add_argument("--candidates", default=None,
                   help="regex: only the candidate rows whose name matches (default: all)")
   ap.add_argument("--scale-checks-only", action="store_true",
@@ -445,26 +448,48 @@ def main():
                                names)
       save()
     fl = floors(b, l, h, p, n, 1)
-    for name, _, with_fwd in rows:
-      row = dict(shape=list(shape), impl=name)
-      try:
-        if time.time() - t_start > opts.budget_s:
-          raise RuntimeError("skipped: time budget")
-        for mode in (("fwd", "fwdbwd") if with_fwd else ("fwdbwd",)):
-          exe = exes.get(f"{shape}/{name}/{mode}")
-          if exe is None or isinstance(exe, Exception):
-            raise RuntimeError(f"{mode} not compiled: {exe!r}"[:400])
-          ms, ms_min = time_exe(exe, (args,) if mode == "fwd" else (args, dy), reps)
-          moved, flops = (fl[0], fl[2]) if mode == "fwd" else (fl[1], fl[3])
-          row.update({f"{mode}_ms": ms, f"{mode}_min_ms": ms_min,
-                      f"{mode}_hbm_frac": moved / (ms * 1e-3) / (HBM_TBS * 1e12),
-                      f"{mode}_mma_frac": flops / (ms * 1e-3) / (MATMUL_TFS * 1e12)})
-      except Exception as e:  # noqa: BLE001
-        if "skipped" not in str(e):
-          traceback.print_exc()
-        row["error"] = repr(e)[:400]
-      results.append(row)
-      print(row, flush=True)
+    # --rounds R: every row is timed once per round, rounds in sequence, so slow drift of the clocks
+    # hits all rows alike; a row's time is the median of its round medians (each round: --reps runs).
+    per_round = {}                              # (name, mode) -> [round median ms]
+    mins = {}
+    errors = {}
+    first = len(results)
+    for rnd in range(opts.rounds):
+      for name, _, with_fwd in rows:
+        if name in errors:
+          continue
+        try:
+          if time.time() - t_start > opts.budget_s:
+            raise RuntimeError("skipped: time budget")
+          for mode in (("fwd", "fwdbwd") if with_fwd else ("fwdbwd",)):
+            exe = exes.get(f"{shape}/{name}/{mode}")
+            if exe is None or isinstance(exe, Exception):
+              raise RuntimeError(f"{mode} not compiled: {exe!r}"[:400])
+            ms, ms_min = time_exe(exe, (args,) if mode == "fwd" else (args, dy), reps)
+            per_round.setdefault((name, mode), []).append(ms)
+            mins[(name, mode)] = min(ms_min, mins.get((name, mode), ms_min))
+        except Exception as e:  # noqa: BLE001
+          if "skipped" not in str(e):
+            traceback.print_exc()
+          if not per_round.get((name, "fwdbwd")):
+            errors[name] = repr(e)[:400]
+      del results[first:]
+      for name, _, with_fwd in rows:
+        row = dict(shape=list(shape), impl=name)
+        for mode in ("fwd", "fwdbwd"):
+          if (name, mode) in per_round:
+            ms = statistics.median(per_round[(name, mode)])
+            moved, flops = (fl[0], fl[2]) if mode == "fwd" else (fl[1], fl[3])
+            row.update({f"{mode}_ms": ms, f"{mode}_min_ms": mins[(name, mode)],
+                        f"{mode}_hbm_frac": moved / (ms * 1e-3) / (HBM_TBS * 1e12),
+                        f"{mode}_mma_frac": flops / (ms * 1e-3) / (MATMUL_TFS * 1e12)})
+            if opts.rounds > 1:
+              row[f"{mode}_round_ms"] = per_round[(name, mode)]
+        if name in errors:
+          row["error"] = errors[name]
+        results.append(row)
+      print(f"round {rnd + 1}/{opts.rounds} of {shape}: " + ", ".join(
+          f"{r['impl']} {r.get('fwdbwd_ms', float('nan')):.3f}" for r in results[first:]), flush=True)
       save()
     del args, dy
 
@@ -492,6 +517,12 @@ def render_md(meta, checks, results):
       fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else "(= pallas)"
       lines.append(f"| {shp} | {r['impl']} | {fwd} | {r['fwdbwd_ms']:.3f} | "
                    f"{r['fwdbwd_hbm_frac']:.3f} | {r['fwdbwd_mma_frac']:.4f} |")
+  rounds = [r for r in results if "fwdbwd_round_ms" in r]
+  if rounds:
+    lines += ["", f"fwd+bwd per round (ms, {len(rounds[0]['fwdbwd_round_ms'])} rounds; the table "
+              "gives their median):", ""]
+    lines += [f"- ({r['shape'][0]}, {r['shape'][1]}) {r['impl']}: "
+              + ", ".join(f"{v:.3f}" for v in r["fwdbwd_round_ms"]) for r in rounds]
   lines += ["", "Ratios (fwd+bwd):", ""]
   by = {}
   for r in results:

@@ -69,7 +69,7 @@ def test_selective_scan_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_ssd_smoke(tmp_path):
-  _run("ssd.py", "--smoke", "--out", str(tmp_path), "--commit", "test")
+  _run("ssd.py", "--smoke", "--out", str(tmp_path), "--commit", "test", "--rounds", "2")
   md = (tmp_path / "ssd.md").read_text()
   assert "| chunked |" in md and "| pallas |" in md
 
