@@ -72,10 +72,10 @@ f32 = jnp.float32
 MIN_PROGRAMS = 264
 MIN_CHUNKS_PER_SEGMENT = 8
 # dS_end's storage between the backward's two passes, by x's dtype (ds_dtype="auto"). bf16 halves
-# that round trip: 0.57-0.66 of the float32 default's fwd+bwd time together with num_warps_chunk=4
-# on the H200 (results/ssd_h200_defaults.md), with bf16 inputs' dA error vs the float32 chunked op
-# 9.3e-4 -> 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3); every other gradient
-# unchanged. float32 inputs keep float32 dS (bf16 would cost them ~3e-4 relative).
+# that round trip: with num_warps_chunk=4, 0.60-0.68 of the old default's (float32 dS, 8 warps)
+# fwd+bwd time on the H200 (benchmarks/results/ssd_h200_defaults.md), with bf16 inputs' dA error vs
+# the float32 chunked op 9.3e-4 .. 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3;
+# ssd_h200_w4_grid.md); every other gradient unchanged. float32 inputs keep float32 dS.
 DS_DTYPE_AUTO = {"bfloat16": "bfloat16"}
 
 
@@ -96,7 +96,8 @@ class Config(NamedTuple):
   num_warps_ds: int = 4
   num_stages_ds: int = 3
   num_warps_chunk: int = 4      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles;
-                                # 4 warps spill but fit two programs an SM: 0.75-0.81 of 8's time)
+                                # 4 warps spill but fit two programs an SM: 0.71-0.98 of 8 warps'
+                                # fwd+bwd time on the H200, results/ssd_h200_checks.md)
   fwd: str = "sequential"       # "sequential" (one program per segment) or "chunked" (state pass,
                                 # then one program per chunk)
   bwd_split: bool = False       # chunked bwd: dx/ddt and dB/dC/dA in two kernels (fewer live tiles)
