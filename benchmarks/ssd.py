@@ -9,7 +9,8 @@ One script for one device call:
      backward, same forward: only fwd+bwd timed) and, in the same run, jax-linear-attention 0.1.0's
      Mosaic GPU `simple_gla` (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable, plus the kernel
      candidates (CANDIDATES: the old default's float32 dS_end and 8-warp chunk kernel, chunk-parallel
-     forward, split backward kernel, atomic group sum) at every shape; --variants adds tuning rows at the first shape, timed right after it.
+     forward, split backward kernel, atomic group sum) at every shape; --variants adds tuning rows at
+     the first shape, timed right after it; --rounds R times every row once a round, R rounds.
 
 Every program takes its arrays as jit arguments (no large constants for XLA to fold) and all are
 compiled up front in a thread pool; --budget_s bounds the run (no compile starts after 0.6 of it, no
