@@ -241,7 +241,8 @@ def test_impl_selection():
 
 @pytest.mark.parametrize("dtype,want", [(jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32)])
 def test_pallas_ds_dtype_auto_follows_x(dtype, want):
-  # The dS pass's per-chunk output (dS_end of every chunk, between the backward's two kernels) is bf16 for bf16 inputs and float32 for float32 ones, unless ds_dtype says otherwise.
+  # The dS pass's per-chunk output (dS_end of every chunk, between the backward's two kernels) is
+  # bf16 for bf16 inputs and float32 for float32 ones, unless ds_dtype says otherwise.
   a = make(jax.random.PRNGKey(12), b=1, l=64, h=2, p=16, g=1, n=16, dtype=dtype)
 
   def ds_dtypes(**kw):

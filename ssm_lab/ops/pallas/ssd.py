@@ -561,10 +561,11 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
-  the two passes; "auto": bfloat16 for bfloat16 x, float32 otherwise), `fwd` ("sequential": one program per segment; "chunked": a state pass like the
-  dS pass, then one program per chunk), `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two
-  kernels), `group_sum` ("xla": per-head dB/dC summed over each group afterwards; "atomic": float32
-  atomic adds into the group's rows in the chunked backward, order-dependent rounding),
+  the two passes; "auto": bfloat16 for bfloat16 x, float32 otherwise), `fwd` ("sequential": one
+  program per segment; "chunked": a state pass like the dS pass, then one program per chunk),
+  `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two kernels), `group_sum` ("xla": per-head
+  dB/dC summed over each group afterwards; "atomic": float32 atomic adds into the group's rows in
+  the chunked backward, order-dependent rounding),
   `interpret` (None: on when no GPU).
   """
   if bwd not in ("chunked", "sequential"):
