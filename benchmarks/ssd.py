@@ -220,7 +220,8 @@ CANDIDATES = (
 # at 255 with spills at Q = 64), twice the programs and state round trips.
 VARIANTS = (("segments", 1), ("segments", 4), ("ds_block", 32), ("ds_block", 64),
             ("num_warps_chunk", 2), ("num_warps_chunk", 16), ("num_warps_ds", 2),
-            ("num_stages_ds", 2), ("chunk_size", 32))
+            ("num_warps_ds", 8), ("num_stages_ds", 2), ("chunk_size", 32), ("num_warps_fwd", 8),
+            ("num_stages_fwd", 2))
 # Cases of the correctness check against the float32 reference (name, impl, knobs): every dtype
 # and group count; the candidates with 2 groups (2 heads a group, so group_sum=atomic really sums).
 CHECK_CASES = (("chunked", "chunked", {}), ("pallas", "pallas", {}),
