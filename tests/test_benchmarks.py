@@ -92,3 +92,46 @@ def test_ceilings_follow_the_device_that_ran():
   cpu = ceilings.for_device("cpu")
   assert (cpu.hbm_tb_s, cpu.matmul_tf_s) == (ceilings.H100.hbm_tb_s, ceilings.H100.matmul_tf_s)
   assert "assumed" in cpu.source
+
+
+def test_profile_kernels_runs_each_op_on_cpu():
+  # The script ncu wraps: without a GPU it still builds, warms up and runs the one profiled call.
+  out = _run("profile_kernels.py", "--op", "scan", "--shape", "1x32x16x4", "--config",
+             '{"chunk": 8}').stdout
+  assert "profiled 1 call(s): scan fwdbwd (1, 32, 16, 4)" in out and "profiler API absent" in out
+  out = _run("profile_kernels.py", "--op", "ssd", "--shape", "1x64x2x16x16", "--mode", "fwd").stdout
+  assert "profiled 1 call(s): ssd fwd (1, 64, 2, 16, 16)" in out
+
+
+def test_profile_kernels_rejects_a_bad_shape_or_config():
+  for args, msg in ((("--op", "ssd", "--shape", "1x64x2"), "--shape '1x64x2': ssd needs 5 sizes"),
+                    (("--op", "scan", "--shape", "1x8x8x4", "--config", "{chunk"),
+                     "--config is not JSON")):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_kernels.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode != 0 and msg in proc.stderr, proc.stderr[-500:]
+
+
+def test_ncu_summary_tables_details_and_sass_pages(tmp_path):
+  # Fixtures in the two ncu CSV layouts the profile script writes (--page details, --page source).
+  hdr = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+         '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+         '"Metric Value"')
+  rows = [("Duration", "us", "12.5"), ("Registers Per Thread", "register/thread", "255"),
+          ("Grid Size", "", "8"), ("Block Size", "", "128"), ("Executed Instructions", "inst", "1,000")]
+  (tmp_path / "run_a.csv").write_text("==PROF== Connected\n" + hdr + "\n" + "".join(
+      f'"0","1","python3","h","my_kernel","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0",'
+      f'"Sec","{m}","{u}","{v}"\n' for m, u, v in rows))
+  sass_hdr = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+              '"stall_wait","stall_short_sb"')
+  (tmp_path / "run_a_sass.csv").write_text(
+      '"Kernel Name","my_kernel",\n' + sass_hdr + "\n"
+      '"0x0","SHFL.BFLY PT, R1, R2, 0x1, 0x1f","30","300","10","20"\n'
+      '"0x10","@P0 FADD R1, R1, R2","10","100","10","0"\n')
+  md = _run("ncu_summary.py", str(tmp_path), "--title", "T").stdout
+  line = next(l for l in md.splitlines() if l.startswith("| run_a |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[:6] == ["run_a", "my_kernel", "12.5 us", "255", "8", "128"] and cells[9] == "1,000"
+  assert "executed instructions by opcode: SHFL 75%, FADD 25%" in md
+  stalls = md.split("stall reasons: ")[1].split("\n")[0]
+  assert sorted(stalls.split(", ")) == ["short_sb 50%", "wait 50%"]
