@@ -118,7 +118,8 @@ def test_ncu_summary_tables_details_and_sass_pages(tmp_path):
          '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
          '"Metric Value"')
   rows = [("Duration", "us", "12.5"), ("Registers Per Thread", "register/thread", "255"),
-          ("Grid Size", "", "8"), ("Block Size", "", "128"), ("Executed Instructions", "inst", "1,000")]
+          ("Grid Size", "", "8"), ("Block Size", "", "128"),
+          ("Executed Instructions", "inst", "1,000")]
   (tmp_path / "run_a.csv").write_text("==PROF== Connected\n" + hdr + "\n" + "".join(
       f'"0","1","python3","h","my_kernel","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0",'
       f'"Sec","{m}","{u}","{v}"\n' for m, u, v in rows))
@@ -135,3 +136,74 @@ def test_ncu_summary_tables_details_and_sass_pages(tmp_path):
   assert "executed instructions by opcode: SHFL 75%, FADD 25%" in md
   stalls = md.split("stall reasons: ")[1].split("\n")[0]
   assert sorted(stalls.split(", ")) == ["short_sb 50%", "wait 50%"]
+
+
+def _offline_sass():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import offline_sass  # noqa: PLC0415
+  return offline_sass
+
+
+def _snappy_literals(data: bytes) -> bytes:
+  """A valid raw Snappy stream of data in literals of <= 60 bytes, with one back-reference."""
+  out = bytearray()
+  n = len(data) + 8
+  while True:                                           # varint of the uncompressed length
+    b, n = n & 0x7F, n >> 7
+    out.append(b | (0x80 if n else 0))
+    if not n:
+      break
+  for i in range(0, len(data), 60):
+    piece = data[i:i + 60]
+    out.append((len(piece) - 1) << 2)
+    out += piece
+  out += bytes([(8 - 1) << 2 | 2]) + (16).to_bytes(2, "little")   # copy 8 bytes from 16 back
+  return bytes(out)
+
+
+def test_offline_sass_finds_a_snappy_chunk_across_riegeli_block_headers():
+  # The layout cubins_of reads: a Riegeli file (first block header at its start, a 24-byte block
+  # header every 64 KiB from there) holding a Snappy stream whose first literal starts with the
+  # marker. The stream is longer than a block, so the headers cut through it.
+  os_ = _offline_sass()
+  marker = b"\n\x1axla.gpu.GpuExecutableProto"
+  payload = marker + bytes(range(256)) * 700                      # ~179 KB
+  stream = _snappy_literals(payload)
+  file = bytearray(os_.RIEGELI_FILE_START + b"\x40" + bytes(7) + b"chunk header...." + stream)
+  for k in (1, 2, 3):                                             # insert block headers
+    at = k * os_.RIEGELI_BLOCK
+    if at < len(file):
+      file[at:at] = b"\xee" * os_.RIEGELI_BLOCK_HEADER
+  data = b"proto prefix" + bytes(file)
+  out = os_.riegeli_snappy(data, marker, os_._file_starts(data))
+  assert out == payload + payload[-16:-8]
+  with pytest.raises(RuntimeError, match="not found"):
+    os_.riegeli_snappy(data, b"no such marker", [12])
+
+
+def test_offline_sass_reads_cuobjdump_and_nvdisasm_output():
+  os_ = _offline_sass()
+  usage = (" Function selective_scan_bwd:\n  REG:255 STACK:384 SHARED:1024 LOCAL:0 CONSTANT[0]:688 "
+           "TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+  assert os_.resource_usage(usage) == dict(registers=255, stack_bytes=384, shared_bytes=1024,
+                                           local_bytes=0)
+  sass = ("        /*0000*/                   LDC R1, c[0x0][0x28] ;\n"
+          "        /*0010*/               @!P0 SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;\n"
+          "        /*0020*/                   SHFL.BFLY PT, R4, R3, 0x8, 0x1f ;\n"
+          "  .L_x_1:\n"
+          "        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;\n")
+  assert os_.opcode_mix(sass) == {"instructions": 4, "opcodes": {"SHFL": 2, "LDC": 1, "HGMMA": 1}}
+
+
+def test_compile_deviceless_without_the_cuda_plugin_says_what_is_missing():
+  import jax.numpy as jnp  # noqa: PLC0415
+  from ssm_lab.ops.pallas import lowering  # noqa: PLC0415
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401,PLC0415
+    pytest.skip("the CUDA plugin is installed here")
+  except ImportError:
+    pass
+  with pytest.raises(RuntimeError, match="jax-cuda12-plugin"):
+    lowering.compile_deviceless(lambda x: x * 2, jnp.ones(4))
+  with pytest.raises(ValueError, match="gpu='A100'"):
+    lowering.compile_deviceless(lambda x: x, jnp.ones(4), gpu="A100")
