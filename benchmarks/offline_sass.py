@@ -11,9 +11,9 @@ executable, and reports per kernel: registers, stack (spills), shared memory, st
 instructions and the opcode mix (SHFL, BAR, MUFU, HGMMA, ...), with each kernel's .sass next to it.
 
 Checked against Nsight Compute on the H200 (2026-12-04, results/ncu_scan_h200.md, ncu_ssd_h200.md):
-registers and static instruction counts are identical for the scan's v4 and v5 kernels at
-(8, 2048, 1536, 16) (e.g. v4 backward 255 registers and 5392 instructions, v5 forward 255 and 5208)
-and the SSD's three kernels at (8, 2048, 24, 64, 128) (123 / 255 / 255 registers).
+registers identical for every kernel ncu profiled (the scan's four v4 kernels and the v5 forward and
+backward at (8, 2048, 1536, 16); the SSD's three kernels at (8, 2048, 24, 64, 128)), and static
+instruction counts identical where ncu's source page exists (v4 backward 5392, v5 forward 5208,...).
 
 Setup, once (git-ignored `.tools/`; the wheels are the device image's jaxlib 0.11.2 plugin and
 NVIDIA's disassemblers):
