@@ -268,14 +268,8 @@ def main() -> None:
     paths = sorted(pathlib.Path(opts.cubins).glob("*.cubin"))
     meta = dict(source=opts.cubins)
   else:
-    shape = tuple(int(s) for s in opts.shape.split("x"))
-    want = 4 if opts.op.endswith("scan") else 5
-    if len(shape) != want:
-      raise SystemExit(f"--shape {opts.shape!r}: {opts.op} needs {want} sizes joined by 'x'")
-    try:
-      config = json.loads(opts.config)
-    except json.JSONDecodeError as e:
-      raise SystemExit(f"--config is not JSON: {e}") from None
+    import profile_kernels  # noqa: PLC0415
+    shape, config = profile_kernels.parse_call(opts.op, opts.shape, opts.config)
     compiled = compile_op(opts.op, shape, opts.mode, config, opts.gpu)
     cubins = cubins_of(compiled)
     paths = []

@@ -70,6 +70,21 @@ def build(op: str, shape: tuple[int, ...], mode: str, config: dict):
   raise ValueError(f"--op must be scan, jla_scan, ssd or jla_ssd, got {op!r}")
 
 
+def parse_call(op: str, shape_s: str, config_s: str) -> tuple[tuple[int, ...], dict]:
+  """(shape, config) from the --shape and --config flags, or exit naming the bad one."""
+  try:
+    shape = tuple(int(s) for s in shape_s.split("x"))
+  except ValueError:
+    shape = ()
+  want = 4 if op.endswith("scan") else 5
+  if len(shape) != want:
+    raise SystemExit(f"--shape {shape_s!r}: {op} needs {want} sizes joined by 'x'")
+  try:
+    return shape, json.loads(config_s)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--config is not JSON: {e}") from None
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--op", required=True, help="scan | jla_scan | ssd | jla_ssd")
@@ -79,14 +94,7 @@ def main() -> None:
   ap.add_argument("--config", default="{}", help="JSON: Config fields / ssd_pallas kwargs")
   ap.add_argument("--iters", type=int, default=1, help="profiled calls")
   opts = ap.parse_args()
-  shape = tuple(int(s) for s in opts.shape.split("x"))
-  want = 4 if opts.op.endswith("scan") else 5
-  if len(shape) != want:
-    raise SystemExit(f"--shape {opts.shape!r}: {opts.op} needs {want} sizes joined by 'x'")
-  try:
-    config = json.loads(opts.config)
-  except json.JSONDecodeError as e:
-    raise SystemExit(f"--config is not JSON: {e}") from None
+  shape, config = parse_call(opts.op, opts.shape, opts.config)
   fn, args = build(opts.op, shape, opts.mode, config)
   for _ in range(2):
     jax.block_until_ready(fn(*args))
