@@ -50,7 +50,8 @@ import struct
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -187,7 +188,7 @@ def cubins_of(compiled) -> dict[str, bytes]:
 
 def _tool(name: str, cuda_bin: str | None) -> str:
   cands = ([os.path.join(cuda_bin, name)] if cuda_bin else []) + sorted(
-      glob.glob(os.path.join(".tools", "cuda", "nvidia", "*", "bin", name)))
+      glob.glob(os.path.join(ROOT, ".tools", "cuda", "nvidia", "*", "bin", name)))
   for c in cands:
     if os.access(c, os.X_OK):
       return c
