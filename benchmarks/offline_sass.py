@@ -232,22 +232,14 @@ def opcode_mix(sass: str) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 def compile_op(op: str, shape: tuple[int, ...], mode: str, config: dict, gpu: str):
-  import jax  # noqa: PLC0415
   import profile_kernels as PK  # noqa: PLC0415
   from ssm_lab.ops.pallas import lowering  # noqa: PLC0415
   from ssm_lab.ops.pallas import selective_scan as PSS  # noqa: PLC0415
   from ssm_lab.ops.pallas import ssd as PAL  # noqa: PLC0415
   # On this CPU machine the ops would pick interpret mode: build the GPU kernels instead.
   PSS.interpret_mode = PAL.interpret_mode = lambda: False
-  structs = jax.eval_shape(lambda: PK.build(op, shape, mode, config)[1])
-  fn, _ = PK.build(op, _tiny(op), mode, config)
+  fn, structs = PK.build(op, shape, mode, config, abstract=True)
   return lowering.compile_deviceless(fn, *structs, gpu=gpu)
-
-
-def _tiny(op: str) -> tuple[int, ...]:
-  # build() also returns the jitted function, which does not depend on the shape; build it on a tiny
-  # shape so no full-size input is materialised on the CPU.
-  return (1, 16, 16, 4) if op.endswith("scan") else (1, 64, 2, 16, 16)
 
 
 def main() -> None:

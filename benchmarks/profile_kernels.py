@@ -44,22 +44,25 @@ def _cudart():
   return None
 
 
-def build(op: str, shape: tuple[int, ...], mode: str, config: dict):
-  """(jitted function, its arguments)."""
+def build(op: str, shape: tuple[int, ...], mode: str, config: dict, abstract: bool = False):
+  """(jitted function, its arguments); `abstract`: the arguments as ShapeDtypeStructs, nothing
+  computed (for compiling without running, benchmarks/offline_sass.py)."""
+  made = (lambda thunk: jax.eval_shape(thunk)) if abstract else (lambda thunk: thunk())
   if op in ("scan", "jla_scan"):
     b, L, d, n = shape
-    inp = scan_bench.make_inputs(2, b, L, d, n, 1, jnp.bfloat16)
+    inp = made(lambda: scan_bench.make_inputs(2, b, L, d, n, 1, jnp.bfloat16))
     args = tuple(inp[k] for k in scan_bench.DIFF_ARGS)
     present = tuple(a is not None for a in args)
     impl = "jla" if op == "jla_scan" else "pallas"
     f = scan_bench.op_fn(impl, config=PSS.Config(**config) if op == "scan" else None)
     if mode == "fwd":
       return jax.jit(f), args
-    ct = scan_bench._normal(9, (b, L, d), jnp.bfloat16)
+    ct = made(lambda: scan_bench._normal(9, (b, L, d), jnp.bfloat16))
     return jax.jit(scan_bench.fwd_bwd_fn(f, present)), (args, ct)
   if op in ("ssd", "jla_ssd"):
     b, L, h, p, n = shape
-    a, dy = ssd_bench.make_inputs(jax.random.PRNGKey(0), b, L, h, p, n, 1, jnp.bfloat16)
+    a, dy = made(lambda: ssd_bench.make_inputs(jax.random.PRNGKey(0), b, L, h, p, n, 1,
+                                               jnp.bfloat16))
     if op == "ssd":
       f = ssd_bench.ours("pallas", **config)
     else:

@@ -17,9 +17,8 @@ be read without one (`benchmarks/offline_sass.py`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import contextlib
+from typing import Any, Callable
 
 import jax
 

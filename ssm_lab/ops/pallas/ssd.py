@@ -71,12 +71,6 @@ f32 = jnp.float32
 # about two of these programs per SM).
 MIN_PROGRAMS = 264
 MIN_CHUNKS_PER_SEGMENT = 8
-# dS_end's storage between the backward's two passes, by x's dtype (ds_dtype="auto"). bf16 halves
-# that round trip: with num_warps_chunk=4, 0.60-0.68 of the old default's (float32 dS, 8 warps)
-# fwd+bwd time on the H200 (benchmarks/results/ssd_h200_defaults.md), with bf16 inputs' dA error vs
-# the float32 chunked op 9.3e-4 .. 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3;
-# ssd_h200_w4_grid.md); every other gradient unchanged. float32 inputs keep float32 dS.
-DS_DTYPE_AUTO = {"bfloat16": "bfloat16"}
 
 
 class Config(NamedTuple):
@@ -92,7 +86,7 @@ class Config(NamedTuple):
   bwd: str = "chunked"          # "chunked" (dS pass + chunk-parallel kernel) or "sequential"
   ds_block: int = 16            # chunked: head_dim rows per dS-pass program
   ds_dtype: str = "float32"     # chunked: how dS_end is stored between the passes ("bfloat16": half
-                                # the bytes; ssd_pallas picks it for bf16 inputs, see DS_DTYPE_AUTO)
+                                # the bytes; ssd_pallas's "auto" picks it for bf16 inputs)
   num_warps_ds: int = 4
   num_stages_ds: int = 3
   num_warps_chunk: int = 4      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles;
@@ -584,7 +578,12 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   if ds_dtype not in ("auto", "float32", "bfloat16"):
     raise ValueError(f"ds_dtype must be 'auto', 'float32' or 'bfloat16', got {ds_dtype!r}")
   if ds_dtype == "auto":
-    ds_dtype = DS_DTYPE_AUTO.get(jnp.dtype(x.dtype).name, "float32")
+    # bf16 dS_end halves the round trip between the backward's two passes: with num_warps_chunk=4,
+    # 0.60-0.68 of the old default's (float32 dS, 8 warps) fwd+bwd time on the H200
+    # (benchmarks/results/ssd_h200_defaults.md); bf16 inputs' dA error vs the float32 chunked op
+    # 9.3e-4 .. 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3; ssd_h200_w4_grid.md),
+    # every other gradient unchanged. float32 inputs keep float32 dS.
+    ds_dtype = "bfloat16" if x.dtype == jnp.bfloat16 else "float32"
   if fwd not in ("chunked", "sequential"):
     raise ValueError(f"fwd must be 'chunked' or 'sequential', got {fwd!r}")
   if group_sum not in ("xla", "atomic"):
