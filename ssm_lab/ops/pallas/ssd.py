@@ -215,15 +215,15 @@ def _out_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, st_ref, y_ref, *, q,
 
 
 def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs, bc_refs, bi, hi,
-                 chunk, ds, d_h, q, rep, prec, ds_exact=True, atomic=False):
-  """Gradients of one chunk given ds [P, N] float32, the gradient reaching the chunk's end state.
+                 chunk, ds, d_h, q, rep, prec, atomic=False):
+  """Gradients of one chunk given ds [P, N], the gradient reaching the chunk's end state (float32, or
+  the compute dtype when dS_end was stored in it: then it has no low half to add back).
 
   Shared by the sequential and the chunk-parallel backward. dx_refs = (dx, ddt, x.dy) and bc_refs =
   (dB, dC, dA) say which gradients this program computes (None: not this one; bwd_split gives each
-  half its own kernel, which keeps fewer tiles live). `ds_exact=False`: ds was stored in the compute
-  dtype, so it has no low half to add back. `atomic`: dB/dC are added into the group's float32 rows
-  (zero-initialised, shared by the group's heads) instead of stored per head. Returns (dy [Q, P]
-  float32, acum [Q], C [Q, N], acum_Q) for the caller's dS update."""
+  half its own kernel, which keeps fewer tiles live). `atomic`: dB/dC are added into the group's
+  float32 rows (zero-initialised, shared by the group's heads) instead of stored per head. Returns
+  (dy [Q, P] float32, acum [Q], C [Q, N], acum_Q) for the caller's dS update."""
   gi = hi // rep
   cd = x_ref.dtype
   causal, is_last = _masks(q)
@@ -234,68 +234,71 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
   bs = b_ref[bi, pl.ds(t0, q), gi, :]
   cs = c_ref[bi, pl.ds(t0, q), gi, :]
   dy_raw = dy_ref[bi, pl.ds(t0, q), hi, :]
-  if bc_refs is not None:
-    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
   dys = dy_raw.astype(cd)
   dy_f = dy_raw.astype(f32)
   decay, last = _chunk_decays(ac, causal, is_last)
   xf = xs.astype(f32)
   u = xf * dts[:, None]
-  ucd = u.astype(cd)
-  # Each gradient is stored as soon as it is complete, so few [Q, N] float32 tiles are live at once
-  # (the kernel is register bound). Products:
+  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
+  ds_cd = ds.astype(cd)
+  # Products (u = dt x, L the in-chunk decays, S0 the chunk's start state):
   #   dC_t = sum_s L[t,s] (dy_t.u_s) B_s + exp(acum_t) S0^T dy_t
   #   du_s = sum_t L[t,s] (C_t.B_s) dy_t + exp(acum_Q - acum_s) dS B_s      (dx = dt du + D dy)
   #   dB_s = sum_t L[t,s] (dy_t.u_s) C_t + exp(acum_Q - acum_s) dS^T u_s
+  # The per-token scales go on a [Q, P] operand (exp(acum) dy, exp(acum_Q - acum) u) and both
+  # products of a gradient share one accumulator, so no [Q, N] float32 tile is scaled or added.
   # d a_s = sum_{t>=s in chunk} (C_t.dC_t - B_t.dB_t) + <dS_end, S_end> (module docstring), with
-  #   C_t.dC_t = (row sums of W)_t + Y_t,   W = L o (C B^T) o (dy u^T),  Y_t = C_t.dC_state_t
-  #   B_t.dB_t = (column sums of W)_t + F_t,  F_t = B_t.dB_state_t = u_t.du_state_t
-  #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t.
-  # The F terms cancel down to sum_{t<s} F_t; that is summed directly, and W comes from the float32
+  #   C_t.dC_t = (row sums of W)_t + Y_t,   W = L o (C B^T) o (dy u^T),  Y_t = exp(acum_t) dy_t.(S0 C_t)
+  #   B_t.dB_t = (column sums of W)_t + F_t,  F_t = exp(acum_Q - acum_t) u_t.(dS B_t)
+  #   <dS_end, S_end> = e^{acum_Q} <dS_end, S0> + sum_t F_t,  <dS_end, S0> = trace(dS S0^T).
+  # The F terms cancel down to sum_{t<s} F_t; that is summed directly. Y, F and the trace come from
+  # [Q, P] / [P, P] products (bf16 operands, exact products, float32 sums), and W from the float32
   # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
-  # (Statement order = v3's for bwd_split=False: the register allocation, 236 B of spill at 8 warps,
-  # is sensitive to it; moving w_end/ds_cd up and m1 down cost 56 B more.)
+  # Each gradient is stored as soon as it is complete (the kernel is register bound).
   cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
-  if bc_refs is not None:
-    db_ref, dc_ref, da_ref = bc_refs
-    dyu = _dot(dys, ucd, (1, 1), prec) * decay                  # [t, s] L o (dy u^T)
-    w = cb * dyu
-    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
-  if dx_refs is not None:
-    m1 = (cb * decay).astype(cd)
-  if bc_refs is not None:
-    m2 = dyu.astype(cd)
-    dc_state = jnp.exp(ac)[:, None] * _dot(dys, s0, (1, 0), prec)
-    g = g + jnp.sum(cs.astype(f32) * dc_state, axis=1)
-    s0_term = jnp.exp(last) * jnp.sum(ds * s0.astype(f32))
-    dc = _dot(m2, bs, (1, 0), prec) + dc_state
-    if atomic:
-      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
-    else:
-      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
-  w_end = jnp.exp(last - ac)[:, None]                           # [Q, 1]
-  ds_cd = ds.astype(cd)
+  dus = _dot(bs, ds_cd, (1, 1), prec)                           # [s, p] dS B_s
   if dx_refs is not None:
     dx_ref, ddt_ref, xdy_ref = dx_refs
-    du = _dot(m1, dys, (0, 0), prec) + w_end * _dot(bs, ds_cd, (1, 1), prec)
+    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec) + w_end * dus
     dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
     ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
     xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
   if bc_refs is not None:
-    db_state = w_end * _dot(ucd, ds_cd, (1, 0), prec)
-    db = _dot(m2, cs, (0, 0), prec) + db_state
+    db_ref, dc_ref, da_ref = bc_refs
+    f_dot = dus
+    if cd != f32 and ds.dtype == f32:
+      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+      # in sum_{t<s} F_t and in the trace: add back the low bf16 half of dS there (two more products).
+      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
+      f_dot = f_dot + _dot(bs, ds_lo, (1, 1), prec)
+    f_t = w_end[:, 0] * jnp.sum(u * f_dot, axis=1)
+    dyu = _dot(dys, u.astype(cd), (1, 1), prec) * decay         # [t, s] L o (dy u^T)
+    w = cb * dyu
+    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
+    m2 = dyu.astype(cd)
+    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
+    ea = jnp.exp(ac)[:, None]
+    dc = _dot(m2, bs, (1, 0), prec) + _dot((dy_f * ea).astype(cd), s0, (1, 0), prec)
+    if atomic:
+      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
+    else:
+      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
+    g = g + ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
+    p_ = dus.shape[1]
+    eye = (jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 0)
+           == jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 1))
+    ss0 = _dot(ds_cd, s0, (1, 1), prec)                         # [P, P] dS S0^T
+    if cd != f32 and ds.dtype == f32:
+      ss0 = ss0 + _dot(ds_lo, s0, (1, 1), prec)
+    s0_term = jnp.exp(last) * jnp.sum(jnp.where(eye, ss0, 0.0))
+    db = _dot(m2, cs, (0, 0), prec) + _dot((u * w_end).astype(cd), ds_cd, (1, 0), prec)
     if atomic:
       plt.atomic_add(db_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, db_ref.shape[3])), db)
     else:
       db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
-    if cd != f32 and ds_exact:
-      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
-      # in sum_{t<s} F_t: add back the low bf16 half of dS here (one more product), for F only.
-      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
-      db_state = db_state + w_end * _dot(ucd, ds_lo, (1, 0), prec)
-    f_t = jnp.sum(bs.astype(f32) * db_state, axis=1)
-    da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(jnp.where(causal, g[:, None], f_t[:, None]), axis=0)
-                                    + s0_term)
+    # d a_s = sum_{t>=s} g_t + sum_{t<s} F_t + s0_term, from one in-chunk cumsum (Triton has only the
+    # forward scan).
+    da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(g) + s0_term + g - f_t - jnp.cumsum(g - f_t))
   return dy_f, ac, cs, last
 
 
@@ -358,10 +361,9 @@ def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref
     dx_refs, bc_refs = refs, None
   else:
     dx_refs, bc_refs = None, refs
-  ds = dse_ref[bi, hi, chunk].astype(f32)
   _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=dx_refs, bc_refs=bc_refs,
-               bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_ref[hi], q=q, rep=rep, prec=prec,
-               ds_exact=dse_ref.dtype == f32, atomic=atomic)
+               bi=bi, hi=hi, chunk=chunk, ds=dse_ref[bi, hi, chunk], d_h=d_ref[hi], q=q, rep=rep,
+               prec=prec, atomic=atomic)
 
 
 # ------------------------------------------------------------------------------ pallas_call wrappers
