@@ -56,8 +56,8 @@ def _call(impl, a, **kw):
 
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
-KNOBS = ("chunk_size", "segments", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split", "group_sum",
-         "num_warps_chunk")
+KNOBS = ("chunk_size", "segments", "segments_bwd", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split",
+         "group_sum", "num_warps_chunk")
 _call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
@@ -158,6 +158,20 @@ def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
   a = make(jax.random.PRNGKey(10), b=1, l=70, h=6, p=20, g=3, n=8)
   g_ref = grads("reference", a)
   g = grads("pallas-direct", a, chunk_size=16, segments=1, ds_block=16)
+  for k in ARGS:
+    assert rel(g[k], g_ref[k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("k_fwd,k_bwd", [(1, 4), (4, 2)])
+def test_pallas_forward_and_backward_segments_differ(k_fwd, k_bwd):
+  # The forward and the backward cut the sequence independently; length 70 pads to a multiple of
+  # the larger cut (4 segments of 2 chunks of 16).
+  a = make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=16, g=1, n=8)
+  y_ref, s_ref = call("reference", a)
+  y, s = call("pallas-direct", a, chunk_size=16, segments=k_fwd, segments_bwd=k_bwd)
+  assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+  g_ref = grads("reference", a)
+  g = grads("pallas-direct", a, chunk_size=16, segments=k_fwd, segments_bwd=k_bwd)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < 1e-4, k
 

@@ -76,7 +76,7 @@ MIN_CHUNKS_PER_SEGMENT = 8
 class Config(NamedTuple):
   """Static kernel parameters (hashable: the custom VJP keys on them)."""
   chunk: int
-  segments: int
+  segments: int                 # the forward's (and the segment hand-over's) sequence cut
   rep: int                      # heads per B/C group
   num_warps_fwd: int = 4
   num_warps_bwd: int = 8
@@ -97,6 +97,8 @@ class Config(NamedTuple):
   bwd_split: bool = False       # chunked bwd: dx/ddt and dB/dC/dA in two kernels (fewer live tiles)
   group_sum: str = "xla"        # chunked bwd: "xla" (per-head dB/dC, summed after) or "atomic"
                                 # (float32 atomic adds into the group's rows inside the kernel)
+  segments_bwd: int = 0         # the backward's sequence cut (dS pass or sequential kernel); 0: as
+                                # `segments`
 
 
 def _next_pow2(n: int) -> int:
@@ -391,12 +393,12 @@ def _common(x, dt, A, cfg):
   return a, jnp.swapaxes(dt, 1, 2), jnp.swapaxes(ac, 1, 2)
 
 
-def _segment_decays(ac_t, cfg):
+def _segment_decays(ac_t, cfg, k):
   """exp(sum of a over each segment) [b, K, h] from the in-chunk cumsums' chunk ends. (Summing a
   [b, Lp, h] over the token axis directly made XLA emit a 16-block column reduction: 57 us at
   (8, 2048, 24 heads) on the H200, results/ncu_ssd_h200.md.)"""
   b, h, lp = ac_t.shape
-  ends = ac_t[:, :, cfg.chunk - 1::cfg.chunk].reshape(b, h, cfg.segments, -1)
+  ends = ac_t[:, :, cfg.chunk - 1::cfg.chunk].reshape(b, h, k, -1)
   return jnp.exp(jnp.swapaxes(ends.sum(-1), 1, 2))
 
 
@@ -414,7 +416,7 @@ def _segment_starts(x, dt, a, ac_t, B, s0, cfg):
   uw = (x.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(x.dtype)
   local = jnp.einsum("bksgrp,bksgn->bkgrpn", uw, B.reshape(b, k, ls, g, n).astype(x.dtype),
                      preferred_element_type=f32, precision=_prec(x.dtype)).reshape(b, k, h, p, n)
-  total = _segment_decays(ac_t, cfg)                             # [b, k, h]
+  total = _segment_decays(ac_t, cfg, k)                          # [b, k, h]
   starts, s = [], s0
   for j in range(k):
     starts.append(s)
@@ -424,7 +426,7 @@ def _segment_starts(x, dt, a, ac_t, B, s0, cfg):
 
 def _segment_grad_ends(dy, a, ac_t, C, ds_final, cfg):
   """Gradient reaching each segment's end state from later tokens: [b, h, K, P, N] float32."""
-  k = cfg.segments
+  k = cfg.segments_bwd or cfg.segments
   b, lp, h, p = dy.shape
   g, n = C.shape[2:]
   if k == 1:
@@ -435,7 +437,7 @@ def _segment_grad_ends(dy, a, ac_t, C, ds_final, cfg):
   dyw = (dy.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(C.dtype)
   local = jnp.einsum("bktgrp,bktgn->bkgrpn", dyw, C.reshape(b, k, ls, g, n),
                      preferred_element_type=f32, precision=_prec(C.dtype)).reshape(b, k, h, p, n)
-  total = _segment_decays(ac_t, cfg)
+  total = _segment_decays(ac_t, cfg, k)
   ends, d = [None] * k, ds_final
   for j in reversed(range(k)):
     ends[j] = d
@@ -490,7 +492,7 @@ def _core_bwd(cfg, res, cts):
   dy, ds_final = cts
   b, lp, h, p = x.shape
   g, n = B.shape[2:]
-  k = cfg.segments
+  k = cfg.segments_bwd or cfg.segments
   cps = lp // (cfg.chunk * k)
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   dy = dy.astype(x.dtype)
@@ -554,7 +556,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                D: jax.Array | None = None, dt_bias: jax.Array | None = None,
                dt_softplus: bool = False, chunk_size: int | None = None,
                initial_state: jax.Array | None = None, return_final_state: bool = False,
-               segments: int | None = None, num_warps_fwd: int = 4, num_warps_bwd: int = 8,
+               segments: int | None = None, segments_bwd: int | None = None,
+               num_warps_fwd: int = 4, num_warps_bwd: int = 8,
                num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
                ds_block: int = 16, ds_dtype: str = "auto", num_warps_ds: int = 4,
                num_stages_ds: int = 3, num_warps_chunk: int = 4, fwd: str = "sequential",
@@ -563,7 +566,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
   Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
-  `choose_segments`), Triton `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
+  `choose_segments`), `segments_bwd` (the backward's cut; None: as `segments`), Triton
+  `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
   the two passes; "auto": bfloat16 for bfloat16 x, float32 otherwise), `fwd` ("sequential": one
@@ -597,13 +601,15 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   q = chunk_size or DEFAULT_CHUNK
   n_chunks = -(-length // q)
   k = segments or choose_segments(batch, heads, n_chunks)
-  lp = -(-n_chunks // k) * k * q
+  kb = segments_bwd or segments or choose_segments(batch, heads, n_chunks)
+  lp = -(-n_chunks // max(k, kb)) * max(k, kb) * q
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
   cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
                num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
                num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
                num_warps_ds=num_warps_ds, num_stages_ds=num_stages_ds,
                num_warps_chunk=num_warps_chunk, fwd=fwd, bwd_split=bwd_split, group_sum=group_sum,
+               segments_bwd=kb,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.
