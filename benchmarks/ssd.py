@@ -144,6 +144,18 @@ def time_exe(exe, args, reps, warmup=2):
   return statistics.median(times), min(times)
 
 
+def time_pipelined(exe, args, reps):
+  """Wall ms per call of `reps` calls dispatched back to back, synchronised once at the end: the
+  device's time per call with the host's dispatch and synchronisation overlapped, as in a training
+  loop (time_exe's per-call synchronisation adds the host round trip to every call alike)."""
+  jax.block_until_ready(exe(*args))
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = exe(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) * 1e3 / reps
+
+
 def compile_all(jobs, workers, deadline):
   """jobs: {name: (fn, arg structs)} in priority order -> {name: compiled or Exception or None}.
 
@@ -204,7 +216,16 @@ def floors(batch, length, heads, head_dim, d_state, groups, chunk=64):
 # name, knobs, time the forward too). NOTES_ssd.md has the history of each. Since 2026-12-04 the
 # default is num_warps_chunk=4 with ds_dtype="auto" (bf16 dS_end for bf16 inputs); the first two rows
 # are the old default's two halves, the third is the old default.
+def _half_fwd_segments(shape):
+  """The forward cut in half as many segments as the default, the backward's left as it is."""
+  b, l, h = shape[:3]
+  k = PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))
+  return {"segments": max(1, k // 2), "segments_bwd": k}
+
+
+# A row's knobs: a dict, or a function of the shape (b, L, h, P, N) giving one.
 CANDIDATES = (
+    ("pallas fwd segments/2", _half_fwd_segments, True),
     ("pallas ds_dtype=float32", {"ds_dtype": "float32"}, False),
     ("pallas num_warps_chunk=8", {"num_warps_chunk": 8}, False),
     ("pallas old default (w8, f32 dS)", {"num_warps_chunk": 8, "ds_dtype": "float32"}, False),
@@ -213,6 +234,10 @@ CANDIDATES = (
     ("pallas group_sum=atomic", {"group_sum": "atomic"}, False),
     ("pallas bwd_split+fwd=chunked", {"bwd_split": True, "fwd": "chunked"}, True),
 )
+def _knobs(kw, shape):
+  return kw(shape) if callable(kw) else kw
+
+
 # Tuning rows for --variants (first shape only, timed right after its main rows): knob, value.
 # Defaults: segments from choose_segments (2 at (8, 2048)), ds_block 16, num_warps_chunk 4,
 # num_warps_ds 4, num_stages_ds 3.
@@ -227,7 +252,8 @@ VARIANTS = (("segments", 1), ("segments", 4), ("ds_block", 32), ("ds_block", 64)
 CHECK_CASES = (("chunked", "chunked", {}), ("pallas", "pallas", {}),
                ("pallas bwd=sequential", "pallas", {"bwd": "sequential"}),
                ("pallas segments=4", "pallas", {"segments": 4}))
-CHECK_CANDIDATES = tuple((name, "pallas", kw) for name, kw, _ in CANDIDATES)
+CHECK_SHAPE = (2, 1024, 8, 64, 128)
+CHECK_CANDIDATES = tuple((name, "pallas", _knobs(kw, CHECK_SHAPE)) for name, kw, _ in CANDIDATES)
 
 
 def _check_cases(dname, groups):
@@ -256,7 +282,7 @@ def _check_fn(impl, kw):
 
 def check_inputs(smoke):
   """{(dtype name, groups): (args with initial_state, dy, ds, float32 copy of args)}."""
-  shape = (1, 64, 4, 16, 16) if smoke else (2, 1024, 8, 64, 128)
+  shape = (1, 64, 4, 16, 16) if smoke else CHECK_SHAPE
   b, l, h, p, n = shape
   data = {}
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -409,7 +435,7 @@ def main():
             ("pallas bwd=sequential", ours("pallas", bwd="sequential"), False)]
     if use_jla:
       rows.append(("jla simple_gla mosaic_gpu", jla_fn(linear_attention), True))
-    rows += [(name, ours("pallas", **kw), fwd) for name, kw, fwd in CANDIDATES
+    rows += [(name, ours("pallas", **_knobs(kw, shape)), fwd) for name, kw, fwd in CANDIDATES
              if opts.candidates is None or re.search(opts.candidates, name)]
     if opts.variants and i == 0:
       rows += [(f"pallas {k}={v}", ours("pallas", **{k: v}), False) for k, v in VARIANTS]
@@ -467,8 +493,11 @@ def main():
             exe = exes.get(f"{shape}/{name}/{mode}")
             if exe is None or isinstance(exe, Exception):
               raise RuntimeError(f"{mode} not compiled: {exe!r}"[:400])
-            ms, ms_min = time_exe(exe, (args,) if mode == "fwd" else (args, dy), reps)
+            call_args = (args,) if mode == "fwd" else (args, dy)
+            ms, ms_min = time_exe(exe, call_args, reps)
             per_round.setdefault((name, mode), []).append(ms)
+            per_round.setdefault((name, mode + "_pipe"), []).append(
+                time_pipelined(exe, call_args, reps))
             mins[(name, mode)] = min(ms_min, mins.get((name, mode), ms_min))
         except Exception as e:  # noqa: BLE001
           if "skipped" not in str(e):
@@ -485,8 +514,10 @@ def main():
             row.update({f"{mode}_ms": ms, f"{mode}_min_ms": mins[(name, mode)],
                         f"{mode}_hbm_frac": moved / (ms * 1e-3) / (HBM_TBS * 1e12),
                         f"{mode}_mma_frac": flops / (ms * 1e-3) / (MATMUL_TFS * 1e12)})
+            row[f"{mode}_pipe_ms"] = statistics.median(per_round[(name, mode + "_pipe")])
             if opts.rounds > 1:
               row[f"{mode}_round_ms"] = per_round[(name, mode)]
+              row[f"{mode}_pipe_round_ms"] = per_round[(name, mode + "_pipe")]
         if name in errors:
           row["error"] = errors[name]
         results.append(row)
@@ -498,38 +529,12 @@ def main():
   print(save())
 
 
-def render_md(meta, checks, results):
-  lines = [f"# SSD benchmark ({meta['device']}, {meta['date']}, commit {meta['commit']}, "
-           f"jax {meta['jax']})", "",
-           "bf16 inputs, dt float32; heads 24, head_dim 64, d_state 128, n_groups 1; chunk 64. "
-           "Median ms over repeated runs after warm-up; fwd+bwd = forward plus VJP. HBM/MMA: "
-           f"fraction of {HBM_TBS} TB/s for the fewest bytes, and of {MATMUL_TFS} TF/s for the "
-           "chunked algorithm's matmul FLOPs.", "",
-           f"jax-linear-attention: {meta['jax_linear_attention']}", "",
-           f"Compiles done at {meta.get('compile_s', '?')} s; not compiled: "
-           f"{', '.join(meta.get('not_compiled', [])) or 'none'}; elapsed {meta.get('elapsed_s')} s.",
-           "",
-           "| shape (b, L) | impl | fwd ms | fwd+bwd ms | fwd+bwd HBM frac | fwd+bwd MMA frac |",
-           "| --- | --- | ---: | ---: | ---: | ---: |"]
-  for r in results:
-    shp = f"({r['shape'][0]}, {r['shape'][1]})"
-    if "error" in r:
-      lines.append(f"| {shp} | {r['impl']} | error: {r['error'][:80]} | | | |")
-    else:
-      fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else "(= pallas)"
-      lines.append(f"| {shp} | {r['impl']} | {fwd} | {r['fwdbwd_ms']:.3f} | "
-                   f"{r['fwdbwd_hbm_frac']:.3f} | {r['fwdbwd_mma_frac']:.4f} |")
-  rounds = [r for r in results if "fwdbwd_round_ms" in r]
-  if rounds:
-    lines += ["", f"fwd+bwd per round (ms, {len(rounds[0]['fwdbwd_round_ms'])} rounds; the table "
-              "gives their median):", ""]
-    lines += [f"- ({r['shape'][0]}, {r['shape'][1]}) {r['impl']}: "
-              + ", ".join(f"{v:.3f}" for v in r["fwdbwd_round_ms"]) for r in rounds]
-  lines += ["", "Ratios (fwd+bwd):", ""]
+def _ratio_lines(results, key, label):
+  lines = ["", f"Ratios (fwd+bwd, {label}):", ""]
   by = {}
   for r in results:
-    if "error" not in r:
-      by.setdefault(tuple(r["shape"][:2]), {})[r["impl"]] = r["fwdbwd_ms"]
+    if "error" not in r and key in r:
+      by.setdefault(tuple(r["shape"][:2]), {})[r["impl"]] = r[key]
   for shp, d in by.items():
     if "pallas" in d:
       parts = [f"chunked/pallas = {d['chunked'] / d['pallas']:.2f}x" if "chunked" in d else None]
@@ -544,6 +549,42 @@ def render_md(meta, checks, results):
                 if k.startswith("pallas ") and k != "pallas bwd=sequential"]
       if others:
         lines.append("  - variant / default pallas (< 1 is faster): " + ", ".join(others))
+  return lines
+
+
+def render_md(meta, checks, results):
+  lines = [f"# SSD benchmark ({meta['device']}, {meta['date']}, commit {meta['commit']}, "
+           f"jax {meta['jax']})", "",
+           "bf16 inputs, dt float32; heads 24, head_dim 64, d_state 128, n_groups 1; chunk 64. "
+           "Median ms over repeated runs after warm-up; fwd+bwd = forward plus VJP. HBM/MMA: "
+           f"fraction of {HBM_TBS} TB/s for the fewest bytes, and of {MATMUL_TFS} TF/s for the "
+           "chunked algorithm's matmul FLOPs. Pipelined: the same runs dispatched back to back and "
+           "synchronised once (`time_pipelined`: device time per call, host round trip overlapped).",
+           "",
+           f"jax-linear-attention: {meta['jax_linear_attention']}", "",
+           f"Compiles done at {meta.get('compile_s', '?')} s; not compiled: "
+           f"{', '.join(meta.get('not_compiled', [])) or 'none'}; elapsed {meta.get('elapsed_s')} s.",
+           "",
+           "| shape (b, L) | impl | fwd ms | fwd+bwd ms | fwd+bwd pipelined ms | fwd+bwd HBM frac "
+           "| fwd+bwd MMA frac |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  for r in results:
+    shp = f"({r['shape'][0]}, {r['shape'][1]})"
+    if "error" in r:
+      lines.append(f"| {shp} | {r['impl']} | error: {r['error'][:80]} | | | | |")
+    else:
+      fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else "(= pallas)"
+      pipe = f"{r['fwdbwd_pipe_ms']:.3f}" if "fwdbwd_pipe_ms" in r else ""
+      lines.append(f"| {shp} | {r['impl']} | {fwd} | {r['fwdbwd_ms']:.3f} | {pipe} | "
+                   f"{r['fwdbwd_hbm_frac']:.3f} | {r['fwdbwd_mma_frac']:.4f} |")
+  rounds = [r for r in results if "fwdbwd_round_ms" in r]
+  if rounds:
+    lines += ["", f"fwd+bwd per round (ms, {len(rounds[0]['fwdbwd_round_ms'])} rounds; the table "
+              "gives their median):", ""]
+    lines += [f"- ({r['shape'][0]}, {r['shape'][1]}) {r['impl']}: "
+              + ", ".join(f"{v:.3f}" for v in r["fwdbwd_round_ms"]) for r in rounds]
+  for key, label in (("fwdbwd_ms", "synchronised per call"), ("fwdbwd_pipe_ms", "pipelined")):
+    lines += _ratio_lines(results, key, label)
   lines += ["", "Correctness (relative Frobenius error):", "",
             "| check | shape | dtype | groups | impl | max rel err | ok |",
             "| --- | --- | --- | --- | --- | ---: | --- |"]
