@@ -410,17 +410,19 @@ def _segment_starts(x, dt, a, ac_t, B, s0, cfg):
   if k == 1:
     return s0[:, :, None]
   ls = lp // k
-  a_s = a.reshape(b, k, ls, h)
+  # Only segments 0 .. K-2 hand a state over: the last segment's own contribution is not needed.
+  a_s = a.reshape(b, k, ls, h)[:, :-1]
   after = jnp.flip(jnp.cumsum(jnp.flip(a_s, 2), 2), 2) - a_s    # sum of a over later tokens
-  w = (jnp.exp(after) * dt.reshape(b, k, ls, h)).reshape(b, k, ls, g, cfg.rep)
-  uw = (x.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(x.dtype)
-  local = jnp.einsum("bksgrp,bksgn->bkgrpn", uw, B.reshape(b, k, ls, g, n).astype(x.dtype),
-                     preferred_element_type=f32, precision=_prec(x.dtype)).reshape(b, k, h, p, n)
+  w = (jnp.exp(after) * dt.reshape(b, k, ls, h)[:, :-1]).reshape(b, k - 1, ls, g, cfg.rep)
+  uw = (x.reshape(b, k, ls, g, cfg.rep, p)[:, :-1].astype(f32) * w[..., None]).astype(x.dtype)
+  local = jnp.einsum("bksgrp,bksgn->bkgrpn", uw,
+                     B.reshape(b, k, ls, g, n)[:, :-1].astype(x.dtype), preferred_element_type=f32,
+                     precision=_prec(x.dtype)).reshape(b, k - 1, h, p, n)
   total = _segment_decays(ac_t, cfg, k)                          # [b, k, h]
-  starts, s = [], s0
-  for j in range(k):
-    starts.append(s)
+  starts, s = [s0], s0
+  for j in range(k - 1):
     s = total[:, j, :, None, None] * s + local[:, j]
+    starts.append(s)
   return jnp.stack(starts, axis=2)
 
 
@@ -432,16 +434,18 @@ def _segment_grad_ends(dy, a, ac_t, C, ds_final, cfg):
   if k == 1:
     return ds_final[:, :, None]
   ls = lp // k
-  a_s = a.reshape(b, k, ls, h)
-  w = jnp.exp(jnp.cumsum(a_s, 2)).reshape(b, k, ls, g, cfg.rep)
-  dyw = (dy.reshape(b, k, ls, g, cfg.rep, p).astype(f32) * w[..., None]).astype(C.dtype)
-  local = jnp.einsum("bktgrp,bktgn->bkgrpn", dyw, C.reshape(b, k, ls, g, n),
-                     preferred_element_type=f32, precision=_prec(C.dtype)).reshape(b, k, h, p, n)
+  # Only segments 1 .. K-1 hand a gradient back: segment 0's own contribution is not needed.
+  a_s = a.reshape(b, k, ls, h)[:, 1:]
+  w = jnp.exp(jnp.cumsum(a_s, 2)).reshape(b, k - 1, ls, g, cfg.rep)
+  dyw = (dy.reshape(b, k, ls, g, cfg.rep, p)[:, 1:].astype(f32) * w[..., None]).astype(C.dtype)
+  local = jnp.einsum("bktgrp,bktgn->bkgrpn", dyw, C.reshape(b, k, ls, g, n)[:, 1:],
+                     preferred_element_type=f32, precision=_prec(C.dtype)).reshape(b, k - 1, h, p, n)
   total = _segment_decays(ac_t, cfg, k)
   ends, d = [None] * k, ds_final
   for j in reversed(range(k)):
     ends[j] = d
-    d = total[:, j, :, None, None] * d + local[:, j]            # grad of segment j-1's end state
+    if j:                                                       # grad of segment j-1's end state
+      d = total[:, j, :, None, None] * d + local[:, j - 1]
   return jnp.stack(ends, axis=2)
 
 
