@@ -274,18 +274,8 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
       ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
       f_dot = f_dot + _dot(bs, ds_lo, (1, 1), prec)
     f_t = w_end[:, 0] * jnp.sum(u * f_dot, axis=1)
-    dyu = _dot(dys, u.astype(cd), (1, 1), prec) * decay         # [t, s] L o (dy u^T)
-    w = cb * dyu
-    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
-    m2 = dyu.astype(cd)
     s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
     ea = jnp.exp(ac)[:, None]
-    dc = _dot(m2, bs, (1, 0), prec) + _dot((dy_f * ea).astype(cd), s0, (1, 0), prec)
-    if atomic:
-      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
-    else:
-      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
-    g = g + ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
     p_ = dus.shape[1]
     eye = (jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 0)
            == jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 1))
@@ -293,6 +283,16 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
     if cd != f32 and ds.dtype == f32:
       ss0 = ss0 + _dot(ds_lo, s0, (1, 1), prec)
     s0_term = jnp.exp(last) * jnp.sum(jnp.where(eye, ss0, 0.0))
+    y_t = ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
+    dyu = _dot(dys, u.astype(cd), (1, 1), prec) * decay         # [t, s] L o (dy u^T)
+    w = cb * dyu
+    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + y_t
+    m2 = dyu.astype(cd)
+    dc = _dot(m2, bs, (1, 0), prec) + _dot((dy_f * ea).astype(cd), s0, (1, 0), prec)
+    if atomic:
+      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
+    else:
+      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
     db = _dot(m2, cs, (0, 0), prec) + _dot((u * w_end).astype(cd), ds_cd, (1, 0), prec)
     if atomic:
       plt.atomic_add(db_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, db_ref.shape[3])), db)
