@@ -53,6 +53,7 @@ from ssm_lab.provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import ceilings  # noqa: E402
+import timing  # noqa: E402
 
 ssd_pallas = PAL.ssd_pallas
 
@@ -130,30 +131,6 @@ def fwd_and_fwdbwd(f):
     y, vjp = jax.vjp(lambda a: f(**a)[0], a)
     return y, vjp(dy.astype(y.dtype))[0]
   return fwd, fb
-
-
-def time_exe(exe, args, reps, warmup=2):
-  """(median, min) wall ms of exe(*args), synchronised with block_until_ready, after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(exe(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(exe(*args))
-    times.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(times), min(times)
-
-
-def time_pipelined(exe, args, reps):
-  """Wall ms per call of `reps` calls dispatched back to back, synchronised once at the end: the
-  device's time per call with the host's dispatch and synchronisation overlapped, as in a training
-  loop (time_exe's per-call synchronisation adds the host round trip to every call alike)."""
-  jax.block_until_ready(exe(*args))
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = exe(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) * 1e3 / reps
 
 
 def compile_all(jobs, workers, deadline):
@@ -494,10 +471,10 @@ def main():
             if exe is None or isinstance(exe, Exception):
               raise RuntimeError(f"{mode} not compiled: {exe!r}"[:400])
             call_args = (args,) if mode == "fwd" else (args, dy)
-            ms, ms_min = time_exe(exe, call_args, reps)
+            ms, ms_min = timing.synchronised(exe, call_args, reps)
             per_round.setdefault((name, mode), []).append(ms)
             per_round.setdefault((name, mode + "_pipe"), []).append(
-                time_pipelined(exe, call_args, reps))
+                timing.pipelined(exe, call_args, reps))
             mins[(name, mode)] = min(ms_min, mins.get((name, mode), ms_min))
         except Exception as e:  # noqa: BLE001
           if "skipped" not in str(e):
@@ -559,7 +536,7 @@ def render_md(meta, checks, results):
            "Median ms over repeated runs after warm-up; fwd+bwd = forward plus VJP. HBM/MMA: "
            f"fraction of {HBM_TBS} TB/s for the fewest bytes, and of {MATMUL_TFS} TF/s for the "
            "chunked algorithm's matmul FLOPs. Pipelined: the same runs dispatched back to back and "
-           "synchronised once (`time_pipelined`: device time per call, host round trip overlapped).",
+           "synchronised once (benchmarks/timing.py: device time per call, host round trip overlapped).",
            "",
            f"jax-linear-attention: {meta['jax_linear_attention']}", "",
            f"Compiles done at {meta.get('compile_s', '?')} s; not compiled: "

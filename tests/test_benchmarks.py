@@ -65,6 +65,8 @@ def test_selective_scan_smoke(tmp_path):
   assert res["checks"] and all(c["ok"] for c in res["checks"]), res["checks"]
   timed = {(r["impl"], r["mode"]) for r in res["bench"] if "ms" in r}
   assert {("associative", "fwdbwd"), ("pallas", "fwdbwd")} <= timed
+  piped = {(r["impl"], r["mode"]) for r in res["bench"] if "pipelined_ms" in r}
+  assert {("associative", "fwdbwd"), ("pallas", "fwdbwd")} <= piped
 
 
 @pytest.mark.slow
@@ -72,6 +74,25 @@ def test_ssd_smoke(tmp_path):
   _run("ssd.py", "--smoke", "--out", str(tmp_path), "--commit", "test", "--rounds", "2")
   md = (tmp_path / "ssd.md").read_text()
   assert "| chunked |" in md and "| pallas |" in md
+  assert "Ratios (fwd+bwd, pipelined)" in md
+  rows = json.loads((tmp_path / "ssd.json").read_text())["results"]
+  assert all("fwdbwd_pipe_ms" in r for r in rows if "error" not in r)
+
+
+def test_timing_pipelined_waits_for_every_call():
+  import jax.numpy as jnp  # noqa: PLC0415
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import timing  # noqa: PLC0415
+  calls = []
+
+  def exe(x):
+    calls.append(x)
+    return jnp.asarray(x) + 1
+
+  ms = timing.pipelined(exe, (1,), reps=5)
+  assert ms >= 0 and len(calls) == 6                  # one warm-up call, then the five timed
+  med, lo = timing.synchronised(exe, (1,), reps=3, warmup=1)
+  assert 0 <= lo <= med and len(calls) == 10
 
 
 @pytest.mark.slow
