@@ -200,9 +200,21 @@ def _half_fwd_segments(shape):
   return {"segments": max(1, k // 2), "segments_bwd": k}
 
 
+def _one_fwd_segment(fwd):
+  def knobs(shape):
+    b, l, h = shape[:3]
+    return {"fwd": fwd, "segments": 1,
+            "segments_bwd": PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))}
+  return knobs
+
+
 # A row's knobs: a dict, or a function of the shape (b, L, h, P, N) giving one.
 CANDIDATES = (
     ("pallas fwd segments/2", _half_fwd_segments, True),
+    # No forward hand-over at all: one forward segment, the chunk-parallel forward (a state pass of
+    # b * h * P/16 programs, then one program per chunk) or the sequential one.
+    ("pallas fwd=chunked 1 segment", _one_fwd_segment("chunked"), True),
+    ("pallas segments=1 both", {"segments": 1, "segments_bwd": 1}, True),
     ("pallas ds_dtype=float32", {"ds_dtype": "float32"}, False),
     ("pallas num_warps_chunk=8", {"num_warps_chunk": 8}, False),
     ("pallas old default (w8, f32 dS)", {"num_warps_chunk": 8, "ds_dtype": "float32"}, False),
