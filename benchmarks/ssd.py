@@ -200,11 +200,11 @@ def _half_fwd_segments(shape):
   return {"segments": max(1, k // 2), "segments_bwd": k}
 
 
-def _one_fwd_segment(fwd):
+def _one_fwd_segment(fwd, **extra):
   def knobs(shape):
     b, l, h = shape[:3]
     return {"fwd": fwd, "segments": 1,
-            "segments_bwd": PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))}
+            "segments_bwd": PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK)), **extra}
   return knobs
 
 
@@ -215,6 +215,13 @@ CANDIDATES = (
     # b * h * P/16 programs, then one program per chunk) or the sequential one.
     ("pallas fwd=chunked 1 segment", _one_fwd_segment("chunked"), True),
     ("pallas segments=1 both", {"segments": 1, "segments_bwd": 1}, True),
+    # The sequential forward split over head_dim (fwd_block rows a program; C B^T is computed by
+    # every block): more programs without a hand-over.
+    ("pallas fwd_block=32", {"fwd_block": 32}, True),
+    ("pallas fwd_block=32 1 segment", _one_fwd_segment("sequential", fwd_block=32), True),
+    ("pallas fwd_block=16 1 segment", _one_fwd_segment("sequential", fwd_block=16), True),
+    ("pallas fwd_block=32 segments=1 both", {"fwd_block": 32, "segments": 1, "segments_bwd": 1},
+     True),
     ("pallas ds_dtype=float32", {"ds_dtype": "float32"}, False),
     ("pallas num_warps_chunk=8", {"num_warps_chunk": 8}, False),
     ("pallas old default (w8, f32 dS)", {"num_warps_chunk": 8, "ds_dtype": "float32"}, False),

@@ -57,7 +57,7 @@ def _call(impl, a, **kw):
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
 KNOBS = ("chunk_size", "segments", "segments_bwd", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split",
-         "group_sum", "num_warps_chunk")
+         "group_sum", "num_warps_chunk", "fwd_block")
 _call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
@@ -162,16 +162,18 @@ def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("k_fwd,k_bwd", [(1, 4), (4, 2)])
-def test_pallas_forward_and_backward_segments_differ(k_fwd, k_bwd):
+@pytest.mark.parametrize("k_fwd,k_bwd,fwd_block", [(1, 4, None), (4, 2, 16)])
+def test_pallas_forward_and_backward_segments_differ(k_fwd, k_bwd, fwd_block):
   # The forward and the backward cut the sequence independently; length 70 pads to a multiple of
-  # the larger cut (4 segments of 2 chunks of 16).
-  a = make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=16, g=1, n=8)
+  # the larger cut (4 segments of 2 chunks of 16). fwd_block 16: the forward's programs own 16 of
+  # the 32 head_dim rows each.
+  a = make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=32, g=1, n=8)
+  kw = dict(chunk_size=16, segments=k_fwd, segments_bwd=k_bwd, fwd_block=fwd_block)
   y_ref, s_ref = call("reference", a)
-  y, s = call("pallas-direct", a, chunk_size=16, segments=k_fwd, segments_bwd=k_bwd)
+  y, s = call("pallas-direct", a, **kw)
   assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
   g_ref = grads("reference", a)
-  g = grads("pallas-direct", a, chunk_size=16, segments=k_fwd, segments_bwd=k_bwd)
+  g = grads("pallas-direct", a, **kw)
   for k in ARGS:
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
@@ -286,6 +288,8 @@ def test_pallas_knob_errors_name_the_knob():
     ssd_pallas(x, dt, A, B, C, bwd="fast")
   with pytest.raises(ValueError, match=r"ds_block must be a power of two >= 16, got 24"):
     ssd_pallas(x, dt, A, B, C, ds_block=24)
+  with pytest.raises(ValueError, match=r"fwd_block must be a power of two >= 16, got 8"):
+    ssd_pallas(x, dt, A, B, C, fwd_block=8)
   with pytest.raises(ValueError, match=r"ds_dtype must be 'auto', 'float32' or 'bfloat16'"):
     ssd_pallas(x, dt, A, B, C, ds_dtype="float16")
   with pytest.raises(ValueError, match=r"fwd must be 'chunked' or 'sequential', got 'x'"):

@@ -99,6 +99,7 @@ class Config(NamedTuple):
                                 # (float32 atomic adds into the group's rows inside the kernel)
   segments_bwd: int = 0         # the backward's sequence cut (dS pass or sequential kernel); 0: as
                                 # `segments`
+  fwd_block: int = 0            # sequential forward: head_dim rows per program (0: all)
 
 
 def _next_pow2(n: int) -> int:
@@ -137,12 +138,13 @@ def _chunk_decays(ac, causal, is_last):
 # ----------------------------------------------------------------------------------------- kernels
 
 def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, gi, t0, d_h, masks,
-               q, prec):
+               q, prec, cols=slice(None)):
   """Writes one chunk's y given s [P, N], the state it starts from; returns (u, acum, acum_Q, B).
-  The caller computes gi, t0 and the masks (the sequential forward: once, outside its loop)."""
+  The caller computes gi, t0 and the masks (the sequential forward: once, outside its loop). `cols`:
+  the head_dim rows this program owns (s is then their [Pb, N] block)."""
   cd = x_ref.dtype
   causal, is_last = masks
-  xs = x_ref[bi, pl.ds(t0, q), hi, :]                           # [Q, P]
+  xs = x_ref[bi, pl.ds(t0, q), hi, cols]                        # [Q, P]
   dts = dt_ref[bi, hi, pl.ds(t0, q)]                            # [Q]
   ac = ac_ref[bi, hi, pl.ds(t0, q)]                             # [Q]
   bs = b_ref[bi, pl.ds(t0, q), gi, :]                           # [Q, N]
@@ -153,16 +155,19 @@ def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, gi, t0,
   y = _dot((cb * decay).astype(cd), u.astype(cd), (1, 0), prec)
   y = y + jnp.exp(ac)[:, None] * _dot(cs, s.astype(cd), (1, 1), prec)
   y = y + d_h * xs.astype(f32)
-  y_ref[bi, pl.ds(t0, q), hi, :] = y.astype(y_ref.dtype)
+  y_ref[bi, pl.ds(t0, q), hi, cols] = y.astype(y_ref.dtype)
   return u, ac, last, bs
 
 
 def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *st_ref, q, cps,
-                rep, prec):
+                rep, prec, pb, n_pb):
   # fwd="sequential". st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts
-  # from, for the backward.
+  # from, for the backward. One program per (batch, head, segment, block of pb head_dim rows): the
+  # rows of the state are independent, only C B^T is computed by every block.
   # Statement order as in v3 (the same Triton IR for the same registers).
-  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  bi, hi, kp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ki = kp // n_pb
+  cols = pl.ds(pl.multiple_of((kp % n_pb) * pb, pb), pb) if n_pb > 1 else slice(None)
   gi = hi // rep
   cd = x_ref.dtype
   d_h = d_ref[hi]
@@ -171,14 +176,14 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
   def body(c, s):
     t0 = pl.multiple_of((ki * cps + c) * q, q)
     if st_ref:
-      st_ref[0][bi, hi, ki * cps + c] = s.astype(st_ref[0].dtype)
+      st_ref[0][bi, hi, ki * cps + c, cols] = s.astype(st_ref[0].dtype)
     u, ac, last, bs = _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, bi=bi, hi=hi, gi=gi,
-                                 t0=t0, d_h=d_h, masks=masks, q=q, prec=prec)
+                                 t0=t0, d_h=d_h, masks=masks, q=q, prec=prec, cols=cols)
     uw = (u * jnp.exp(last - ac)[:, None]).astype(cd)
     return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [P, N]
 
-  s = jax.lax.fori_loop(0, cps, body, s0_ref[bi, hi, ki])
-  s_ref[bi, hi, ki] = s
+  s = jax.lax.fori_loop(0, cps, body, s0_ref[bi, hi, ki, cols])
+  s_ref[bi, hi, ki, cols] = s
 
 
 def _state_kernel(x_ref, dt_ref, ac_ref, b_ref, s_seg_ref, st_ref, s_ref, *, q, cps, rep, prec, pb,
@@ -471,11 +476,13 @@ def _forward(x, dt, A, B, C, D, s0, cfg, save_states):
     y = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k * cps),
               jax.ShapeDtypeStruct(x.shape, x.dtype), x, dt_t, ac_t, B, C, D, states)
     return y, s_end[:, :, -1], (states if save_states else None)
-  kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
+  pb = min(cfg.fwd_block or p, p)
+  kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
+                           n_pb=p // pb)
   outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, k, p, n), f32)]
   if save_states:
     outs.append(jax.ShapeDtypeStruct((b, h, k * cps, p, n), x.dtype))
-  res = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k), tuple(outs),
+  res = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k * (p // pb)), tuple(outs),
               x, dt_t, ac_t, B, C, D, s_seg)
   return res[0], res[1][:, :, -1], (res[2] if save_states else None)
 
@@ -565,7 +572,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
                ds_block: int = 16, ds_dtype: str = "auto", num_warps_ds: int = 4,
                num_stages_ds: int = 3, num_warps_chunk: int = 4, fwd: str = "sequential",
-               bwd_split: bool = False, group_sum: str = "xla",
+               bwd_split: bool = False, group_sum: str = "xla", fwd_block: int | None = None,
                interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
@@ -578,13 +585,16 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   program per segment; "chunked": a state pass like the dS pass, then one program per chunk),
   `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two kernels), `group_sum` ("xla": per-head
   dB/dC summed over each group afterwards; "atomic": float32 atomic adds into the group's rows in
-  the chunked backward, order-dependent rounding),
+  the chunked backward, order-dependent rounding), `fwd_block` (sequential forward: head_dim rows
+  per program, a power of two >= 16; None: all of them),
   `interpret` (None: on when no GPU).
   """
   if bwd not in ("chunked", "sequential"):
     raise ValueError(f"bwd must be 'chunked' or 'sequential', got {bwd!r}")
   if ds_block < 16 or ds_block & (ds_block - 1):
     raise ValueError(f"ds_block must be a power of two >= 16, got {ds_block}")
+  if fwd_block is not None and (fwd_block < 16 or fwd_block & (fwd_block - 1)):
+    raise ValueError(f"fwd_block must be a power of two >= 16, got {fwd_block}")
   if ds_dtype not in ("auto", "float32", "bfloat16"):
     raise ValueError(f"ds_dtype must be 'auto', 'float32' or 'bfloat16', got {ds_dtype!r}")
   if ds_dtype == "auto":
@@ -613,7 +623,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
                num_warps_ds=num_warps_ds, num_stages_ds=num_stages_ds,
                num_warps_chunk=num_warps_chunk, fwd=fwd, bwd_split=bwd_split, group_sum=group_sum,
-               segments_bwd=kb,
+               segments_bwd=kb, fwd_block=fwd_block or 0,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.
