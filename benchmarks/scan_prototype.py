@@ -240,6 +240,11 @@ def main():
 
   def full(impl):
     def loss(u, dt, A, B, C):
+      if impl == "jla":
+        import jla.ops  # noqa: PLC0415 (jax-linear-attention 0.1.0, carried as a wheel)
+        return jla.ops.linear_attention("mamba1", q=C, k=B, v=u, dt=dt, a=A, d=None, z=None,
+                                        dt_bias=None, dt_softplus=False, initial_state=None,
+                                        output_final_state=False, impl="mosaic_gpu")[0]
       return selective_scan(u, dt, A, B, C, impl=impl)
 
     def fb(u, dt, A, B, C, dy):
@@ -247,8 +252,13 @@ def main():
       return y, vjp(dy)
     return jax.jit(fb).lower(u, dt, A, B, C, dy).compile()
 
-  for impl in ("pallas", "associative"):
-    exe = full(impl)
+  for impl in ("pallas", "associative", "jla"):
+    try:
+      exe = full(impl)
+    except Exception as e:  # noqa: BLE001 (jla missing or failing must not cost the other rows)
+      res[f"full op {impl}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      print(impl, res[f"full op {impl}"], flush=True)
+      continue
     res[f"full op {impl} (fwd+bwd, bare arguments)"] = {
         "fwdbwd_ms": timing.synchronised(exe, (u, dt, A, B, C, dy), opts.reps)[0],
         "fwdbwd_pipelined_ms": timing.pipelined(exe, (u, dt, A, B, C, dy), opts.reps)}
