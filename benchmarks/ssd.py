@@ -3,13 +3,16 @@
 One script for one device call:
   1. correctness: pallas (and chunked) against the float32 reference at a medium shape (values, final
      state and every gradient), and pallas against the float32 chunked op at the benchmark shapes;
-  2. timing: medians of repeated runs after warm-up, bf16, (batch, length) in (8, 2048), (2, 8192),
+  2. timing (benchmarks/timing.py): each row both synchronised per call (median of repeated runs
+     after warm-up) and pipelined (runs dispatched back to back, one wait), bf16, (batch, length) in
+     (8, 2048), (2, 8192),
      (1, 65536) with 24 heads, head_dim 64, d_state 128, one B/C group, for our "chunked" XLA op, our
      "pallas" kernels (default: chunk-parallel backward), "pallas bwd=sequential" (the previous
      backward, same forward: only fwd+bwd timed) and, in the same run, jax-linear-attention 0.1.0's
      Mosaic GPU `simple_gla` (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable, plus the kernel
-     candidates (CANDIDATES: the old default's float32 dS_end and 8-warp chunk kernel, chunk-parallel
-     forward, split backward kernel, atomic group sum) at every shape; --variants adds tuning rows at
+     candidates (CANDIDATES: segment cuts and the forward split over head_dim, the old default's
+     float32 dS_end and 8-warp chunk kernel, chunk-parallel forward, split backward kernel, atomic
+     group sum; --candidates REGEX picks some) at every shape; --variants adds tuning rows at
      the first shape, timed right after it; --rounds R times every row once a round, R rounds.
 
 Every program takes its arrays as jit arguments (no large constants for XLA to fold) and all are

@@ -261,7 +261,10 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
   # The F terms cancel down to sum_{t<s} F_t; that is summed directly. Y, F and the trace come from
   # [Q, P] / [P, P] products (bf16 operands, exact products, float32 sums), and W from the float32
   # accumulators, because the sums over tokens in dA amplify any bf16 rounding left in them.
-  # Each gradient is stored as soon as it is complete (the kernel is register bound).
+  # Each gradient is stored as soon as it is complete (the kernel is register bound). The statement
+  # order matters to the register allocation: the S0 terms before the W products spill less (offline
+  # SASS: 96 spill instructions against 136), and the dB/dC half before dx spills 533
+  # (benchmarks/NOTES_ssd.md).
   cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
   dus = _dot(bs, ds_cd, (1, 1), prec)                           # [s, p] dS B_s
   if dx_refs is not None:
