@@ -60,7 +60,19 @@ def _ex2(x, interpret):
                                     result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
-def _fwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, y_ref, ck_ref, *, T, interpret):
+def _fma(a, b, c, interpret, fma):
+  """a * b + c; with `fma`, one fma.rn.f32 through inline asm (Triton does not contract a product
+  and a sum into an FFMA on its own: offline SASS shows FMUL + FADD)."""
+  if interpret or not fma:
+    return a * b + c
+  shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+  args = [jnp.broadcast_to(x, shape) for x in (a, b, c)]
+  return plt.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args,
+                                    constraints="=f,f,f,f", pack=1,
+                                    result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
+
+
+def _fwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, y_ref, ck_ref, *, T, interpret, fma=False):
   a2 = at_ref[...] * LOG2E                                  # [N, BD]: A transposed, channels last
   L = u_ref.shape[0]
 
@@ -70,7 +82,7 @@ def _fwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, y_ref, ck_ref, *, T, interp
       t = ci * T + i
       u, dt = u_ref[t, :].astype(F32), dt_ref[t, :].astype(F32)
       bt, ct = b_ref[t, :].astype(F32), c_ref[t, :].astype(F32)
-      h = _ex2(dt[None, :] * a2, interpret) * h + (dt * u)[None, :] * bt[:, None]
+      h = _fma(_ex2(dt[None, :] * a2, interpret), h, (dt * u)[None, :] * bt[:, None], interpret, fma)
       y_ref[t, :] = jnp.sum(h * ct[:, None], axis=0).astype(y_ref.dtype)
     return h
 
@@ -78,7 +90,7 @@ def _fwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, y_ref, ck_ref, *, T, interp
 
 
 def _bwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, dy_ref, ck_ref, du_ref, ddt_ref, da_ref,
-                db_ref, dc_ref, *, T, U, interpret):
+                db_ref, dc_ref, *, T, U, interpret, fma=False):
   a2 = at_ref[...] * LOG2E
   L = u_ref.shape[0]
 
@@ -89,7 +101,7 @@ def _bwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, dy_ref, ck_ref, du_ref, ddt
   def step(h, t):
     u, dt, bt, _, _ = tok(t)
     a = _ex2(dt[None, :] * a2, interpret)
-    return a, a * h + (dt * u)[None, :] * bt[:, None]
+    return a, _fma(a, h, (dt * u)[None, :] * bt[:, None], interpret, fma)
 
   def chunk(kk, carry):
     g, da = carry                                           # g: a_{t+1} g_{t+1} from later tokens
@@ -110,9 +122,9 @@ def _bwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, dy_ref, ck_ref, du_ref, ddt
       for i in reversed(range(U)):
         t = t0 + j * U + i
         u, dt, bt, ct, dy = tok(t)
-        g = g + ct[:, None] * dy[None, :]                    # dL/dh_t
+        g = _fma(ct[:, None], dy[None, :], g, interpret, fma)  # dL/dh_t
         w = decays[i] * hs[i]                               # a_t h_{t-1}
-        da = da + g * w * dt[None, :]
+        da = _fma(g * w, dt[None, :], da, interpret, fma)
         gb = jnp.sum(g * bt[:, None], axis=0)
         ddt_ref[t, :] = jnp.sum(g * w * a2, axis=0) * (1.0 / LOG2E) + gb * u
         du_ref[t, :] = (dt * gb).astype(du_ref.dtype)
@@ -125,7 +137,7 @@ def _bwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, dy_ref, ck_ref, du_ref, ddt
   da_ref[...] = da
 
 
-def prototype(block_d=32, num_warps=1, T=16, U=4, interpret=False):
+def prototype(block_d=32, num_warps=1, T=16, U=4, interpret=False, fma=False):
   """(fwd(u, dt, A, B, C) -> (y, checkpoints), bwd(u, dt, A, B, C, dy, checkpoints) -> grads).
   u, dt, dy [b, L, D] bf16; A [D, N] float32; B, C [b, L, N] bf16."""
   params = plt.CompilerParams(num_warps=num_warps, num_stages=1)
@@ -136,7 +148,7 @@ def prototype(block_d=32, num_warps=1, T=16, U=4, interpret=False):
     ld = pl.BlockSpec((None, L, block_d), lambda bi, i: (bi, 0, i))
     ln = pl.BlockSpec((None, L, N), lambda bi, i: (bi, 0, 0))
     return pl.pallas_call(
-        lambda *r: _fwd_kernel(*r, T=T, interpret=interpret),
+        lambda *r: _fwd_kernel(*r, T=T, interpret=interpret, fma=fma),
         out_shape=(jax.ShapeDtypeStruct((b, L, D), u.dtype),
                    jax.ShapeDtypeStruct((b, L // T, N, D), F32)),
         grid=(b, D // block_d),
@@ -153,7 +165,7 @@ def prototype(block_d=32, num_warps=1, T=16, U=4, interpret=False):
     ln = pl.BlockSpec((None, L, N), lambda bi, i: (bi, 0, 0))
     part = pl.BlockSpec((None, None, L, N), lambda bi, i: (bi, i, 0, 0))
     du, ddt, da, db, dc = pl.pallas_call(
-        lambda *r: _bwd_kernel(*r, T=T, U=U, interpret=interpret),
+        lambda *r: _bwd_kernel(*r, T=T, U=U, interpret=interpret, fma=fma),
         out_shape=(jax.ShapeDtypeStruct((b, L, D), u.dtype), jax.ShapeDtypeStruct((b, L, D), F32),
                    jax.ShapeDtypeStruct((b, N, D), F32), jax.ShapeDtypeStruct((b, nb, L, N), F32),
                    jax.ShapeDtypeStruct((b, nb, L, N), F32)),
@@ -222,18 +234,22 @@ def main():
     return
   from ssm_lab.ops import selective_scan             # noqa: PLC0415 (the full op, v4 on a GPU)
   b, L, D, N = 8, 2048, 1536, 16
-  rows = {"check (2, 512, 256, 16) vs float32 reference": check((2, 512, 256, 16), interpret)}
+  rows = {"check (2, 512, 256, 16) vs float32 reference": check((2, 512, 256, 16), interpret),
+          "check fma U2 T8": check((2, 512, 256, 16), interpret, T=8, U=2, fma=True)}
   u, dt, A, B, C, dy = inputs(jax.random.PRNGKey(1), b, L, D, N)
   res = {}
   # "K pieces": the sequence cut into K independent pieces ([b, L] -> [b K, L / K]), as time segments
   # would run, but WITHOUT the hand-over between them (the values differ from the op's): the time
   # of the two kernels once there are enough programs, not counting segment passes.
+  # Measured 2026-12-04 (results/scan_prototype_h200.md): one piece, T16 and T8; 4 and 8 pieces.
+  # Not yet timed: fma (inline-asm FFMA) and U = 2, which offline SASS gives 16.2 warp-instructions
+  # a token-channel and 24 B of spill at T = 8 (17.6 and 368 B without).
   for name, kw, pieces in (("T16 U4 block_d 32 w1", {}, 1),
-                           ("T16 U4 block_d 64 w2", dict(block_d=64, num_warps=2), 1),
                            ("T8 U4 block_d 32 w1", dict(T=8), 1),
-                           ("T16 U4 block_d 32 w1, 4 pieces", {}, 4),
                            ("T16 U4 block_d 32 w1, 8 pieces", {}, 8),
-                           ("T8 U4 block_d 32 w1, 8 pieces", dict(T=8), 8)):
+                           ("T8 U4 block_d 32 w1, 8 pieces", dict(T=8), 8),
+                           ("T8 U2 fma block_d 32 w1, 8 pieces", dict(T=8, U=2, fma=True), 8),
+                           ("T8 U2 fma block_d 32 w1, 16 pieces", dict(T=8, U=2, fma=True), 16)):
     fwd, bwd = prototype(interpret=interpret, **kw)
     cut = lambda x: x.reshape(x.shape[0] * pieces, x.shape[1] // pieces, *x.shape[2:])
     a = (cut(u), cut(dt), A, cut(B), cut(C))
