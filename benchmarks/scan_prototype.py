@@ -6,7 +6,9 @@ backward sum_n g B and sum_n g A w) and the sums over channels (dB, dC) then bec
 and on the H200 40-45% of v4's instructions are SHFL and their FADDs (results/ncu_scan_h200.md).
 Here a program owns `block_d` channels, one per lane, and the [d_state, block_d] state tile has
 all of a channel's states in its lane. The sums over states stay in-thread; only dB and dC (sums
-over channels) cross lanes, once a token.
+over channels) cross lanes, once a token. v3 (`Config(variant="v3")`) has the same layout. This
+prototype differs in its checkpoint interval and recompute, in taking one exponential per element
+and token, and in the missing pieces below (benchmarks/NOTES_selective_scan.md).
 
 Bare on purpose. There is no z gate, D skip, softplus, delta_bias, initial or final state,
 time segments, padding or groups. d_state is 16, and the sizes must divide evenly. dB and dC come
