@@ -124,6 +124,18 @@ CASES = {
     "v5_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
                               pss.Config(block_d=8, chunk=4, segments=2, state_block=8,
                                          bwd_state_block=4, bwd="v5", fwd="v5"), 2e-2),
+    # The v6 backward (one channel per lane, states in the lane) after the v4 forward: bf16, z,
+    # initial state, softplus, groups; length 13 padded to 16 = 2 segments of one chunk of 8 (two
+    # sub-chunks of 4 recomputed from the checkpoint; masked tail).
+    "v6_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
+                              pss.Config(block_d=8, chunk=8, segments=2, state_block=8, bwd="v6"),
+                              2e-2),
+    # v6 in float32 without z, initial state or softplus; backward blocks narrower than the
+    # forward's; 3 segments of 2 chunks of 4 (one sub-chunk each).
+    "v6_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                               dict(z=False, init=False, softplus=False),
+                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
+                                          state_block=8, bwd="v6"), 1e-5),
     # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
     "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
                        pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
@@ -219,7 +231,7 @@ def test_default_config_v4():
   assert cfg.bwd == "v4" and pss.default_config(8, 2048, 1536, 16,
                                                 config=pss.Config(bwd="v5")).bwd_state_block == 4
   with pytest.raises(ValueError, match="Config.bwd"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v6"))
+    pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v7"))
   v5 = pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5"))
   assert v5.state_block == 4 and v5.chunk == 8 and cfg.chunk == 16
   with pytest.raises(ValueError, match="Config.fwd"):
@@ -264,6 +276,13 @@ def test_gpu_realistic_shape_v5_backward():
   """The same with the v5 kernels (Config.fwd/bwd="v5", chunk 8: the sweep's lead candidate)."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, pss.Config(bwd="v5", fwd="v5", chunk=8), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_v6_backward():
+  """The same with the v6 backward (Config.bwd="v6": one channel a lane, states in the lane)."""
+  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
+  check_matches_reference(inp, True, pss.Config(bwd="v6"), 1e-2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +339,9 @@ def _lower_for_h100(fn, *args) -> str:
     # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
     ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16),
     # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
-    ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4)])
+    ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4),
+    # The v6 backward (one warp, one channel a lane).
+    ("v4", dict(bwd="v6"), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

@@ -5,7 +5,9 @@ inside a chunk; "v3" walks time token by token (kept so one benchmark run can ti
 below up to "v4" describes v3; the algebra (adjoint, gradients, segments, padding) is shared. Within
 v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backward-direction kernels
 (same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below),
-off by default until a device measurement.
+off by default until a device measurement. `Config.bwd` = "v6" picks a backward with one channel per
+lane and all its states in the lane, token by token (comment block "v6 backward" below); it is
+correct in interpret mode and lowers for the GPU, but has not been timed on one yet.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
 walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
@@ -95,9 +97,10 @@ class Config:
       d_state / state_block groups.
     bwd_state_block: the same for the backward-direction kernels (they hold about twice as many
       live tiles per state).
-    bwd: v4 only: the backward kernel. "v4" (the default) or "v5" (one register layout for every
+    bwd: v4 only: the backward kernel. "v4" (the default), "v5" (one register layout for every
       tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
-      see "v5 kernels" below). Default "v4" until a device measurement says otherwise.
+      see "v5 kernels" below) or "v6" (one channel per lane, all its states in the lane, token by
+      token; see "v6 backward" below). Default "v4" until a device measurement says otherwise.
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
       default) or "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below).
 
@@ -177,7 +180,10 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   bwd_block_d = c.bwd_block_d or block_d
   # v5: chunks of 8 (offline SASS: the v5 backward spills 760 B at 16, none at 8; notes file).
   v5 = "v5" in (c.fwd, c.bwd)
-  chunk = c.chunk or (8 if v5 else max(8, min(16, _pow2_ceil(length))))
+  v6 = c.bwd == "v6"
+  # v6 backward: checkpoints every 8 tokens (offline SASS of the prototype: 368 B of spill at 8,
+  # 1008 B at 16).
+  chunk = c.chunk or (8 if v5 or v6 else max(8, min(16, _pow2_ceil(length))))
   if c.unroll not in (None, chunk):
     raise ValueError(f"Config.unroll={c.unroll} must equal Config.chunk={chunk} for variant 'v4'")
   state_block = c.state_block or min(4 if c.fwd == "v5" else 16, n_p)
@@ -191,19 +197,25 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     if v & (v - 1):
       raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
   segments = c.segments
-  for name, v in (("bwd", c.bwd), ("fwd", c.fwd)):
-    if v not in ("v4", "v5"):
-      raise ValueError(f"Config.{name} must be 'v4' or 'v5', got {v!r}")
+  if c.fwd not in ("v4", "v5"):
+    raise ValueError(f"Config.fwd must be 'v4' or 'v5', got {c.fwd!r}")
+  if c.bwd not in ("v4", "v5", "v6"):
+    raise ValueError(f"Config.bwd must be 'v4', 'v5' or 'v6', got {c.bwd!r}")
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
+    # v6: one-warp backward programs, each a chain of dependent tokens: like v3, aim at ~2048 of
+    # them (benchmarks/results/scan_prototype_h200.md: 8 pieces at (8, 2048, 1536, 16)).
+    target = 2048 if v6 else 512
     segments = 1
-    while programs * segments < 512 and length // (segments * 2) >= 8 * chunk:
+    while programs * segments < target and length // (segments * 2) >= 8 * chunk:
       segments *= 2
   # 4 warps a program (forward and backward): the H100 sweeps of 2026-11-23 (commits 91f8ac3 and
   # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
   # 4.49 / 4.94 / 24.86 / 12.71 with 8 warps (10-14% faster everywhere; notes file).
+  # v6: one channel per lane.
+  bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if v6 else c.num_warps or 4)
   return Config(block_d=block_d, num_warps=c.num_warps or 4, bwd_block_d=bwd_block_d,
-                bwd_num_warps=c.bwd_num_warps or c.num_warps or 4, chunk=chunk, unroll=chunk,
+                bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
                 bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd)
 
@@ -1060,6 +1072,107 @@ def _bwd5_kernel(*refs, st: _Static):
 
 
 # --------------------------------------------------------------------------------------------------
+# v6 backward (Config.bwd="v6"; off by default, not yet timed on a GPU). A drop-in for `_bwd4_kernel`
+# mode "bwd" (same refs) after the v4 forward, written on the tiles of benchmarks/scan_prototype.py:
+# the state, adjoint and dA are [d_state, block_d] float32 tiles read with plain slices (channels
+# contiguous, last axis), which jaxlib's Triton keeps one channel per lane with all its states in the
+# lane. v3 meant the same layout but addresses [block_d, d_state] tiles through index arrays, and on
+# jaxlib's Triton that spreads the states over lanes (offline SASS: 56 warp-instructions a
+# token-channel in v3's backward, 17.6 in the prototype's; benchmarks/NOTES_selective_scan.md).
+# Per chunk of T tokens (the forward's checkpoint interval) the kernel recomputes the state at every
+# `_V6_SUB` tokens from the checkpoint; per sub-chunk it recomputes and keeps those states and their
+# decays, then walks them backwards: g_t = a_{t+1} g_{t+1} + dy_t C_t (the carry holds a_{t+1} g_{t+1}),
+# with the v3 algebra for every gradient and one exponential per state element and token.
+
+_V6_SUB = 4
+
+
+def _fma(a, b, c, interpret):
+  """a * b + c as one fma.rn.f32 on the GPU (Triton does not contract a product and a sum itself)."""
+  if interpret:
+    return a * b + c
+  shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+  args = [jnp.broadcast_to(x, shape) for x in (a, b, c)]
+  return plt.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f",
+                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
+
+
+def _bwd6_kernel(*refs, st: _Static):
+  r, _ = _refs(refs, st, "u dl z b c a d bias ck dy gend du ddl dz dbp dcp da dd dbias dh0")
+  interp = st.interpret
+  T, S = st.cfg.chunk, st.seg_len
+  U = min(_V6_SUB, T)
+  n_chunks = S // T
+  t_base = pl.program_id(1) * S
+  a2 = r["a"][...] * LOG2E                                  # [n, bd]
+  d_skip = r["d"][...]
+  bias = r["bias"][...]
+
+  def tok(t):
+    u = r["u"][t, :].astype(F32)
+    x, dt = _delta(r["dl"], bias, t, t_base, st)
+    return u, x, dt, r["b"][t, :].astype(F32), r["c"][t, :].astype(F32)
+
+  def step(h, t):
+    u, _, dt, bt, _ = tok(t)
+    a = _ex2(dt[None, :] * a2, interp)
+    return a, _fma(a, h, (dt * u)[None, :] * bt[:, None], interp)
+
+  def chunk(k, carry):
+    g, d_a, d_d, d_bias = carry
+    t0 = (n_chunks - 1 - k) * T
+    h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
+    subs = [h]
+    for j in range(1, T // U):
+      for i in range(U):
+        _, h = step(h, t0 + (j - 1) * U + i)
+      subs.append(h)
+    for j in reversed(range(T // U)):
+      hs, decays = [subs[j]], []
+      for i in range(U):
+        a, h = step(hs[-1], t0 + j * U + i)
+        hs.append(h)
+        decays.append(a)
+      for i in reversed(range(U)):
+        t = t0 + j * U + i
+        u, x, dt, bt, ct = tok(t)
+        dout = r["dy"][t, :].astype(F32)
+        if st.has_z:
+          zt = r["z"][t, :].astype(F32)
+          sg = _sigmoid(zt, interp)
+          y = jnp.sum(hs[i + 1] * ct[:, None], axis=0) + d_skip * u
+          r["dz"][t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(r["dz"].dtype)
+          dys = dout * zt * sg
+        else:
+          dys = dout
+        d_d = d_d + dys * u
+        g = _fma(ct[:, None], dys[None, :], g, interp)      # dL/dh_t
+        w = decays[i] * hs[i]                               # exp(dt A) h_{t-1}
+        d_a = _fma(g * w, dt[None, :], d_a, interp)
+        g_b = jnp.sum(g * bt[:, None], axis=0)
+        ddt = jnp.sum(g * w * a2, axis=0) * (1.0 / LOG2E) + u * g_b
+        r["du"][t, :] = (dys * d_skip + dt * g_b).astype(r["du"].dtype)
+        r["dbp"][t, :] = jnp.sum(g * (dt * u)[None, :], axis=1)
+        r["dcp"][t, :] = jnp.sum(hs[i + 1] * dys[None, :], axis=1)
+        # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without another exp of x.
+        dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
+        if st.masked:
+          dx = dx * (t_base + t < st.length).astype(F32)
+        d_bias = d_bias + dx
+        r["ddl"][t, :] = dx.astype(r["ddl"].dtype)
+        g = decays[i] * g
+    return g, d_a, d_d, d_bias
+
+  zeros = jnp.zeros(bias.shape, F32)
+  g, d_a, d_d, d_bias = jax.lax.fori_loop(
+      0, n_chunks, chunk, (r["gend"][...], jnp.zeros(a2.shape, F32), zeros, zeros))
+  r["da"][...] = d_a
+  r["dh0"][...] = g
+  r["dd"][...] = d_d
+  r["dbias"][...] = d_bias
+
+
+# --------------------------------------------------------------------------------------------------
 # pallas_call wrappers.
 
 
@@ -1170,6 +1283,7 @@ def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend, ypre=No
   return pl.pallas_call(
       (functools.partial(_bwd_kernel, st=st) if st.cfg.variant == "v3"
        else functools.partial(_bwd5_kernel, st=st) if st.cfg.bwd == "v5"
+       else functools.partial(_bwd6_kernel, st=st) if st.cfg.bwd == "v6"
        else functools.partial(_bwd4_kernel, st=st, mode="bwd")), out_shape=out_shape,
       grid=(nblk, P, b),
       in_specs=in_specs, out_specs=out_specs, compiler_params=_params(st, st.cfg.bwd_num_warps),
