@@ -552,15 +552,18 @@ def main() -> None:
 # cuts the backward's registers (offline SASS, triton 3.6 sm_90, at the first shape: default 255
 # registers, 8 warps a program, one program an SM); predictions in benchmarks/NOTES_selective_scan.md.
 SWEEP = [
-    # 2026-12-04 (second session): the v6 backward (one channel a lane, states in the lane, after
-    # the v4 forward at chunk 8, 8 segments at the first shape); offline SASS 22.3 warp-instructions
-    # a token-channel against v4's 42 (benchmarks/NOTES_selective_scan.md). First so the budget
-    # reaches it at every shape.
+    # 2026-12-04 (second session): the v6 kernels (one channel a lane, states in the lane; chunk 8,
+    # 8 segments at the first shape), all of them and the backward alone after the v4 forward.
+    # Offline SASS, warp-instructions a token-channel: forward 7.2 (v4 12.1), backward 22.3 (v4 42)
+    # (benchmarks/NOTES_selective_scan.md). First so the budget reaches them at every shape.
+    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6")),
+    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6")),
+    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6")),
+    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6")),
     ((8, 2048, 1536, 16), dict(bwd="v6")),
     ((2, 8192, 1536, 16), dict(bwd="v6")),
-    ((1, 65536, 2048, 16), dict(bwd="v6")),
-    ((8, 2048, 5120, 16), dict(bwd="v6")),
-    ((8, 2048, 1536, 16), dict(bwd="v6", segments=4)),
+    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=4)),
+    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
     # Session 12: the v5 kernels (Config.fwd / bwd = "v5"; by default state tiles of 4, chunk 8),
     # first so that the time budget reaches them at every shape: both v5 at chunk 8 (the lead
     # candidate), the v5 backward alone after the v4 forward, and both v5 at chunk 16. Offline SASS

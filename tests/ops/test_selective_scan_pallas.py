@@ -130,6 +130,14 @@ CASES = {
     "v6_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
                               pss.Config(block_d=8, chunk=8, segments=2, state_block=8, bwd="v6"),
                               2e-2),
+    # The v6 forward, state pass, adjoint pass and backward together: bf16, z, initial state,
+    # softplus, groups, 2 segments with a masked tail.
+    "v6_all_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
+                                  pss.Config(block_d=8, chunk=4, segments=2, fwd="v6", bwd="v6"),
+                                  2e-2),
+    # All v6 kernels in float32 (z, initial state, softplus), 3 segments of 2 chunks, masked tail.
+    "v6_all_f32_segments": ((1, 21, 24, 5, 2), jnp.float32, {},
+                            pss.Config(block_d=8, chunk=4, segments=3, fwd="v6", bwd="v6"), 1e-5),
     # v6 in float32 without z, initial state or softplus; backward blocks narrower than the
     # forward's; 3 segments of 2 chunks of 4 (one sub-chunk each).
     "v6_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
@@ -280,9 +288,11 @@ def test_gpu_realistic_shape_v5_backward():
 
 @pytest.mark.gpu
 def test_gpu_realistic_shape_v6_backward():
-  """The same with the v6 backward (Config.bwd="v6": one channel a lane, states in the lane)."""
+  """The same with the v6 backward (Config.bwd="v6": one channel a lane, states in the lane), alone
+  and with the v6 forward."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, pss.Config(bwd="v6"), 1e-2)
+  check_matches_reference(inp, True, pss.Config(fwd="v6", bwd="v6"), 1e-2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,8 +350,8 @@ def _lower_for_h100(fn, *args) -> str:
     ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16),
     # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
     ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4),
-    # The v6 backward (one warp, one channel a lane).
-    ("v4", dict(bwd="v6"), 1)])
+    # The v6 backward (one warp, one channel a lane), and all v6 kernels.
+    ("v4", dict(bwd="v6"), 1), ("v4", dict(fwd="v6", bwd="v6"), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

@@ -102,7 +102,8 @@ class Config:
       see "v5 kernels" below) or "v6" (one channel per lane, all its states in the lane, token by
       token; see "v6 backward" below). Default "v4" until a device measurement says otherwise.
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
-      default) or "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below).
+      default), "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the
+      v6 tiles, token by token; see "v6 backward" below).
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -180,7 +181,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   bwd_block_d = c.bwd_block_d or block_d
   # v5: chunks of 8 (offline SASS: the v5 backward spills 760 B at 16, none at 8; notes file).
   v5 = "v5" in (c.fwd, c.bwd)
-  v6 = c.bwd == "v6"
+  v6 = "v6" in (c.fwd, c.bwd)
   # v6 backward: checkpoints every 8 tokens (offline SASS of the prototype: 368 B of spill at 8,
   # 1008 B at 16).
   chunk = c.chunk or (8 if v5 or v6 else max(8, min(16, _pow2_ceil(length))))
@@ -197,8 +198,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     if v & (v - 1):
       raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
   segments = c.segments
-  if c.fwd not in ("v4", "v5"):
-    raise ValueError(f"Config.fwd must be 'v4' or 'v5', got {c.fwd!r}")
+  if c.fwd not in ("v4", "v5", "v6"):
+    raise ValueError(f"Config.fwd must be 'v4', 'v5' or 'v6', got {c.fwd!r}")
   if c.bwd not in ("v4", "v5", "v6"):
     raise ValueError(f"Config.bwd must be 'v4', 'v5' or 'v6', got {c.bwd!r}")
   if segments is None:
@@ -213,8 +214,9 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
   # 4.49 / 4.94 / 24.86 / 12.71 with 8 warps (10-14% faster everywhere; notes file).
   # v6: one channel per lane.
-  bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if v6 else c.num_warps or 4)
-  return Config(block_d=block_d, num_warps=c.num_warps or 4, bwd_block_d=bwd_block_d,
+  warps = c.num_warps or (max(1, block_d // 32) if c.fwd == "v6" else 4)
+  bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if c.bwd == "v6" else c.num_warps or 4)
+  return Config(block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d,
                 bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
                 bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd)
@@ -1097,6 +1099,77 @@ def _fma(a, b, c, interpret):
                                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
 
 
+def _fwd6_kernel(*refs, st: _Static, mode: str):
+  """Config.fwd="v6": `_fwd4_kernel`'s modes ("fwd": y, the end state and optionally the chunk
+  checkpoints; "state": the end state from zero and the sum of delta) on the v6 tiles, token by token."""
+  r, ck_ref, _ = _fwd_refs(refs, st, mode)
+  interp = st.interpret
+  T, S = st.cfg.chunk, st.seg_len
+  t_base = pl.program_id(1) * S
+  a2 = r["a"][...] * LOG2E                                  # [n, bd]
+  bias = r["bias"][...]
+  d_skip = r["d"][...] if mode == "fwd" else None
+
+  def chunk(ci, carry):
+    h, dts = carry
+    if ck_ref is not None:
+      ck_ref[ci] = h
+    for i in range(T):
+      t = ci * T + i
+      u = r["u"][t, :].astype(F32)
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * r["b"][t, :].astype(F32)[:, None],
+               interp)
+      if mode == "state":
+        dts = dts + dt
+        continue
+      y = jnp.sum(h * r["c"][t, :].astype(F32)[:, None], axis=0) + d_skip * u
+      if st.has_z:
+        zt = r["z"][t, :].astype(F32)
+        y = y * zt * _sigmoid(zt, interp)
+      r["y"][t, :] = y.astype(r["y"].dtype)
+    return h, dts
+
+  h0 = jnp.zeros(a2.shape, F32) if mode == "state" else r["h0"][...]
+  h, dts = jax.lax.fori_loop(0, S // T, chunk, (h0, jnp.zeros(bias.shape, F32)))
+  if mode == "state":
+    r["hloc"][...] = h
+    r["dts"][...] = dts
+  else:
+    r["hend"][...] = h
+
+
+def _adjoint6_kernel(*refs, st: _Static):
+  """Config.bwd="v6": the segment adjoint pass (as `_bwd4_kernel` mode "adjoint") on the v6 tiles."""
+  r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
+  interp = st.interpret
+  T, S = st.cfg.chunk, st.seg_len
+  n_chunks = S // T
+  t_base = (pl.program_id(1) + 1) * S                       # this grid runs segments 1..P-1
+  a2 = r["a"][...] * LOG2E
+  bias = r["bias"][...]
+
+  def chunk(k, carry):
+    g, dts = carry
+    t0 = (n_chunks - 1 - k) * T
+    for i in reversed(range(T)):
+      t = t0 + i
+      _, dt = _delta(r["dl"], bias, t, t_base, st)
+      dys = r["dy"][t, :].astype(F32)
+      if st.has_z:
+        zt = r["z"][t, :].astype(F32)
+        dys = dys * zt * _sigmoid(zt, interp)
+      g = _fma(r["c"][t, :].astype(F32)[:, None], dys[None, :], g, interp)
+      g = _ex2(dt[None, :] * a2, interp) * g
+      dts = dts + dt
+    return g, dts
+
+  g, dts = jax.lax.fori_loop(0, n_chunks, chunk, (jnp.zeros(a2.shape, F32),
+                                                  jnp.zeros(bias.shape, F32)))
+  r["gloc"][...] = g
+  r["dts"][...] = dts
+
+
 def _bwd6_kernel(*refs, st: _Static):
   r, _ = _refs(refs, st, "u dl z b c a d bias ck dy gend du ddl dz dbp dcp da dd dbias dh0")
   interp = st.interpret
@@ -1217,6 +1290,7 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
   return pl.pallas_call(
       (functools.partial(_fwd_kernel, st=st, save_ck=save_ck) if st.cfg.variant == "v3"
        else functools.partial(_fwd5_kernel, st=st, mode="fwd") if st.cfg.fwd == "v5"
+       else functools.partial(_fwd6_kernel, st=st, mode="fwd") if st.cfg.fwd == "v6"
        else functools.partial(_fwd4_kernel, st=st, mode="fwd")), out_shape=out_shape,
       grid=(dp // bd, P, b), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
@@ -1230,6 +1304,7 @@ def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
   return pl.pallas_call(
       (functools.partial(_state_kernel, st=st) if st.cfg.variant == "v3"
        else functools.partial(_fwd5_kernel, st=st, mode="state") if st.cfg.fwd == "v5"
+       else functools.partial(_fwd6_kernel, st=st, mode="state") if st.cfg.fwd == "v6"
        else functools.partial(_fwd4_kernel, st=st, mode="state")),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
@@ -1249,6 +1324,7 @@ def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
   return pl.pallas_call(
       (functools.partial(_adjoint_kernel, st=st) if st.cfg.variant == "v3"
        else functools.partial(_adjoint5_kernel, st=st) if st.cfg.bwd == "v5"
+       else functools.partial(_adjoint6_kernel, st=st) if st.cfg.bwd == "v6"
        else functools.partial(_bwd4_kernel, st=st, mode="adjoint")),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
