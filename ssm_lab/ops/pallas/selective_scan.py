@@ -6,7 +6,7 @@ below up to "v4" describes v3; the algebra (adjoint, gradients, segments, paddin
 v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backward-direction kernels
 (same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below),
 off by default until a device measurement. `Config.bwd` = "v6" picks a backward with one channel per
-lane and all its states in the lane, token by token (comment block "v6 backward" below); it is
+lane and all its states in the lane, token by token (comment block "v6 kernels" below); it is
 correct in interpret mode and lowers for the GPU, but has not been timed on one yet.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
@@ -100,10 +100,10 @@ class Config:
     bwd: v4 only: the backward kernel. "v4" (the default), "v5" (one register layout for every
       tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
       see "v5 kernels" below) or "v6" (one channel per lane, all its states in the lane, token by
-      token; see "v6 backward" below). Default "v4" until a device measurement says otherwise.
+      token; see "v6 kernels" below). Default "v4" until a device measurement says otherwise.
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
       default), "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the
-      v6 tiles, token by token; see "v6 backward" below).
+      v6 tiles, token by token; see "v6 kernels" below).
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -1074,8 +1074,10 @@ def _bwd5_kernel(*refs, st: _Static):
 
 
 # --------------------------------------------------------------------------------------------------
-# v6 backward (Config.bwd="v6"; off by default, not yet timed on a GPU). A drop-in for `_bwd4_kernel`
-# mode "bwd" (same refs) after the v4 forward, written on the tiles of benchmarks/scan_prototype.py:
+# v6 kernels (Config.fwd / Config.bwd = "v6"; off by default, not yet timed on a GPU). `_fwd6_kernel`
+# and `_adjoint6_kernel` take the places of the v4 forward-direction kernels and the segment adjoint
+# pass; `_bwd6_kernel` is a drop-in for `_bwd4_kernel` mode "bwd" (same refs, also after the v4
+# forward). All are written on the tiles of benchmarks/scan_prototype.py:
 # the state, adjoint and dA are [d_state, block_d] float32 tiles read with plain slices (channels
 # contiguous, last axis), which jaxlib's Triton keeps one channel per lane with all its states in the
 # lane. v3 meant the same layout but addresses [block_d, d_state] tiles through index arrays, and on
