@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timing  # noqa: E402
+from ssm_lab.ops.pallas.selective_scan import recompute_sub_chunks  # noqa: E402
 
 F32 = jnp.float32
 LOG2E = 1.4426950408889634
@@ -109,18 +110,7 @@ def _bwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, dy_ref, ck_ref, du_ref, ddt
     g, da = carry                                           # g: a_{t+1} g_{t+1} from later tokens
     ci = L // T - 1 - kk
     t0 = ci * T
-    h = ck_ref[ci]
-    subs = [h]                                              # the state before every U tokens
-    for j in range(1, T // U):
-      for i in range(U):
-        _, h = step(h, t0 + (j - 1) * U + i)
-      subs.append(h)
-    for j in reversed(range(T // U)):
-      hs, decays = [subs[j]], []
-      for i in range(U):
-        a, hn = step(hs[-1], t0 + j * U + i)
-        hs.append(hn)
-        decays.append(a)
+    for j, hs, decays in recompute_sub_chunks(step, ck_ref[ci], t0, T, U):
       for i in reversed(range(U)):
         t = t0 + j * U + i
         u, dt, bt, ct, dy = tok(t)

@@ -1103,6 +1103,26 @@ def _fma(a, b, c, interpret):
                                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
 
 
+def recompute_sub_chunks(step, h, t0: int, T: int, U: int):
+  """The v6 backward's recompute of one chunk of T tokens from its checkpoint h (the state before
+  token t0). `step(h, t) -> (decay a_t, h_t)`. Recomputes the state at every U tokens, then, sub-chunk
+  by sub-chunk from the last, yields (j, states, decays): the U + 1 states from before the
+  sub-chunk's first token t0 + j U to after its last, and the U decays. (Also used by
+  benchmarks/scan_prototype.py.)"""
+  subs = [h]
+  for j in range(1, T // U):
+    for i in range(U):
+      _, h = step(h, t0 + (j - 1) * U + i)
+    subs.append(h)
+  for j in reversed(range(T // U)):
+    hs, decays = [subs[j]], []
+    for i in range(U):
+      a, h = step(hs[-1], t0 + j * U + i)
+      hs.append(h)
+      decays.append(a)
+    yield j, hs, decays
+
+
 def _fwd6_kernel(*refs, st: _Static, mode: str):
   """Config.fwd="v6": `_fwd4_kernel`'s modes ("fwd": y, the end state and optionally the chunk
   checkpoints; "state": the end state from zero and the sum of delta) on the v6 tiles, token by token."""
@@ -1199,17 +1219,7 @@ def _bwd6_kernel(*refs, st: _Static):
     g, d_a, d_d, d_bias = carry
     t0 = (n_chunks - 1 - k) * T
     h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
-    subs = [h]
-    for j in range(1, T // U):
-      for i in range(U):
-        _, h = step(h, t0 + (j - 1) * U + i)
-      subs.append(h)
-    for j in reversed(range(T // U)):
-      hs, decays = [subs[j]], []
-      for i in range(U):
-        a, h = step(hs[-1], t0 + j * U + i)
-        hs.append(h)
-        decays.append(a)
+    for j, hs, decays in recompute_sub_chunks(step, h, t0, T, U):
       for i in reversed(range(U)):
         t = t0 + j * U + i
         u, x, dt, bt, ct = tok(t)
