@@ -123,30 +123,30 @@ def test_chunked_gradients_match_reference():
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-def _pallas_matches_reference(a, **kw):
-  """y, the final state and every gradient of the direct pallas call against the reference."""
+def _errors_vs_reference(a, **kw):
+  """(relative errors of y and the final state, of every gradient) of the direct pallas call."""
   y_ref, s_ref = call("reference", a)
   y, s = call("pallas-direct", a, **kw)
-  assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
   g_ref = grads("reference", a)
   g = grads("pallas-direct", a, **kw)
-  for k in ARGS:
-    assert rel(g[k], g_ref[k]) < 1e-4, k
+  return max(rel(y, y_ref), rel(s, s_ref)), {k: rel(g[k], g_ref[k]) for k in ARGS}
 
 
 @pytest.mark.parametrize("bwd", ["chunked", "sequential"])
 def test_pallas_matches_reference_values_and_gradients(bwd):
   # head_dim 8 and d_state 6 exercise the padding to 16; length 37 the padding to whole chunks and
   # segments; 2 segments the state hand-over between them (the one-segment path: tests below).
-  _pallas_matches_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2, bwd=bwd)
+  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2, bwd=bwd)
+  assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
 def test_pallas_candidates_chunked_forward_split_backward_atomic_group_sum():
   # The three kernel candidates in one program (one compile keeps the file fast): the chunk-parallel
   # forward (state pass + per-chunk output), the backward split into a dx and a dB/dC/dA kernel, and
   # dB/dC summed over a group's 2 heads by atomic adds. 2 segments: the forward's state hand-over.
-  _pallas_matches_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2, fwd="chunked",
-                            bwd_split=True, group_sum="atomic")
+  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2,
+                                   fwd="chunked", bwd_split=True, group_sum="atomic")
+  assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
 def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
@@ -164,8 +164,10 @@ def test_pallas_forward_and_backward_segments_differ(k_fwd, k_bwd, fwd_block):
   # The forward and the backward cut the sequence independently; length 70 pads to a multiple of
   # the larger cut (4 segments of 2 chunks of 16). fwd_block 16: the forward's programs own 16 of
   # the 32 head_dim rows each.
-  _pallas_matches_reference(make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=32, g=1, n=8),
-                            chunk_size=16, segments=k_fwd, segments_bwd=k_bwd, fwd_block=fwd_block)
+  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=32, g=1, n=8),
+                                   chunk_size=16, segments=k_fwd, segments_bwd=k_bwd,
+                                   fwd_block=fwd_block)
+  assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
 # {} stores dS_end in bf16 here (ds_dtype="auto" with bf16 x); {"ds_dtype": "float32"} the other way.
