@@ -49,30 +49,17 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timing  # noqa: E402
-from ssm_lab.ops.pallas.selective_scan import recompute_sub_chunks  # noqa: E402
+import ssm_lab.ops.pallas.selective_scan as PSS  # noqa: E402
+from ssm_lab.ops.pallas.selective_scan import LOG2E, recompute_sub_chunks  # noqa: E402
+
+_ex2 = PSS._ex2
 
 F32 = jnp.float32
-LOG2E = 1.4426950408889634
-
-
-def _ex2(x, interpret):
-  if interpret:
-    return jnp.exp2(x)
-  return plt.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
-                                    pack=1,
-                                    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
 def _fma(a, b, c, interpret, fma):
-  """a * b + c; with `fma`, one fma.rn.f32 through inline asm (Triton does not contract a product
-  and a sum into an FFMA on its own: offline SASS shows FMUL + FADD)."""
-  if interpret or not fma:
-    return a * b + c
-  shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
-  args = [jnp.broadcast_to(x, shape) for x in (a, b, c)]
-  return plt.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args,
-                                    constraints="=f,f,f,f", pack=1,
-                                    result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
+  """a * b + c: one inline-asm FFMA with `fma` on the GPU (the op's `_fma`), else a product and a sum."""
+  return PSS._fma(a, b, c, interpret or not fma)
 
 
 def _fwd_kernel(u_ref, dt_ref, at_ref, b_ref, c_ref, y_ref, ck_ref, *, T, interpret, fma=False):

@@ -275,12 +275,10 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
     xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
   if bc_refs is not None:
     db_ref, dc_ref, da_ref = bc_refs
-    f_dot = dus
-    if cd != f32 and ds.dtype == f32:
-      # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
-      # in sum_{t<s} F_t and in the trace: add back the low bf16 half of dS there (two more products).
-      ds_lo = (ds - ds_cd.astype(f32)).astype(cd)
-      f_dot = f_dot + _dot(bs, ds_lo, (1, 1), prec)
+    # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+    # in sum_{t<s} F_t and in the trace: add back the low bf16 half of dS there (two more products).
+    ds_lo = (ds - ds_cd.astype(f32)).astype(cd) if cd != f32 and ds.dtype == f32 else None
+    f_dot = dus if ds_lo is None else dus + _dot(bs, ds_lo, (1, 1), prec)
     f_t = w_end[:, 0] * jnp.sum(u * f_dot, axis=1)
     s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
     ea = jnp.exp(ac)[:, None]
@@ -288,7 +286,7 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
     eye = (jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 0)
            == jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 1))
     ss0 = _dot(ds_cd, s0, (1, 1), prec)                         # [P, P] dS S0^T
-    if cd != f32 and ds.dtype == f32:
+    if ds_lo is not None:
       ss0 = ss0 + _dot(ds_lo, s0, (1, 1), prec)
     s0_term = jnp.exp(last) * jnp.sum(jnp.where(eye, ss0, 0.0))
     y_t = ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
