@@ -211,8 +211,16 @@ def _one_fwd_segment(fwd, **extra):
   return knobs
 
 
+def _segment_cut(shape):
+  """The default before choose_layout (2026-12-05): choose_segments' cut in both passes, no split."""
+  b, l, h = shape[:3]
+  k = PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))
+  return {"segments": k, "segments_bwd": k}
+
+
 # A row's knobs: a dict, or a function of the shape (b, L, h, P, N) giving one.
 CANDIDATES = (
+    ("pallas segment cut (previous default)", _segment_cut, True),
     ("pallas fwd segments/2", _half_fwd_segments, True),
     # No forward hand-over at all: one forward segment, the chunk-parallel forward (a state pass of
     # b * h * P/16 programs, then one program per chunk) or the sequential one.

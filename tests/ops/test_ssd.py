@@ -14,7 +14,7 @@ import pytest
 
 from ssm_lab.ops import ssd
 from ssm_lab.ops.pallas import ssd as pallas_ssd
-from ssm_lab.ops.pallas.ssd import choose_segments, ssd_pallas
+from ssm_lab.ops.pallas.ssd import choose_layout, choose_segments, ssd_pallas
 from ssm_lab.ops.ssd import REGISTRY
 from ssm_lab.ops.pallas.lowering import lower_for_gpu
 
@@ -297,6 +297,26 @@ def test_choose_segments():
   assert choose_segments(1, 24, 1024) == 16       # long sequence, one sequence
   assert choose_segments(1, 24, 8) == 1           # too few chunks to split
   assert choose_segments(64, 24, 1024) == 1
+
+
+def test_choose_layout():
+  # (segments, segments_bwd, fwd_block)
+  assert choose_layout(8, 24, 32, 64) == (1, 1, 32)     # 192 programs; split over head_dim: 384
+  assert choose_layout(2, 24, 128, 64) == (8, 8, 0)     # split gives 96: not enough, cut in 8
+  assert choose_layout(1, 24, 1024, 64) == (16, 16, 0)
+  assert choose_layout(8, 24, 32, 32) == (2, 2, 0)      # head_dim 32: nothing to split
+  assert choose_layout(64, 24, 32, 64) == (1, 1, 0)     # already full
+  assert choose_layout(1, 2, 8, 64, min_programs=4) == (1, 1, 32)
+
+
+def test_pallas_default_layout_split_forward_matches_reference(monkeypatch):
+  # A small MIN_PROGRAMS makes the default call take choose_layout's head_dim split (1 x 2 heads x
+  # 2 blocks of 32 rows), with no segment cut; values and every gradient against the reference.
+  monkeypatch.setattr(pallas_ssd, "MIN_PROGRAMS", 4)
+  assert choose_layout(1, 2, 3, 64) == (1, 1, 32)
+  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(12), b=1, l=41, h=2, p=64, g=1, n=8),
+                                   chunk_size=16)
+  assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
 def _lower_for_h100(fn, *args) -> str:

@@ -14,7 +14,8 @@ float32 accumulation):
 so the plain forward writes no per-chunk state. When batch * heads is too small to fill the GPU (long
 sequences), the sequence is cut into `segments`; the state each segment starts from is computed
 first with one XLA matrix product per segment plus a short sequential hand-over, then every segment
-runs in parallel.
+runs in parallel. Where splitting each program's head_dim rows in two already fills the GPU, that
+split is used instead and nothing is cut (`choose_layout`).
 
 Backward (dy, dS_final given). Under the VJP the forward also saves the state each chunk starts from
 ([b, h, chunks, P, N] in the input dtype). Given dS, the gradient reaching a chunk's end state, every
@@ -112,6 +113,30 @@ def choose_segments(batch: int, heads: int, n_chunks: int, min_programs: int = M
   while batch * heads * k < min_programs and n_chunks // (2 * k) >= MIN_CHUNKS_PER_SEGMENT:
     k *= 2
   return k
+
+
+# The sequential forward's head_dim split that choose_layout may pick instead of a segment cut.
+SPLIT_FWD_BLOCK = 32
+
+
+def choose_layout(batch: int, heads: int, n_chunks: int, head_dim: int,
+                  min_programs: int | None = None) -> tuple[int, int, int]:
+  """(segments, segments_bwd, fwd_block) for the default call.
+
+  When splitting the sequential forward over head_dim (SPLIT_FWD_BLOCK rows a program) alone brings
+  batch * heads * blocks to `min_programs`, no sequence cut is needed in either pass, so the segment
+  hand-over (its XLA products, slices, pads and converts) goes away. On the H200 at (8, 2048, 24
+  heads, 64, 128) that is 0.920 of the segment-cut default's fwd+bwd time synchronised and 0.956
+  pipelined (benchmarks/results/ssd_h200_fwd_block.md); at the longer shapes the split does not reach
+  `min_programs` and the cut stays. Otherwise `choose_segments` decides both cuts and each program
+  takes all head_dim rows (fwd_block 0). `min_programs` None reads MIN_PROGRAMS at call time.
+  """
+  min_programs = MIN_PROGRAMS if min_programs is None else min_programs
+  if batch * heads < min_programs and head_dim >= 2 * SPLIT_FWD_BLOCK and \
+     batch * heads * (head_dim // SPLIT_FWD_BLOCK) >= min_programs:
+    return 1, 1, SPLIT_FWD_BLOCK
+  k = choose_segments(batch, heads, n_chunks, min_programs)
+  return k, k, 0
 
 
 def _dot(a, b, contract, prec):
@@ -578,7 +603,9 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
   Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
-  `choose_segments`), `segments_bwd` (the backward's cut; None: as `segments`), Triton
+  `choose_layout` when `segments`, `segments_bwd` and `fwd_block` are all None and fwd is
+  "sequential", else from `choose_segments`), `segments_bwd` (the backward's cut; None: as
+  `segments`), Triton
   `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
@@ -587,7 +614,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two kernels), `group_sum` ("xla": per-head
   dB/dC summed over each group afterwards; "atomic": float32 atomic adds into the group's rows in
   the chunked backward, order-dependent rounding), `fwd_block` (sequential forward: head_dim rows
-  per program, a power of two >= 16; None: all of them),
+  per program, a power of two >= 16; None: from `choose_layout`, see `segments`),
   `interpret` (None: on when no GPU).
   """
   if bwd not in ("chunked", "sequential"):
@@ -615,10 +642,13 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   groups, d_state = B.shape[2], B.shape[3]
   q = chunk_size or DEFAULT_CHUNK
   n_chunks = -(-length // q)
-  k = segments or choose_segments(batch, heads, n_chunks)
-  kb = segments_bwd or segments or choose_segments(batch, heads, n_chunks)
-  lp = -(-n_chunks // max(k, kb)) * max(k, kb) * q
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
+  if segments is None and segments_bwd is None and fwd_block is None and fwd == "sequential":
+    k, kb, fwd_block = choose_layout(batch, heads, n_chunks, pp)
+  else:
+    k = segments or choose_segments(batch, heads, n_chunks)
+    kb = segments_bwd or segments or choose_segments(batch, heads, n_chunks)
+  lp = -(-n_chunks // max(k, kb)) * max(k, kb) * q
   cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
                num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
                num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
