@@ -233,6 +233,11 @@ CANDIDATES = (
     ("pallas fwd_block=16 1 segment", _one_fwd_segment("sequential", fwd_block=16), True),
     ("pallas fwd_block=32 segments=1 both", {"fwd_block": 32, "segments": 1, "segments_bwd": 1},
      True),
+    # 2026-12-05, after choose_layout: at (8, 2048) the unsplit dS pass has 768 programs (1.45 waves
+    # of 4 an SM), the split forward 384 (243 registers: 2 an SM, 1.45 waves); these change the waves.
+    ("pallas ds_block=32", {"ds_block": 32}, False),
+    ("pallas fwd_block=16 segments=1 both", {"fwd_block": 16, "segments": 1, "segments_bwd": 1},
+     True),
     ("pallas ds_dtype=float32", {"ds_dtype": "float32"}, False),
     ("pallas num_warps_chunk=8", {"num_warps_chunk": 8}, False),
     ("pallas old default (w8, f32 dS)", {"num_warps_chunk": 8, "ds_dtype": "float32"}, False),
