@@ -378,6 +378,8 @@ def main() -> None:
   ap.add_argument("--sweep-match", default="",
                   help="time only the sweep configs whose JSON matches this regular expression")
   ap.add_argument("--time-reference", action="store_true", help="also time the lax.scan oracle")
+  ap.add_argument("--impls", default=None,
+                  help="comma-separated impls to time (default: associative,pallas,pallas:v3,jla)")
   ap.add_argument("--no-jla", action="store_true")
   ap.add_argument("--no-shape-checks", action="store_true",
                   help="skip the (long) checks at the benchmark shapes")
@@ -437,6 +439,8 @@ def main() -> None:
   # Benchmark programs: forward and forward+backward per impl and shape.
   impls = ((["reference"] if opts.time_reference else []) + ["associative", "pallas", "pallas:v3"]
            + (["jla"] if use_jla else []))
+  if opts.impls:
+    impls = [i for i in opts.impls.split(",") if i != "jla" or use_jla]
   oracles = {}
   if not opts.check_only:
     for shape in shapes:
