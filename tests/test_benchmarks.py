@@ -70,6 +70,16 @@ def test_selective_scan_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_selective_scan_impls_and_sweep_match(tmp_path):
+  _run("selective_scan.py", "--smoke", "--out", str(tmp_path), "--budget-s", "600", "--no-jla",
+       "--impls", "pallas", "--sweep", "--sweep-match", '"variant": "v3"', "--no-shape-checks")
+  res = json.loads((tmp_path / "selective_scan.json").read_text())
+  assert {r["impl"] for r in res["bench"]} == {"pallas"}
+  assert res["sweep"] and all(r["config"].get("variant") == "v3" for r in res["sweep"])
+  assert all("pipelined_ms" in r for r in res["sweep"] if "ms" in r)
+
+
+@pytest.mark.slow
 def test_ssd_smoke(tmp_path):
   _run("ssd.py", "--smoke", "--out", str(tmp_path), "--commit", "test", "--rounds", "2")
   md = (tmp_path / "ssd.md").read_text()
