@@ -605,7 +605,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
   `choose_layout` when `segments`, `segments_bwd` and `fwd_block` are all None and fwd is
   "sequential", else from `choose_segments`), `segments_bwd` (the backward's cut; None: as
-  `segments`), Triton
+  `segments`, or from `choose_segments` for bwd="sequential" under `choose_layout`), Triton
   `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
   program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
   per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
@@ -645,6 +645,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
   if segments is None and segments_bwd is None and fwd_block is None and fwd == "sequential":
     k, kb, fwd_block = choose_layout(batch, heads, n_chunks, pp)
+    if bwd == "sequential":                       # one program per segment: the split is no use there
+      kb = choose_segments(batch, heads, n_chunks)
   else:
     k = segments or choose_segments(batch, heads, n_chunks)
     kb = segments_bwd or segments or choose_segments(batch, heads, n_chunks)
