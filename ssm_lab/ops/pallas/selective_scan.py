@@ -1103,18 +1103,20 @@ def _fma(a, b, c, interpret):
                                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])[0]
 
 
-def recompute_sub_chunks(step, h, t0: int, T: int, U: int):
+def recompute_sub_chunks(step, h, t0: int, T: int, U: int, before_sub=None):
   """The v6 backward's recompute of one chunk of T tokens from its checkpoint h (the state before
   token t0). `step(h, t) -> (decay a_t, h_t)`. Recomputes the state at every U tokens, then, sub-chunk
-  by sub-chunk from the last, yields (j, states, decays): the U + 1 states from before the
-  sub-chunk's first token t0 + j U to after its last, and the U decays. (Also used by
-  benchmarks/scan_prototype.py.)"""
+  by sub-chunk from the last, calls `before_sub(j)` (if given) and yields (j, states, decays): the
+  U + 1 states from before the sub-chunk's first token t0 + j U to after its last, and the U decays.
+  (Also used by benchmarks/scan_prototype.py.)"""
   subs = [h]
   for j in range(1, T // U):
     for i in range(U):
       _, h = step(h, t0 + (j - 1) * U + i)
     subs.append(h)
   for j in reversed(range(T // U)):
+    if before_sub is not None:
+      before_sub(j)
     hs, decays = [subs[j]], []
     for i in range(U):
       a, h = step(hs[-1], t0 + j * U + i)
@@ -1136,22 +1138,30 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
 
   def chunk(ci, carry):
     h, dts = carry
-    if ck_ref is not None:
-      ck_ref[ci] = h
+    # All of the chunk's inputs first: nothing tells the compiler that the y stores do not alias
+    # them, so a load after a store would wait for it.
+    ins = []
     for i in range(T):
       t = ci * T + i
-      u = r["u"][t, :].astype(F32)
-      _, dt = _delta(r["dl"], bias, t, t_base, st)
-      h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * r["b"][t, :].astype(F32)[:, None],
-               interp)
+      v = dict(u=r["u"][t, :].astype(F32), dt=_delta(r["dl"], bias, t, t_base, st)[1],
+               b=r["b"][t, :].astype(F32))
+      if mode == "fwd":
+        v["c"] = r["c"][t, :].astype(F32)
+        if st.has_z:
+          v["z"] = r["z"][t, :].astype(F32)
+      ins.append(v)
+    if ck_ref is not None:
+      ck_ref[ci] = h
+    for i, v in enumerate(ins):
+      u, dt = v["u"], v["dt"]
+      h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * v["b"][:, None], interp)
       if mode == "state":
         dts = dts + dt
         continue
-      y = jnp.sum(h * r["c"][t, :].astype(F32)[:, None], axis=0) + d_skip * u
+      y = jnp.sum(h * v["c"][:, None], axis=0) + d_skip * u
       if st.has_z:
-        zt = r["z"][t, :].astype(F32)
-        y = y * zt * _sigmoid(zt, interp)
-      r["y"][t, :] = y.astype(r["y"].dtype)
+        y = y * v["z"] * _sigmoid(v["z"], interp)
+      r["y"][ci * T + i, :] = y.astype(r["y"].dtype)
     return h, dts
 
   h0 = jnp.zeros(a2.shape, F32) if mode == "state" else r["h0"][...]
@@ -1205,27 +1215,46 @@ def _bwd6_kernel(*refs, st: _Static):
   d_skip = r["d"][...]
   bias = r["bias"][...]
 
-  def tok(t):
-    u = r["u"][t, :].astype(F32)
-    x, dt = _delta(r["dl"], bias, t, t_base, st)
-    return u, x, dt, r["b"][t, :].astype(F32), r["c"][t, :].astype(F32)
+  # A sub-chunk's inputs, all loaded (and dt computed once) before its recompute: nothing tells the
+  # compiler that the stores below do not alias them, so a load after a store waits for it.
+  sub_inputs = {}                                           # keyed by the token's offset in its chunk
 
-  def step(h, t):
-    u, _, dt, bt, _ = tok(t)
-    a = _ex2(dt[None, :] * a2, interp)
-    return a, _fma(a, h, (dt * u)[None, :] * bt[:, None], interp)
+  def tok(t0, off):
+    if off in sub_inputs:
+      return sub_inputs[off]
+    t = t0 + off
+    u = r["u"][t, :].astype(F32)
+    _, dt = _delta(r["dl"], bias, t, t_base, st)
+    return dict(u=u, dt=dt, b=r["b"][t, :].astype(F32))
+
+  def load_sub(t0, j):
+    sub_inputs.clear()
+    for i in range(U):
+      v = tok(t0, j * U + i)
+      t = t0 + j * U + i
+      v["c"] = r["c"][t, :].astype(F32)
+      v["dy"] = r["dy"][t, :].astype(F32)
+      if st.has_z:
+        v["z"] = r["z"][t, :].astype(F32)
+      sub_inputs[j * U + i] = v
+
+  def step(t0, h, off):
+    v = tok(t0, off)
+    a = _ex2(v["dt"][None, :] * a2, interp)
+    return a, _fma(a, h, (v["dt"] * v["u"])[None, :] * v["b"][:, None], interp)
 
   def chunk(k, carry):
     g, d_a, d_d, d_bias = carry
     t0 = (n_chunks - 1 - k) * T
     h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
-    for j, hs, decays in recompute_sub_chunks(step, h, t0, T, U):
+    for j, hs, decays in recompute_sub_chunks(functools.partial(step, t0), h, 0, T, U,
+                                              functools.partial(load_sub, t0)):
       for i in reversed(range(U)):
         t = t0 + j * U + i
-        u, x, dt, bt, ct = tok(t)
-        dout = r["dy"][t, :].astype(F32)
+        v = sub_inputs[j * U + i]
+        u, dt, bt, ct, dout = v["u"], v["dt"], v["b"], v["c"], v["dy"]
         if st.has_z:
-          zt = r["z"][t, :].astype(F32)
+          zt = v["z"]
           sg = _sigmoid(zt, interp)
           y = jnp.sum(hs[i + 1] * ct[:, None], axis=0) + d_skip * u
           r["dz"][t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(r["dz"].dtype)
@@ -1234,10 +1263,11 @@ def _bwd6_kernel(*refs, st: _Static):
           dys = dout
         d_d = d_d + dys * u
         g = _fma(ct[:, None], dys[None, :], g, interp)      # dL/dh_t
-        w = decays[i] * hs[i]                               # exp(dt A) h_{t-1}
-        d_a = _fma(g * w, dt[None, :], d_a, interp)
+        g_prev = decays[i] * g                              # dL/dh_{t-1} through h_t
+        gw = g_prev * hs[i]                                 # g * exp(dt A) h_{t-1}
+        d_a = _fma(gw, dt[None, :], d_a, interp)
         g_b = jnp.sum(g * bt[:, None], axis=0)
-        ddt = jnp.sum(g * w * a2, axis=0) * (1.0 / LOG2E) + u * g_b
+        ddt = jnp.sum(gw * a2, axis=0) * (1.0 / LOG2E) + u * g_b
         r["du"][t, :] = (dys * d_skip + dt * g_b).astype(r["du"].dtype)
         r["dbp"][t, :] = jnp.sum(g * (dt * u)[None, :], axis=1)
         r["dcp"][t, :] = jnp.sum(hs[i + 1] * dys[None, :], axis=1)
@@ -1247,7 +1277,7 @@ def _bwd6_kernel(*refs, st: _Static):
           dx = dx * (t_base + t < st.length).astype(F32)
         d_bias = d_bias + dx
         r["ddl"][t, :] = dx.astype(r["ddl"].dtype)
-        g = decays[i] * g
+        g = g_prev
     return g, d_a, d_d, d_bias
 
   zeros = jnp.zeros(bias.shape, F32)
