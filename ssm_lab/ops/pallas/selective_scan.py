@@ -1138,21 +1138,23 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
 
   def chunk(ci, carry):
     h, dts = carry
-    # All of the chunk's inputs first: nothing tells the compiler that the y stores do not alias
-    # them, so a load after a store would wait for it.
-    ins = []
-    for i in range(T):
-      t = ci * T + i
+
+    def load(t):
       v = dict(u=r["u"][t, :].astype(F32), dt=_delta(r["dl"], bias, t, t_base, st)[1],
                b=r["b"][t, :].astype(F32))
       if mode == "fwd":
         v["c"] = r["c"][t, :].astype(F32)
         if st.has_z:
           v["z"] = r["z"][t, :].astype(F32)
-      ins.append(v)
+      return v
+
+    # "fwd": all of the chunk's inputs first. Nothing tells the compiler that the y stores do not
+    # alias them, so a load after a store would wait for it. ("state" stores nothing in the loop.)
+    ins = [load(ci * T + i) for i in range(T)] if mode == "fwd" else None
     if ck_ref is not None:
       ck_ref[ci] = h
-    for i, v in enumerate(ins):
+    for i in range(T):
+      v = ins[i] if ins else load(ci * T + i)
       u, dt = v["u"], v["dt"]
       h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * v["b"][:, None], interp)
       if mode == "state":
