@@ -561,18 +561,21 @@ def main() -> None:
 # cuts the backward's registers (offline SASS, triton 3.6 sm_90, at the first shape: default 255
 # registers, 8 warps a program, one program an SM); predictions in benchmarks/NOTES_selective_scan.md.
 SWEEP = [
-    # 2026-12-04 (second session): the v6 kernels (one channel a lane, states in the lane; chunk 8,
-    # 8 segments at the first shape), all of them and the backward alone after the v4 forward.
-    # Offline SASS, warp-instructions a token-channel: forward 7.2 (v4 12.1), backward 22.3 (v4 42)
-    # (benchmarks/NOTES_selective_scan.md). First so the budget reaches them at every shape.
-    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6")),
-    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6")),
-    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6")),
-    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6")),
-    ((8, 2048, 1536, 16), dict(bwd="v6")),
-    ((2, 8192, 1536, 16), dict(bwd="v6")),
+    # 2026-12-05: v6 is the default at d_state 16 (H100: fwd+bwd 1.3-1.5x faster than v4 at every
+    # shape). v4, the previous default, beside it at every shape; then v6's time segments around
+    # the default (8 / 32 / 32 / 2 at the four shapes), where its ratio to jla is worst.
+    ((8, 2048, 1536, 16), dict(fwd="v4", bwd="v4")),
+    ((2, 8192, 1536, 16), dict(fwd="v4", bwd="v4")),
+    ((1, 65536, 2048, 16), dict(fwd="v4", bwd="v4")),
+    ((8, 2048, 5120, 16), dict(fwd="v4", bwd="v4")),
+    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=1)),
+    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=4)),
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=4)),
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
+    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
+    # 2026-12-04 (second session): the v6 backward alone after the v4 forward (H100 2026-12-05:
+    # 3.35 / 3.95 ms at the first two shapes, against 2.75 / 3.29 with the v6 forward too).
+    ((8, 2048, 1536, 16), dict(bwd="v6")),
     # Session 12: the v5 kernels (Config.fwd / bwd = "v5"; by default state tiles of 4, chunk 8),
     # first so that the time budget reaches them at every shape: both v5 at chunk 8 (the lead
     # candidate), the v5 backward alone after the v4 forward, and both v5 at chunk 16. Offline SASS

@@ -97,6 +97,7 @@ def check_matches_reference(inp, softplus, config, tol):
 
 # Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance. Interpret mode
 # is slow, so few cases cover the branches between them; wider ones run nightly.
+V4 = dict(fwd="v4", bwd="v4")      # the v4 kernels (the default is v6 up to d_state 16)
 CASES = {
     # v4 (time-parallel chunks). Two groups of 12 channels, each padded to 16: one forward block
     # of 16 per group, two backward blocks of 8 (bwd_block_d below block_d, as in the sweep's
@@ -106,17 +107,17 @@ CASES = {
     "v4_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
-                                          state_block=8, bwd_state_block=8), 1e-5),
+                                          state_block=8, bwd_state_block=8, **V4), 1e-5),
     # v4, bf16 activations with B/C given without the group axis, z gate, initial state, softplus;
     # one segment of two chunks; channels 12 padded to 16; length 7 padded to 8; the d_state of 4 in
     # two state tiles forward and one backward.
     "v4_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
-                       pss.Config(block_d=8, chunk=4, segments=1, state_block=2, bwd_state_block=4),
-                       2e-2),
+                       pss.Config(block_d=8, chunk=4, segments=1, state_block=2, bwd_state_block=4,
+                                  **V4), 2e-2),
     # v4 at d_state 64 (Mamba's largest supported), two segments of one chunk each.
     "v4_f32_dstate64": ((1, 16, 8, 64, 1), jnp.float32, {},
                         pss.Config(block_d=8, chunk=8, segments=2, state_block=64,
-                                   bwd_state_block=64), 1e-5),
+                                   bwd_state_block=64, **V4), 1e-5),
     # v5 kernels (Config.fwd/bwd="v5": explicit in-register recurrences, one tile layout, pre-gate
     # y from the forward): bf16, z, initial state, softplus, groups; length 13 padded to 16 = 2
     # segments of 2 chunks (masked tail; all four kernels); d_state 6 padded to 8 in two backward
@@ -152,7 +153,7 @@ SLOW_CASES = {
     # v4 with the backward on narrower blocks, with z and initial state, two segments of 3 chunks.
     "v4_f32_bwd_narrower": ((1, 20, 24, 4, 1), jnp.float32, {},
                             pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
-                                       state_block=4, bwd_state_block=2), 1e-5),
+                                       state_block=4, bwd_state_block=2, **V4), 1e-5),
     # v5 kernels in float32 without z, initial state or softplus, the backward on narrower blocks.
     "v5_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
@@ -171,8 +172,8 @@ SLOW_CASES = {
                     pss.Config(block_d=8, chunk=2, unroll=4, segments=2, variant="v3"), 1e-5),
     # v4 with one state per tile (2-D tiles), several chunks per segment and channel blocks.
     "v4_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
-                    pss.Config(block_d=8, chunk=4, segments=2, state_block=1, bwd_state_block=2),
-                    1e-5),
+                    pss.Config(block_d=8, chunk=4, segments=2, state_block=1, bwd_state_block=2,
+                               **V4), 1e-5),
 }
 
 
@@ -221,15 +222,31 @@ def test_default_config_fills_the_gpu_and_respects_limits():
     pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=4, unroll=6, variant="v3"))
 
 
-def test_default_config_v4():
+def test_default_config_picks_v6_up_to_d_state_16():
   cfg = pss.default_config(8, 2048, 1536, 16)
+  assert (cfg.fwd, cfg.bwd, cfg.chunk, cfg.block_d, cfg.num_warps, cfg.bwd_num_warps) == (
+      "v6", "v6", 8, 32, 1, 1)
+  # ~2048 one-warp programs: 8 x 48 channel blocks x 8 segments.
+  assert cfg.segments == 8 and pss.default_config(1, 65536, 2048, 16).segments == 32
+  assert pss.default_config(1, 5, 8, 1).fwd == "v6"                # d_state 1 (padded to 2)
+  for d_state in (17, 32, 64):
+    big = pss.default_config(2, 1024, 256, d_state)
+    assert (big.fwd, big.bwd) == ("v4", "v4"), d_state
+  # One kernel family named: the other stays v4 (v5's backward needs the v4 forward's pre-gate y).
+  assert (pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd="v5")).fwd,
+          pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6")).bwd) == ("v4", "v4")
+
+
+def test_default_config_v4():
+  v4 = pss.Config(fwd="v4", bwd="v4")
+  cfg = pss.default_config(8, 2048, 1536, 16, config=v4)
   assert cfg.variant == "v4" and cfg.unroll == cfg.chunk
   assert cfg.state_block <= 16 and 16 % cfg.state_block == 0 and 16 % cfg.bwd_state_block == 0
   # Few (batch, channel block) programs: split time; many: do not; segments keep 8 chunks.
-  long_narrow = pss.default_config(1, 65536, 2048, 16).segments
-  assert long_narrow > pss.default_config(8, 2048, 5120, 16).segments == 1
+  long_narrow = pss.default_config(1, 65536, 2048, 16, config=v4).segments
+  assert long_narrow > pss.default_config(8, 2048, 5120, 16, config=v4).segments == 1
   assert 65536 // long_narrow >= 8 * cfg.chunk
-  assert pss.default_config(1, 5, 8, 1).state_block == 2        # d_state 1 is padded to 2
+  assert pss.default_config(1, 5, 8, 1, config=v4).state_block == 2   # d_state 1 is padded to 2
   with pytest.raises(ValueError, match="state_block=3"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(state_block=3))
   with pytest.raises(ValueError, match="must equal Config.chunk"):
@@ -241,7 +258,7 @@ def test_default_config_v4():
   with pytest.raises(ValueError, match="Config.bwd"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v7"))
   v5 = pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5"))
-  assert v5.state_block == 4 and v5.chunk == 8 and cfg.chunk == 16
+  assert v5.state_block == 4 and v5.chunk == 8 and cfg.chunk == 16 and v5.bwd == "v4"
   with pytest.raises(ValueError, match="Config.fwd"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v3"))
   with pytest.raises(ValueError, match="need variant 'v4'"):
@@ -274,9 +291,11 @@ def test_auto_picks_pallas_on_gpu_only():
 
 @pytest.mark.gpu
 def test_gpu_realistic_shape():
-  """On the GPU: a Mamba-sized call (bf16, default tiling, segments) against the reference."""
+  """On the GPU: a Mamba-sized call (bf16, default tiling (v6), segments) against the reference, and
+  the same with the v4 kernels."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, None, 1e-2)
+  check_matches_reference(inp, True, pss.Config(**V4), 1e-2)
 
 
 @pytest.mark.gpu
@@ -345,13 +364,15 @@ def _lower_for_h100(fn, *args) -> str:
 
 
 @pytest.mark.parametrize("variant,extra,bwd_warps", [
-    ("v3", {}, 1), ("v4", {}, 4),
+    ("v3", {}, 1), ("v4", dict(fwd="v4", bwd="v4"), 4),
+    # The default (v6 at d_state 16).
+    ("v4", {}, 1),
     # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
-    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16), 16),
+    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16, fwd="v4", bwd="v4"), 16),
     # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
     ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4),
-    # The v6 backward (one warp, one channel a lane), and all v6 kernels.
-    ("v4", dict(bwd="v6"), 1), ("v4", dict(fwd="v6", bwd="v6"), 1)])
+    # The v6 backward after the v4 forward.
+    ("v4", dict(bwd="v6"), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

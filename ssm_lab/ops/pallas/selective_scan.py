@@ -4,10 +4,11 @@ Two kernel families, chosen by the static `Config.variant`: "v4" (the default) i
 inside a chunk; "v3" walks time token by token (kept so one benchmark run can time both). Everything
 below up to "v4" describes v3; the algebra (adjoint, gradients, segments, padding) is shared. Within
 v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backward-direction kernels
-(same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below),
-off by default until a device measurement. `Config.bwd` = "v6" picks a backward with one channel per
-lane and all its states in the lane, token by token (comment block "v6 kernels" below); it is
-correct in interpret mode and lowers for the GPU, but has not been timed on one yet.
+(same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below;
+3-4x slower than v4 on the GPU, kept for comparison). `Config.fwd` / `Config.bwd` = "v6" pick
+kernels with one channel per lane and all its states in the lane, token by token (comment block "v6
+kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05: fwd+bwd 1.3-1.5x faster
+than v4 at every benchmark shape; benchmarks/results/selective_scan_h100_v6.md), v4 above.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
 walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
@@ -97,13 +98,16 @@ class Config:
       d_state / state_block groups.
     bwd_state_block: the same for the backward-direction kernels (they hold about twice as many
       live tiles per state).
-    bwd: v4 only: the backward kernel. "v4" (the default), "v5" (one register layout for every
-      tile, state groups summed before the cross-lane sums, the pre-gate output saved by the forward;
-      see "v5 kernels" below) or "v6" (one channel per lane, all its states in the lane, token by
-      token; see "v6 kernels" below). Default "v4" until a device measurement says otherwise.
-    fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4" (the
-      default), "v5" (the v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the
-      v6 tiles, token by token; see "v6 kernels" below).
+    bwd: v4 only: the backward kernel. "v4", "v5" (one register layout for every tile, state
+      groups summed before the cross-lane sums, the pre-gate output saved by the forward; see "v5
+      kernels" below) or "v6" (one channel per lane, all its states in the lane, token by token; see
+      "v6 kernels" below).
+    fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4", "v5" (the
+      v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the v6 tiles, token by
+      token; see "v6 kernels" below).
+      When fwd and bwd are both None: "v6" for a padded d_state <= 16 (measured on the H100), "v4"
+      above (v6 holds every state of a channel in one lane's registers). When only one is given,
+      the other is "v4".
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -120,8 +124,12 @@ class Config:
   variant: str = "v4"
   state_block: int | None = None
   bwd_state_block: int | None = None
-  bwd: str = "v4"
-  fwd: str = "v4"
+  bwd: str | None = None
+  fwd: str | None = None
+
+
+# The largest padded d_state for which the default is v6 (each lane holds a channel's states).
+V6_MAX_D_STATE = 16
 
 
 def _pow2_ceil(x: int) -> int:
@@ -142,7 +150,7 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
     return _default_config_v4(batch, length, d_group, n_groups, n_p, c)
   if c.variant != "v3":
     raise ValueError(f"Config.variant must be 'v3' or 'v4', got {c.variant!r}")
-  if c.bwd != "v4" or c.fwd != "v4":
+  if c.bwd not in (None, "v4") or c.fwd not in (None, "v4"):
     raise ValueError(f"Config.bwd={c.bwd!r} / Config.fwd={c.fwd!r} need variant 'v4' (got variant "
                      f"'v3')")
   # One warp per program, one channel per lane while d_state <= 16; past that, lanes split the
@@ -165,7 +173,8 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
       segments *= 2
   return Config(block_d=block_d, num_warps=c.num_warps or 1, bwd_block_d=bwd_block_d,
                 bwd_num_warps=c.bwd_num_warps or 1, chunk=chunk, unroll=unroll, segments=segments,
-                num_stages=c.num_stages, variant="v3", state_block=1, bwd_state_block=1)
+                num_stages=c.num_stages, variant="v3", state_block=1, bwd_state_block=1,
+                bwd="v4", fwd="v4")
 
 
 def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p: int,
@@ -177,6 +186,13 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   # take 128 registers and no spills; the backward at 8 states per tile 255 registers, no spills.
   # One state per tile (2-D [chunk, block_d] tiles) spills and converts layouts through shared
   # memory for every state (notes file).
+  if c.fwd is None and c.bwd is None:
+    # v6 where it was measured (d_state 16, H100 2026-12-05: fwd+bwd 2.75 / 3.29 / 15.5 / 7.37 ms at
+    # the four benchmark shapes against v4's 3.99 / 4.28 / 22.5 / 10.9; notes file).
+    kind = "v6" if n_p <= V6_MAX_D_STATE else "v4"
+    c = dataclasses.replace(c, fwd=kind, bwd=kind)
+  else:
+    c = dataclasses.replace(c, fwd=c.fwd or "v4", bwd=c.bwd or "v4")
   block_d = c.block_d or max(8, min(32, _pow2_ceil(d_group)))
   bwd_block_d = c.bwd_block_d or block_d
   # v5: chunks of 8 (offline SASS: the v5 backward spills 760 B at 16, none at 8; notes file).
@@ -1074,7 +1090,7 @@ def _bwd5_kernel(*refs, st: _Static):
 
 
 # --------------------------------------------------------------------------------------------------
-# v6 kernels (Config.fwd / Config.bwd = "v6"; off by default, not yet timed on a GPU). `_fwd6_kernel`
+# v6 kernels (Config.fwd / Config.bwd = "v6"; the default for d_state <= 16). `_fwd6_kernel`
 # and `_adjoint6_kernel` take the places of the v4 forward-direction kernels and the segment adjoint
 # pass; `_bwd6_kernel` is a drop-in for `_bwd4_kernel` mode "bwd" (same refs, also after the v4
 # forward). All are written on the tiles of benchmarks/scan_prototype.py:
