@@ -228,6 +228,9 @@ def test_default_config_picks_v6_up_to_d_state_16():
       "v6", "v6", 8, 32, 1, 1)
   # ~2048 one-warp programs: 8 x 48 channel blocks x 8 segments.
   assert cfg.segments == 8 and pss.default_config(1, 65536, 2048, 16).segments == 32
+  # 1280 programs at (8, 2048, 5120): 2 segments leave the backward's last wave 40% full, 4 do not.
+  assert pss.default_config(8, 2048, 5120, 16).segments == 4
+  assert pss._v6_full_waves(3 * pss.V6_BWD_WAVE) and not pss._v6_full_waves(pss.V6_BWD_WAVE + 1)
   assert pss.default_config(1, 5, 8, 1).fwd == "v6"                # d_state 1 (padded to 2)
   for d_state in (17, 32, 64):
     big = pss.default_config(2, 1024, 256, d_state)

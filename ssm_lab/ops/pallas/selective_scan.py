@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -130,6 +131,20 @@ class Config:
 
 # The largest padded d_state for which the default is v6 (each lane holds a channel's states).
 V6_MAX_D_STATE = 16
+
+
+# One wave of v6 backward programs: 255 registers a one-warp program leave room for 8 of them an SM,
+# on the 132 SMs of an H100 or H200.
+V6_BWD_WAVE = 8 * 132
+
+
+def _v6_full_waves(programs: int) -> bool:
+  """Whether `programs` v6 backward programs fill their last wave to at least 90%. H100 2026-12-05
+  (results/selective_scan_h100.md) at (8, 2048, 5120, 16): 2 segments (2560 programs, 2.4 waves)
+  7.55 ms fwd+bwd, 4 segments (4.8 waves) 6.90; the three other shapes already sit at 2.9, 2.9 and
+  1.9 waves."""
+  waves = programs / V6_BWD_WAVE
+  return waves >= 0.9 * math.ceil(waves)
 
 
 def _pow2_ceil(x: int) -> int:
@@ -221,10 +236,15 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
     # v6: one-warp backward programs, each a chain of dependent tokens: like v3, aim at ~2048 of
-    # them (benchmarks/results/scan_prototype_h200.md: 8 pieces at (8, 2048, 1536, 16)).
+    # them (benchmarks/results/scan_prototype_h200.md: 8 pieces at (8, 2048, 1536, 16)), and at a
+    # last wave of the backward at least 90% full (`_v6_full_waves`).
     target = 2048 if v6 else 512
+
+    def enough(s):
+      return programs * s >= target and (not v6 or _v6_full_waves(programs * s))
+
     segments = 1
-    while programs * segments < target and length // (segments * 2) >= 8 * chunk:
+    while not enough(segments) and length // (segments * 2) >= 8 * chunk:
       segments *= 2
   # 4 warps a program (forward and backward): the H100 sweeps of 2026-11-23 (commits 91f8ac3 and
   # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
