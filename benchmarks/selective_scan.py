@@ -569,6 +569,7 @@ SWEEP = [
     ((1, 65536, 2048, 16), dict(fwd="v4", bwd="v4")),
     ((8, 2048, 5120, 16), dict(fwd="v4", bwd="v4")),
     ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=1)),
+    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=2)),     # the default before _v6_full_waves
     ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=4)),
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=4)),
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
