@@ -555,11 +555,11 @@ def main() -> None:
   _report(results, opts.out)
 
 
-# Tiling variants timed with --sweep (shape -> Config fields; the default v4 config is chunk 16,
-# block_d 32, 8 warps, state_block 16 forward / 8 backward, segments for >= 512 programs). Variants
-# that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). The first group
-# cuts the backward's registers (offline SASS, triton 3.6 sm_90, at the first shape: default 255
-# registers, 8 warps a program, one program an SM); predictions in benchmarks/NOTES_selective_scan.md.
+# Tiling variants timed with --sweep (shape -> Config fields; the default at d_state 16 is v6:
+# chunk 8, block_d 32, one warp, segments for ~2048 programs and a full last backward wave). Fields
+# not given take default_config's choice for the named kernels (v4 rows: chunk 16, 4 warps). Variants
+# that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
+# outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
     # 2026-12-05: v6 is the default at d_state 16 (H100: fwd+bwd 1.3-1.5x faster than v4 at every
     # shape). v4, the previous default, beside it at every shape; then v6's time segments around

@@ -6,8 +6,8 @@ below up to "v4" describes v3; the algebra (adjoint, gradients, segments, paddin
 v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backward-direction kernels
 (same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below;
 3-4x slower than v4 on the GPU, kept for comparison). `Config.fwd` / `Config.bwd` = "v6" pick
-kernels with one channel per lane and all its states in the lane, token by token (comment block "v6
-kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05: fwd+bwd 1.3-1.5x faster
+kernels that walk tokens one by one on [d_state, block_d] register tiles, one warp a program
+(comment block "v6 kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05: fwd+bwd 1.3-1.5x faster
 than v4 at every benchmark shape; benchmarks/results/selective_scan_h100_v6.md), v4 above.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
@@ -101,13 +101,13 @@ class Config:
       live tiles per state).
     bwd: v4 only: the backward kernel. "v4", "v5" (one register layout for every tile, state
       groups summed before the cross-lane sums, the pre-gate output saved by the forward; see "v5
-      kernels" below) or "v6" (one channel per lane, all its states in the lane, token by token; see
-      "v6 kernels" below).
+      kernels" below) or "v6" (token by token on [d_state, block_d] register tiles, one warp a
+      program; see "v6 kernels" below).
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4", "v5" (the
       v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the v6 tiles, token by
       token; see "v6 kernels" below).
       When fwd and bwd are both None: "v6" for a padded d_state <= 16 (measured on the H100), "v4"
-      above (v6 holds every state of a channel in one lane's registers). When only one is given,
+      above (v6 holds a program's whole [d_state, block_d] state tiles in registers). When only one is given,
       the other is "v4".
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
@@ -129,7 +129,7 @@ class Config:
   fwd: str | None = None
 
 
-# The largest padded d_state for which the default is v6 (each lane holds a channel's states).
+# The largest padded d_state for which the default is v6 (its state tiles live in registers).
 V6_MAX_D_STATE = 16
 
 
@@ -249,7 +249,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   # 4 warps a program (forward and backward): the H100 sweeps of 2026-11-23 (commits 91f8ac3 and
   # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
   # 4.49 / 4.94 / 24.86 / 12.71 with 8 warps (10-14% faster everywhere; notes file).
-  # v6: one channel per lane.
+  # v6: a warp per 32 channels (one warp at the default block_d).
   warps = c.num_warps or (max(1, block_d // 32) if c.fwd == "v6" else 4)
   bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if c.bwd == "v6" else c.num_warps or 4)
   return Config(block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d,
@@ -1115,10 +1115,12 @@ def _bwd5_kernel(*refs, st: _Static):
 # pass; `_bwd6_kernel` is a drop-in for `_bwd4_kernel` mode "bwd" (same refs, also after the v4
 # forward). All are written on the tiles of benchmarks/scan_prototype.py:
 # the state, adjoint and dA are [d_state, block_d] float32 tiles read with plain slices (channels
-# contiguous, last axis), which jaxlib's Triton keeps one channel per lane with all its states in the
-# lane. v3 meant the same layout but addresses [block_d, d_state] tiles through index arrays, and on
-# jaxlib's Triton that spreads the states over lanes (offline SASS: 56 warp-instructions a
-# token-channel in v3's backward, 17.6 in the prototype's; benchmarks/NOTES_selective_scan.md).
+# contiguous, last axis). At 32 channels a one-warp program jaxlib's Triton gives each lane 16-byte
+# vectors: 4 channels x 4 states, 8 lanes over the channels and 4 over the states at d_state 16 (the
+# prototype's 128-channel programs kept all states in the lane). A sum over states then takes two
+# shuffle levels and one over channels three: 48 SHFL a token in the backward, fewer instructions
+# than v3's [block_d, d_state] tiles addressed through index arrays (offline SASS: 56
+# warp-instructions a token-channel in v3's backward, 21 in v6's; benchmarks/NOTES_selective_scan.md).
 # Per chunk of T tokens (the forward's checkpoint interval) the kernel recomputes the state at every
 # `_V6_SUB` tokens from the checkpoint; per sub-chunk it recomputes and keeps those states and their
 # decays, then walks them backwards: g_t = a_{t+1} g_{t+1} + dy_t C_t (the carry holds a_{t+1} g_{t+1}),
