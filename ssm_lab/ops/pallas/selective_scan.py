@@ -7,8 +7,9 @@ v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backwa
 (same algebra and outputs, far fewer shuffles and barriers: comment block "v5 kernels" below;
 3-4x slower than v4 on the GPU, kept for comparison). `Config.fwd` / `Config.bwd` = "v6" pick
 kernels that walk tokens one by one on [d_state, block_d] register tiles, one warp a program
-(comment block "v6 kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05: fwd+bwd 1.3-1.5x faster
-than v4 at every benchmark shape; benchmarks/results/selective_scan_h100_v6.md), v4 above.
+(comment block "v6 kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05:
+fwd+bwd 1.4-1.7x faster than v4 at every benchmark shape; benchmarks/results/selective_scan_h100.md),
+v4 above.
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
 walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
@@ -107,8 +108,8 @@ class Config:
       v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the v6 tiles, token by
       token; see "v6 kernels" below).
       When fwd and bwd are both None: "v6" for a padded d_state <= 16 (measured on the H100), "v4"
-      above (v6 holds a program's whole [d_state, block_d] state tiles in registers). When only one is given,
-      the other is "v4".
+      above (v6 holds a program's whole [d_state, block_d] state tiles in registers). When only
+      one is given, the other is "v4".
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -202,8 +203,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   # One state per tile (2-D [chunk, block_d] tiles) spills and converts layouts through shared
   # memory for every state (notes file).
   if c.fwd is None and c.bwd is None:
-    # v6 where it was measured (d_state 16, H100 2026-12-05: fwd+bwd 2.75 / 3.29 / 15.5 / 7.37 ms at
-    # the four benchmark shapes against v4's 3.99 / 4.28 / 22.5 / 10.9; notes file).
+    # v6 where it was measured (d_state 16, H100 2026-12-05: fwd+bwd 2.34 / 3.18 / 15.8 / 7.55 ms at
+    # the four benchmark shapes against v4's 3.99 / 4.34 / 22.6 / 11.0; notes file).
     kind = "v6" if n_p <= V6_MAX_D_STATE else "v4"
     c = dataclasses.replace(c, fwd=kind, bwd=kind)
   else:
