@@ -343,6 +343,31 @@ def test_linear_recurrence_matches_a_sequential_loop(axis, reverse):
   np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("unroll", [64, 2])
+def test_segment_hand_over_matches_a_sequential_loop(reverse, unroll, monkeypatch):
+  # unroll 64: one unrolled XLA expression; 2: fewer than the 6 segments, so the associative scan.
+  monkeypatch.setattr(pss, "_UNROLL_SEGMENTS", unroll)
+  b, P, n, d = 2, 6, 3, 5
+  ka, kl, kd, ke = jax.random.split(jax.random.PRNGKey(7 + reverse), 4)
+  a = -jax.random.uniform(ka, (n, d), minval=0.1, maxval=2.0)
+  loc = jax.random.normal(kl, (b, P - 1, n, d))
+  dts = jax.random.uniform(kd, (b, P - 1, d), maxval=1.5)
+  edge = jax.random.normal(ke, (b, n, d))
+  x = jax.jit(lambda *args: pss._hand_over(*args, reverse=reverse))(a, loc, dts, edge)
+  decay = np.exp(np.asarray(a)[None, None] * np.asarray(dts)[:, :, None, :])
+  want = np.zeros((b, P, n, d))
+  if reverse:
+    want[:, P - 1] = edge
+    for p in reversed(range(P - 1)):
+      want[:, p] = decay[:, p] * want[:, p + 1] + loc[:, p]
+  else:
+    want[:, 0] = edge
+    for p in range(P - 1):
+      want[:, p + 1] = decay[:, p] * want[:, p] + loc[:, p]
+  np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_recurrence_inside_an_interpreted_kernel_and_its_errors():
   a = jax.random.uniform(jax.random.PRNGKey(0), (16, 8), minval=0.5, maxval=1.0)
   b = jax.random.normal(jax.random.PRNGKey(1), (16, 8))

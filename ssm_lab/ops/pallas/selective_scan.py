@@ -45,8 +45,9 @@ dB and dC are written per channel block and summed over the blocks of each group
 Time segments (`segments` > 1, for calls with few channels and long sequences): a first pass runs every
 segment from a zero state (forward: the segment's end state and sum of delta; backward: the adjoint at
 the segment's start). Because A does not depend on time, a segment's total decay is exp(A * sum delta),
-so the true state entering each segment follows from a short XLA scan over segments, and the main
-kernels then run all segments in parallel.
+so the true state entering each segment follows from a short recurrence over segments (`_hand_over`:
+unrolled into one XLA fusion, not a while loop), and the main kernels then run all segments in
+parallel.
 
 Padding: d_state is padded to a power of two (A = 0, B = C = 0 keep padded states at zero); channels
 are padded per group to a multiple of block_d (padded channels are independent and sliced away);
@@ -1466,14 +1467,42 @@ def _segment_starts(st: _Static, u, dl, bcs, a, bias, h0):
   if st.cfg.segments == 1:
     return h0[:, None]
   hloc, dts = _state_call(st, u, dl, bcs[0], a, bias)      # segments 0..P-2
+  return _hand_over(a, hloc, dts, h0, reverse=False)
 
-  def step(h, xs):
-    hl, ds = xs                                             # [b, Np, Dp], [b, Dp]
-    h = jnp.exp(a[None] * ds[:, None, :]) * h + hl
-    return h, h
 
-  _, later = jax.lax.scan(step, h0, (jnp.moveaxis(hloc, 1, 0), jnp.moveaxis(dts, 1, 0)))
-  return jnp.concatenate([h0[:, None], jnp.moveaxis(later, 0, 1)], axis=1)
+# Up to this many segments the hand-over between segments is unrolled into one XLA fusion; a
+# `lax.scan` there is a while loop whose every step launches kernels and reads its predicate back to
+# the host (offline thunk sequence at (8, 2048, 1536, 16), 8 segments: two while loops of 7 steps).
+_UNROLL_SEGMENTS = 64
+
+
+def _hand_over(a, loc, dts, edge, reverse: bool):
+  """The true state (forward) or adjoint (backward, `reverse`) at every segment boundary.
+
+  loc [b, P-1, Np, Dp] and dts [b, P-1, Dp] are the first pass's per-segment results from a zero
+  start, `edge` [b, Np, Dp] the value at the outer end (the initial state, or the final state's
+  cotangent). Returns [b, P, Np, Dp]: forward, the state entering each segment,
+  x_0 = edge, x_{p+1} = exp(A dts_p) x_p + loc_p; reverse, the adjoint at each segment's end,
+  x_{P-1} = edge, x_p = exp(A dts_p) x_{p+1} + loc_p (loc_p, dts_p of segment p + 1)."""
+  n_loc = loc.shape[1]
+  decay = jnp.exp(a[None, None] * dts[:, :, None, :])      # [b, P-1, Np, Dp]
+  if n_loc + 1 <= _UNROLL_SEGMENTS:
+    xs = [edge]
+    for p in (reversed(range(n_loc)) if reverse else range(n_loc)):
+      xs.append(decay[:, p] * xs[-1] + loc[:, p])
+    return jnp.stack(xs[::-1] if reverse else xs, axis=1)
+
+  def combine(e1, e2):                                      # x -> d x + l, composed in scan order
+    d1, l1 = e1
+    d2, l2 = e2
+    return d1 * d2, d2 * l1 + l2
+
+  pairs = (jnp.concatenate([jnp.zeros_like(decay[:, :1]), decay], axis=1),
+           jnp.concatenate([edge[:, None], loc], axis=1))
+  if reverse:
+    pairs = (jnp.concatenate([decay, jnp.zeros_like(decay[:, :1])], axis=1),
+             jnp.concatenate([loc, edge[:, None]], axis=1))
+  return jax.lax.associative_scan(combine, pairs, axis=1, reverse=reverse)[1]
 
 
 def _forward(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck: bool):
@@ -1504,15 +1533,7 @@ def _scan_bwd(st: _Static, res, cts):
     gend = dh_final[:, None]
   else:
     gloc, dts = _adjoint_call(st, dl, z, bcs[-1], a, bias, dy)   # segments 1..P-1
-
-    def step(g, xs):                                        # from the last segment backwards
-      gl, ds = xs
-      g = gl + jnp.exp(a[None] * ds[:, None, :]) * g
-      return g, g
-
-    _, earlier = jax.lax.scan(step, dh_final, (jnp.moveaxis(gloc, 1, 0), jnp.moveaxis(dts, 1, 0)),
-                              reverse=True)
-    gend = jnp.concatenate([jnp.moveaxis(earlier, 0, 1), dh_final[:, None]], axis=1)
+    gend = _hand_over(a, gloc, dts, dh_final, reverse=True)
   outs = _bwd_call(st, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend, *ypre)
   du, ddl = outs[0], outs[1]
   dz = outs[2] if st.has_z else None
