@@ -561,6 +561,15 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
+    # 2026-12-05 (second session): the hand-over between segments is now one XLA fusion instead of a
+    # while loop of P - 1 steps (each step's kernels and a predicate read back to the host), so more
+    # segments may now pay: v6 segments around the default (8 / 32 / 32 / 4) at every shape.
+    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
+    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=32)),
+    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=8)),
+    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6", segments=64)),
+    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=16)),
+    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=64)),
     # 2026-12-05: v6 is the default at d_state 16 (H100: fwd+bwd 1.3-1.5x faster than v4 at every
     # shape). v4, the previous default, beside it at every shape; then v6's time segments around
     # the default (8 / 32 / 32 / 2 at the four shapes), where its ratio to jla is worst.

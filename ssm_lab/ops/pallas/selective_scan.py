@@ -1463,7 +1463,7 @@ def _bcs(st: _Static, bm, cm):
 
 
 def _segment_starts(st: _Static, u, dl, bcs, a, bias, h0):
-  """[b, P, Np, Dp]: the state entering each segment (first pass + an XLA scan over segments)."""
+  """[b, P, Np, Dp]: the state entering each segment (first pass + `_hand_over`)."""
   if st.cfg.segments == 1:
     return h0[:, None]
   hloc, dts = _state_call(st, u, dl, bcs[0], a, bias)      # segments 0..P-2
