@@ -561,6 +561,19 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
+    # 2026-12-05 (second session, second call): the v7 forward-direction kernels (per-state channel
+    # vectors: no shuffles, barriers or shared memory; offline SASS at (8, 2048, 1536, 16): 1520
+    # instructions per 8-token chunk against v6's 1632, 128 registers against 168) at every shape,
+    # with the default segments and with the segment counts the first call favoured.
+    ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6")),
+    ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6", segments=16)),
+    ((2, 8192, 1536, 16), dict(fwd="v7", bwd="v6")),
+    ((2, 8192, 1536, 16), dict(fwd="v7", bwd="v6", segments=64)),
+    ((1, 65536, 2048, 16), dict(fwd="v7", bwd="v6")),
+    ((1, 65536, 2048, 16), dict(fwd="v7", bwd="v6", segments=64)),
+    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=128)),
+    ((8, 2048, 5120, 16), dict(fwd="v7", bwd="v6")),
+    ((8, 2048, 5120, 16), dict(fwd="v7", bwd="v6", segments=8)),
     # 2026-12-05 (second session): the hand-over between segments is now one XLA fusion instead of a
     # while loop of P - 1 steps (each step's kernels and a predicate read back to the host), so more
     # segments may now pay: v6 segments around the default (8 / 32 / 32 / 4) at every shape.

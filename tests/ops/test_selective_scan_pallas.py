@@ -145,6 +145,15 @@ CASES = {
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
                                           state_block=8, bwd="v6"), 1e-5),
+    # The v7 forward and state pass (per-state channel vectors, B and C as scalars) with the v6
+    # backward: bf16, z, initial state, softplus, groups, 2 segments with a masked tail; and float32
+    # without z, initial state or softplus, 3 segments.
+    "v7_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
+                              pss.Config(block_d=8, chunk=4, segments=2, fwd="v7", bwd="v6"),
+                              2e-2),
+    "v7_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                               dict(z=False, init=False, softplus=False),
+                               pss.Config(block_d=8, chunk=4, segments=3, fwd="v7", bwd="v6"), 1e-5),
     # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
     "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
                        pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
@@ -315,6 +324,26 @@ def test_gpu_realistic_shape_v6_backward():
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, pss.Config(bwd="v6"), 1e-2)
   check_matches_reference(inp, True, pss.Config(fwd="v6", bwd="v6"), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_v7_forward():
+  """The v7 forward-direction kernels (per-state channel vectors) with the v6 backward, bf16 and
+  float32 (the issue's tolerances: 1e-2 and 1e-4)."""
+  cfg = pss.Config(fwd="v7", bwd="v6")
+  check_matches_reference(_inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16), True, cfg, 1e-2)
+  check_matches_reference(_inputs(6, 2, 2048, 256, 16, 2, jnp.float32), True, cfg, 1e-4)
+
+
+def test_log1p_formula_is_accurate_over_softplus_range():
+  """The GPU kernels' log1p (the special-function unit's log2 corrected for the rounding of 1 + e),
+  with exact log2 and 1/x in float32: within a few ulp of log1p over e = exp(-|x|) in [0, 1]."""
+  e = np.concatenate([np.float32(2.0) ** -np.arange(0, 150, 0.37, dtype=np.float32),
+                      np.linspace(0, 1, 4097, dtype=np.float32)]).astype(np.float32)
+  # Op by op: under jit XLA on the CPU folds (1 + e) - 1 to e, which is the rounding being corrected.
+  got = np.asarray(pss._log1p_from(jnp.asarray(e), jnp.log2, lambda w: 1.0 / w))
+  want = np.log1p(e.astype(np.float64))
+  np.testing.assert_allclose(got, want, rtol=4e-7, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------

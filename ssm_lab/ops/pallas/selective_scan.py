@@ -214,7 +214,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   bwd_block_d = c.bwd_block_d or block_d
   # v5: chunks of 8 (offline SASS: the v5 backward spills 760 B at 16, none at 8; notes file).
   v5 = "v5" in (c.fwd, c.bwd)
-  v6 = "v6" in (c.fwd, c.bwd)
+  v6 = "v6" in (c.fwd, c.bwd) or c.fwd == "v7"
   # v6 backward: checkpoints every 8 tokens (offline SASS of the prototype: 368 B of spill at 8,
   # 1008 B at 16).
   chunk = c.chunk or (8 if v5 or v6 else max(8, min(16, _pow2_ceil(length))))
@@ -231,8 +231,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     if v & (v - 1):
       raise ValueError(f"Config.{name}={v} must be a power of two for variant 'v4'")
   segments = c.segments
-  if c.fwd not in ("v4", "v5", "v6"):
-    raise ValueError(f"Config.fwd must be 'v4', 'v5' or 'v6', got {c.fwd!r}")
+  if c.fwd not in ("v4", "v5", "v6", "v7"):
+    raise ValueError(f"Config.fwd must be 'v4', 'v5', 'v6' or 'v7', got {c.fwd!r}")
   if c.bwd not in ("v4", "v5", "v6"):
     raise ValueError(f"Config.bwd must be 'v4', 'v5' or 'v6', got {c.bwd!r}")
   if segments is None:
@@ -252,7 +252,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   # 65229ff) measured fwd+bwd 4.00 / 4.23 / 22.48 / 10.89 ms at the four benchmark shapes against
   # 4.49 / 4.94 / 24.86 / 12.71 with 8 warps (10-14% faster everywhere; notes file).
   # v6: a warp per 32 channels (one warp at the default block_d).
-  warps = c.num_warps or (max(1, block_d // 32) if c.fwd == "v6" else 4)
+  warps = c.num_warps or (max(1, block_d // 32) if c.fwd in ("v6", "v7") else 4)
   bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if c.bwd == "v6" else c.num_warps or 4)
   return Config(block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d,
                 bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
@@ -299,9 +299,30 @@ def _sigmoid(x, interpret):
   return 1.0 / (1.0 + _ex2(-x * LOG2E, interpret))
 
 
+def _approx(op: str, x: jax.Array) -> jax.Array:
+  return plt.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
+                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _log1p(e: jax.Array, interpret: bool) -> jax.Array:
+  """log(1 + e) for e in [0, 1]. On the GPU from the special-function unit's log2, corrected for the
+  rounding of 1 + e (Goldberg 1991, "What every computer scientist should know about floating-point
+  arithmetic", theorem 4): log1p(e) = log(w) e / (w - 1) with w = fl(1 + e), and e itself where w
+  rounds to 1. Relative error a few ulp; ~8 instructions instead of libdevice's ~25."""
+  if interpret:
+    return jnp.log1p(e)
+  return _log1p_from(e, functools.partial(_approx, "lg2"), functools.partial(_approx, "rcp"))
+
+
+def _log1p_from(e, log2, recip):
+  """`_log1p` given log2 and 1/x (tests check the formula with exact ones on the CPU)."""
+  w = 1.0 + e
+  return jnp.where(w == 1.0, e, log2(w) * (1.0 / LOG2E) * e * recip(w - 1.0))
+
+
 def _softplus(x, interpret):
   # Same form as jax.nn.softplus (logaddexp(x, 0)): exact for large |x| in both directions.
-  return jnp.maximum(x, 0.0) + jnp.log1p(_ex2(-jnp.abs(x) * LOG2E, interpret))
+  return jnp.maximum(x, 0.0) + _log1p(_ex2(-jnp.abs(x) * LOG2E, interpret), interpret)
 
 
 def _softplus_and_slope(x, interp):
@@ -309,7 +330,7 @@ def _softplus_and_slope(x, interp):
   x >= 0 and e / (1 + e) below (both exact to rounding; cheaper than -expm1(-softplus(x)))."""
   e = _ex2(-jnp.abs(x) * LOG2E, interp)
   r = 1.0 / (1.0 + e)
-  return jnp.maximum(x, 0.0) + jnp.log1p(e), jnp.where(x >= 0.0, r, e * r)
+  return jnp.maximum(x, 0.0) + _log1p(e, interp), jnp.where(x >= 0.0, r, e * r)
 
 
 def _one():
@@ -1332,6 +1353,94 @@ def _bwd6_kernel(*refs, st: _Static):
 
 
 # --------------------------------------------------------------------------------------------------
+# v7 forward-direction kernels (Config.fwd = "v7"): the state as d_state separate [block_d] vectors,
+# one channel a lane (1-D tensors of block_d elements in a block_d-lane program have no other layout).
+# v6's [d_state, block_d] tiles get 4 channels x 4 states a lane from jaxlib's Triton, so every
+# per-channel quantity (softplus, gate, D skip) is computed 4 times over, each per-token vector is
+# converted into the tile layout through shared memory, and y needs two shuffle levels. Here the sum
+# over states for y is an fma chain inside the lane and nothing crosses lanes; B_t and C_t are read as
+# d_state scalars a token (the same address on every lane; bf16 B and C come packed, see `_BC`).
+
+
+def _bc_scalars(r, st: _Static, t, need_c: bool):
+  """Token t's B (and C) as d_state scalars each (float32)."""
+  n = st.n_pad
+  if st.packed_bc:
+    raw = [r["b"][t, k] for k in range(n)]
+    b = [jax.lax.bitcast_convert_type(x << 16, F32) for x in raw]
+    c = [jax.lax.bitcast_convert_type(x & jnp.uint32(0xFFFF0000), F32) for x in raw] if need_c else None
+    return b, c
+  b = [r["b"][t, k].astype(F32) for k in range(n)]
+  c = [r["c"][t, k].astype(F32) for k in range(n)] if need_c else None
+  return b, c
+
+
+def _fwd7_kernel(*refs, st: _Static, mode: str):
+  """Config.fwd="v7": `_fwd4_kernel`'s modes ("fwd": y, the end state and optionally the chunk
+  checkpoints; "state": the end state from zero and the sum of delta) on per-state channel vectors."""
+  r, ck_ref, _ = _fwd_refs(refs, st, mode)
+  interp = st.interpret
+  T, S, n = st.cfg.chunk, st.seg_len, st.n_pad
+  t_base = pl.program_id(1) * S
+  a2 = [r["a"][k, :] * LOG2E for k in range(n)]            # n x [bd]
+  bias = r["bias"][...]
+  d_skip = r["d"][...] if mode == "fwd" else None
+  fwd = mode == "fwd"
+
+  def chunk(ci, carry):
+    h, dts = carry
+    t0 = ci * T
+
+    def per_channel(t):
+      v = dict(u=r["u"][t, :].astype(F32), dt=_delta(r["dl"], bias, t, t_base, st)[1])
+      if fwd and st.has_z:
+        v["z"] = r["z"][t, :].astype(F32)
+      return v
+
+    # "fwd": the chunk's per-channel inputs first, and each token's B and C one token ahead: nothing
+    # tells the compiler that the y stores do not alias them, so a load after a store waits for it.
+    chans = [per_channel(t0 + i) for i in range(T)] if fwd else None
+    bc_next = _bc_scalars(r, st, t0, fwd) if fwd else None
+    if ck_ref is not None:
+      for k in range(n):
+        ck_ref[ci, k, :] = h[k]
+    for i in range(T):
+      v = chans[i] if fwd else per_channel(t0 + i)
+      if fwd:
+        (b, c), bc_next = bc_next, (_bc_scalars(r, st, t0 + i + 1, True) if i + 1 < T else None)
+      else:
+        b, c = _bc_scalars(r, st, t0 + i, False)
+      u, dt = v["u"], v["dt"]
+      dtu = dt * u
+      y = d_skip * u if fwd else None
+      new_h = []
+      for k in range(n):
+        hk = _fma(_ex2(dt * a2[k], interp), h[k], dtu * b[k], interp)
+        new_h.append(hk)
+        if fwd:
+          y = _fma(hk, c[k], y, interp)
+      h = new_h
+      if not fwd:
+        dts = dts + dt
+        continue
+      if st.has_z:
+        y = y * v["z"] * _sigmoid(v["z"], interp)
+      r["y"][t0 + i, :] = y.astype(r["y"].dtype)
+    return h, dts
+
+  if fwd:
+    h0 = [r["h0"][k, :] for k in range(n)]
+  else:
+    h0 = [jnp.zeros(bias.shape, F32) for _ in range(n)]
+  h, dts = jax.lax.fori_loop(0, S // T, chunk, (h0, jnp.zeros(bias.shape, F32)))
+  out = r["hend"] if fwd else r["hloc"]
+  for k in range(n):
+    out[k, :] = h[k]
+  if not fwd:
+    r["dts"][...] = dts
+
+
+# --------------------------------------------------------------------------------------------------
 # pallas_call wrappers.
 
 
@@ -1377,6 +1486,7 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
       (functools.partial(_fwd_kernel, st=st, save_ck=save_ck) if st.cfg.variant == "v3"
        else functools.partial(_fwd5_kernel, st=st, mode="fwd") if st.cfg.fwd == "v5"
        else functools.partial(_fwd6_kernel, st=st, mode="fwd") if st.cfg.fwd == "v6"
+       else functools.partial(_fwd7_kernel, st=st, mode="fwd") if st.cfg.fwd == "v7"
        else functools.partial(_fwd4_kernel, st=st, mode="fwd")), out_shape=out_shape,
       grid=(dp // bd, P, b), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_params(st, st.cfg.num_warps), interpret=st.interpret,
@@ -1391,6 +1501,7 @@ def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
       (functools.partial(_state_kernel, st=st) if st.cfg.variant == "v3"
        else functools.partial(_fwd5_kernel, st=st, mode="state") if st.cfg.fwd == "v5"
        else functools.partial(_fwd6_kernel, st=st, mode="state") if st.cfg.fwd == "v6"
+       else functools.partial(_fwd7_kernel, st=st, mode="state") if st.cfg.fwd == "v7"
        else functools.partial(_fwd4_kernel, st=st, mode="state")),
       out_shape=[jax.ShapeDtypeStruct((b, P - 1, n, dp), F32),
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
@@ -1506,6 +1617,9 @@ def _hand_over(a, loc, dts, edge, reverse: bool):
 
 
 def _forward(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck: bool):
+  if st.cfg.fwd == "v7":
+    # v7 reads B_t and C_t as scalars, the same on every lane: float32 saves a conversion per load.
+    bm, cm = bm.astype(F32), cm.astype(F32)
   bcs = _bcs(st, bm, cm)
   h0seg = _segment_starts(st, u, dl, bcs, a, bias, h0)
   return _fwd_call(st, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck)
