@@ -564,7 +564,10 @@ SWEEP = [
     # 2026-12-05 (second session, second call): the v7 forward-direction kernels (per-state channel
     # vectors: no shuffles, barriers or shared memory; offline SASS at (8, 2048, 1536, 16): 1520
     # instructions per 8-token chunk against v6's 1632, 128 registers against 168) at every shape,
-    # with the default segments and with the segment counts the first call favoured.
+    # with the default segments and with the segment counts the first call favoured. Outcome
+    # (results/selective_scan_h100_log1p_v7.md): v7 is slower (forward 0.99 / 0.90 / 3.23 / 2.23 ms
+    # against v6's 0.67 / 0.92 / 3.23 / 1.81); the segment rows moved within about 3% of the
+    # defaults, in opposite directions in the two calls, so the defaults stay.
     ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6")),
     ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6", segments=16)),
     ((2, 8192, 1536, 16), dict(fwd="v7", bwd="v6")),
@@ -577,6 +580,9 @@ SWEEP = [
     # 2026-12-05 (second session): the hand-over between segments is now one XLA fusion instead of a
     # while loop of P - 1 steps (each step's kernels and a predicate read back to the host), so more
     # segments may now pay: v6 segments around the default (8 / 32 / 32 / 4) at every shape.
+    # Outcome (results/selective_scan_h100_hand_over.md): 16 at the first shape 2.197 ms against
+    # 2.309, 64 at the long ones 2.231 / 14.70 against 2.277 / 15.07, 8 at 5120 channels 6.586
+    # against 6.712; the next call (log1p_v7) reversed the first two, so no default changed.
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
     ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=32)),
     ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=8)),

@@ -9,7 +9,8 @@ v4, `Config.fwd` / `Config.bwd` = "v5" pick rewritten forward-direction / backwa
 kernels that walk tokens one by one on [d_state, block_d] register tiles, one warp a program
 (comment block "v6 kernels" below). v6 is the default for d_state <= 16 (H100, 2026-12-05:
 fwd+bwd 1.4-1.7x faster than v4 at every benchmark shape; benchmarks/results/selective_scan_h100.md),
-v4 above.
+v4 above. `Config.fwd` = "v7" picks forward-direction kernels on per-state channel vectors
+(fewer instructions, no shuffles or barriers, but slower than v6 on the H100; kept for comparison).
 
 v4 ("v4 kernels" below): a program owns `block_d` channels of one batch row and one time segment and
 walks it `chunk` (T) tokens at a time. Per chunk it loads [T, block_d] tiles (channels contiguous) and,
@@ -106,8 +107,10 @@ class Config:
       kernels" below) or "v6" (token by token on [d_state, block_d] register tiles, one warp a
       program; see "v6 kernels" below).
     fwd: v4 only: the forward-direction kernels (forward and segment state pass). "v4", "v5" (the
-      v5 tiles and explicit recurrences; see "v5 kernels" below) or "v6" (the v6 tiles, token by
-      token; see "v6 kernels" below).
+      v5 tiles and explicit recurrences; see "v5 kernels" below), "v6" (the v6 tiles, token by
+      token; see "v6 kernels" below) or "v7" (the state as d_state channel vectors, one channel a
+      lane; see "v7" below; H100 2026-12-05: 1.2-1.5x slower than v6 in the forward at the
+      batch-8 shapes, kept for comparison).
       When fwd and bwd are both None: "v6" for a padded d_state <= 16 (measured on the H100), "v4"
       above (v6 holds a program's whole [d_state, block_d] state tiles in registers). When only
       one is given, the other is "v4".
@@ -1359,17 +1362,17 @@ def _bwd6_kernel(*refs, st: _Static):
 # per-channel quantity (softplus, gate, D skip) is computed 4 times over, each per-token vector is
 # converted into the tile layout through shared memory, and y needs two shuffle levels. Here the sum
 # over states for y is an fma chain inside the lane and nothing crosses lanes; B_t and C_t are read as
-# d_state scalars a token (the same address on every lane; bf16 B and C come packed, see `_BC`).
+# d_state scalars a token (the same address on every lane; B and C are given in float32 to save a
+# conversion a load). Offline SASS at (8, 2048, 1536, 16): 1520 instructions per 8-token chunk
+# against v6's 1632, 128 registers against 168, no SHFL or BAR. On the H100 (2026-12-05,
+# results/selective_scan_h100_log1p_v7.md) it is slower all the same: forward 0.99 ms against v6's
+# 0.67 at that shape, 2.23 against 1.81 at (8, 2048, 5120, 16); every lane issues 2 d_state scalar
+# loads a token, one token ahead of use.
 
 
 def _bc_scalars(r, st: _Static, t, need_c: bool):
   """Token t's B (and C) as d_state scalars each (float32)."""
   n = st.n_pad
-  if st.packed_bc:
-    raw = [r["b"][t, k] for k in range(n)]
-    b = [jax.lax.bitcast_convert_type(x << 16, F32) for x in raw]
-    c = [jax.lax.bitcast_convert_type(x & jnp.uint32(0xFFFF0000), F32) for x in raw] if need_c else None
-    return b, c
   b = [r["b"][t, k].astype(F32) for k in range(n)]
   c = [r["c"][t, k].astype(F32) for k in range(n)] if need_c else None
   return b, c
