@@ -290,21 +290,19 @@ def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 # so the accesses coalesce, and B_t, C_t load as [block_d, d_state] tiles broadcast over the lanes.
 
 
+def _approx(op: str, x: jax.Array) -> jax.Array:
+  """PTX `{op}.approx.ftz.f32` (ex2, lg2, rcp) elementwise: one special-function-unit instruction."""
+  return plt.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
+                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
 def _ex2(x: jax.Array, interpret: bool) -> jax.Array:
   """2**x; the GPU uses the special-function unit directly (relative error ~2**-22)."""
-  if interpret:
-    return jnp.exp2(x)
-  return plt.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
-                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+  return jnp.exp2(x) if interpret else _approx("ex2", x)
 
 
 def _sigmoid(x, interpret):
   return 1.0 / (1.0 + _ex2(-x * LOG2E, interpret))
-
-
-def _approx(op: str, x: jax.Array) -> jax.Array:
-  return plt.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f",
-                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
 def _log1p(e: jax.Array, interpret: bool) -> jax.Array:
@@ -1358,9 +1356,9 @@ def _bwd6_kernel(*refs, st: _Static):
 # --------------------------------------------------------------------------------------------------
 # v7 forward-direction kernels (Config.fwd = "v7"): the state as d_state separate [block_d] vectors,
 # one channel a lane (1-D tensors of block_d elements in a block_d-lane program have no other layout).
-# v6's [d_state, block_d] tiles get 4 channels x 4 states a lane from jaxlib's Triton, so every
-# per-channel quantity (softplus, gate, D skip) is computed 4 times over, each per-token vector is
-# converted into the tile layout through shared memory, and y needs two shuffle levels. Here the sum
+# v6's [d_state, block_d] tiles get 4 channels x 4 states a lane from jaxlib's Triton, so each
+# per-token channel vector is converted into the tile layout through shared memory (with a barrier)
+# and y needs two shuffle levels. Here the sum
 # over states for y is an fma chain inside the lane and nothing crosses lanes; B_t and C_t are read as
 # d_state scalars a token (the same address on every lane; B and C are given in float32 to save a
 # conversion a load). Offline SASS at (8, 2048, 1536, 16): 1520 instructions per 8-token chunk
@@ -1606,17 +1604,11 @@ def _hand_over(a, loc, dts, edge, reverse: bool):
       xs.append(decay[:, p] * xs[-1] + loc[:, p])
     return jnp.stack(xs[::-1] if reverse else xs, axis=1)
 
-  def combine(e1, e2):                                      # x -> d x + l, composed in scan order
-    d1, l1 = e1
-    d2, l2 = e2
-    return d1 * d2, d2 * l1 + l2
-
-  pairs = (jnp.concatenate([jnp.zeros_like(decay[:, :1]), decay], axis=1),
-           jnp.concatenate([edge[:, None], loc], axis=1))
-  if reverse:
-    pairs = (jnp.concatenate([decay, jnp.zeros_like(decay[:, :1])], axis=1),
-             jnp.concatenate([loc, edge[:, None]], axis=1))
-  return jax.lax.associative_scan(combine, pairs, axis=1, reverse=reverse)[1]
+  # The edge enters as the input of a step with decay 0 (first in scan order).
+  zero, edge = jnp.zeros_like(decay[:, :1]), edge[:, None]
+  ends = (lambda x, e: (x, e)) if reverse else (lambda x, e: (e, x))
+  return linear_recurrence(jnp.concatenate(ends(decay, zero), axis=1),
+                           jnp.concatenate(ends(loc, edge), axis=1), axis=1, reverse=reverse)[1]
 
 
 def _forward(st: _Static, u, dl, z, bm, cm, a, d_skip, bias, h0, save_ck: bool):
