@@ -426,7 +426,12 @@ class _Static:
 
 def _delta(dl_ref, bias, t, t_base, st: _Static):
   """(delta + bias, discretisation step) for local token t; the step is zero on padded tokens."""
-  x = dl_ref[t, :].astype(F32) + bias
+  return _delta_of(dl_ref[t, :], bias, t, t_base, st)
+
+
+def _delta_of(dl_raw, bias, t, t_base, st: _Static):
+  """`_delta` from token t's loaded delta row."""
+  x = dl_raw.astype(F32) + bias
   dt = _softplus(x, st.interpret) if st.softplus else x
   if st.masked:
     dt = dt * (t_base + t < st.length).astype(F32)
@@ -1202,22 +1207,24 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
     h, dts = carry
 
     def load(t):
-      v = dict(u=r["u"][t, :].astype(F32), dt=_delta(r["dl"], bias, t, t_base, st)[1],
-               b=r["b"][t, :].astype(F32))
+      v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
       if mode == "fwd":
-        v["c"] = r["c"][t, :].astype(F32)
+        v["c"] = r["c"][t, :]
         if st.has_z:
-          v["z"] = r["z"][t, :].astype(F32)
+          v["z"] = r["z"][t, :]
       return v
 
-    # "fwd": all of the chunk's inputs first. Nothing tells the compiler that the y stores do not
-    # alias them, so a load after a store would wait for it. ("state" stores nothing in the loop.)
-    ins = [load(ci * T + i) for i in range(T)] if mode == "fwd" else None
+    # All of the chunk's loads first, in both modes. "fwd": nothing tells the compiler that the y
+    # stores do not alias them, so a load after a store would wait for it. "state" stores nothing,
+    # but every token converts its vectors to the tile layout through shared memory, and ptxas does
+    # not move a load above the barrier that takes: loaded token by token, each token waited for
+    # its own loads (H100 2026-12-05, Nsight Compute; benchmarks/NOTES_selective_scan.md).
+    ins = [load(ci * T + i) for i in range(T)]
     if ck_ref is not None:
       ck_ref[ci] = h
     for i in range(T):
-      v = ins[i] if ins else load(ci * T + i)
-      u, dt = v["u"], v["dt"]
+      v = {k: x.astype(F32) for k, x in ins[i].items() if k != "dl"}
+      u, dt = v["u"], _delta_of(ins[i]["dl"], bias, ci * T + i, t_base, st)[1]
       h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * v["b"][:, None], interp)
       if mode == "state":
         dts = dts + dt
@@ -1250,14 +1257,18 @@ def _adjoint6_kernel(*refs, st: _Static):
   def chunk(k, carry):
     g, dts = carry
     t0 = (n_chunks - 1 - k) * T
+    # The chunk's loads first (see `_fwd6_kernel`).
+    ins = [(r["dl"][t0 + i, :], r["dy"][t0 + i, :], r["z"][t0 + i, :] if st.has_z else None,
+            r["c"][t0 + i, :]) for i in range(T)]
     for i in reversed(range(T)):
       t = t0 + i
-      _, dt = _delta(r["dl"], bias, t, t_base, st)
-      dys = r["dy"][t, :].astype(F32)
+      dl_raw, dy_raw, z_raw, c_raw = ins[i]
+      _, dt = _delta_of(dl_raw, bias, t, t_base, st)
+      dys = dy_raw.astype(F32)
       if st.has_z:
-        zt = r["z"][t, :].astype(F32)
+        zt = z_raw.astype(F32)
         dys = dys * zt * _sigmoid(zt, interp)
-      g = _fma(r["c"][t, :].astype(F32)[:, None], dys[None, :], g, interp)
+      g = _fma(c_raw.astype(F32)[:, None], dys[None, :], g, interp)
       g = _ex2(dt[None, :] * a2, interp) * g
       dts = dts + dt
     return g, dts
@@ -1279,28 +1290,42 @@ def _bwd6_kernel(*refs, st: _Static):
   d_skip = r["d"][...]
   bias = r["bias"][...]
 
-  # A sub-chunk's inputs, all loaded (and dt computed once) before its recompute: nothing tells the
-  # compiler that the stores below do not alias them, so a load after a store waits for it.
-  sub_inputs = {}                                           # keyed by the token's offset in its chunk
+  # Loads. Nothing tells the compiler that the stores below do not alias the inputs, so a load after
+  # a store waits for it; and ptxas moves no load above the barriers of the shared-memory layout
+  # conversions that every token takes. So the chunk start loads u, delta and B of all its tokens
+  # (the recompute's inputs) and the last sub-chunk's C, dy and z, before any use: the recompute
+  # then waits once, not once a token (H100 2026-12-05, Nsight Compute: those waits were a fifth of
+  # the kernel's warp-stall samples; benchmarks/NOTES_selective_scan.md). The other sub-chunks load
+  # their inputs again (from L1/L2) just before their work: loading them a sub-chunk ahead spills
+  # (offline SASS at (8, 2048, 5120, 16): 432 B of stack; so does loading two sub-chunks at the
+  # chunk start, 488 B).
+  def raw(t, full: bool):
+    v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
+    if full:
+      v.update(c=r["c"][t, :], dy=r["dy"][t, :])
+      if st.has_z:
+        v["z"] = r["z"][t, :]
+    return v
+
+  def widen(t, v):
+    out = {k: x.astype(F32) for k, x in v.items() if k != "dl"}
+    out["dt"] = _delta_of(v["dl"], bias, t, t_base, st)[1]
+    return out
+
+  loads = {}        # the chunk start's raw loads, keyed by the token's offset in its chunk
+  sub_inputs = {}   # the current sub-chunk's widened inputs, keyed by the token's offset in its chunk
 
   def tok(t0, off):
     if off in sub_inputs:
       return sub_inputs[off]
-    t = t0 + off
-    u = r["u"][t, :].astype(F32)
-    _, dt = _delta(r["dl"], bias, t, t_base, st)
-    return dict(u=u, dt=dt, b=r["b"][t, :].astype(F32))
+    return widen(t0 + off, loads[off])
 
-  def load_sub(t0, j):
+  def before_sub(t0, j):
+    offs = range(j * U, (j + 1) * U)
+    last = j == T // U - 1
     sub_inputs.clear()
-    for i in range(U):
-      v = tok(t0, j * U + i)
-      t = t0 + j * U + i
-      v["c"] = r["c"][t, :].astype(F32)
-      v["dy"] = r["dy"][t, :].astype(F32)
-      if st.has_z:
-        v["z"] = r["z"][t, :].astype(F32)
-      sub_inputs[j * U + i] = v
+    for o in offs:
+      sub_inputs[o] = widen(t0 + o, loads[o] if last else raw(t0 + o, full=True))
 
   def step(t0, h, off):
     v = tok(t0, off)
@@ -1311,8 +1336,10 @@ def _bwd6_kernel(*refs, st: _Static):
     g, d_a, d_d, d_bias = carry
     t0 = (n_chunks - 1 - k) * T
     h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
+    loads.clear()
+    loads.update({o: raw(t0 + o, full=o >= T - U) for o in range(T)})
     for j, hs, decays in recompute_sub_chunks(functools.partial(step, t0), h, 0, T, U,
-                                              functools.partial(load_sub, t0)):
+                                              functools.partial(before_sub, t0)):
       for i in reversed(range(U)):
         t = t0 + j * U + i
         v = sub_inputs[j * U + i]
