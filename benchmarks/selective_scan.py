@@ -561,6 +561,20 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
+    # 2026-12-05 (third session): the v6 kernels with their loads one step ahead, after the
+    # loads-first change (48bc0d2: Nsight Compute kernel sum 6.20 -> 5.33 ms at (8, 2048, 5120, 16),
+    # 1.94 -> 1.75 at (8, 2048, 1536, 16)). `prefetch` (forward, state and adjoint passes: the next
+    # chunk's loads through the loop carry; 164 -> 252 registers in the forward, 128 -> 166-168 in
+    # the passes) and `bwd_prefetch` (backward: the next sub-chunk's C, dy, z; 96 B of stack against
+    # 16). Not yet timed: the device was withdrawn after the A/B call.
+    ((8, 2048, 5120, 16), dict(prefetch=True)),
+    ((8, 2048, 5120, 16), dict(bwd_prefetch=True)),
+    ((8, 2048, 5120, 16), dict(prefetch=True, bwd_prefetch=True)),
+    ((8, 2048, 1536, 16), dict(prefetch=True)),
+    ((8, 2048, 1536, 16), dict(bwd_prefetch=True)),
+    ((8, 2048, 1536, 16), dict(prefetch=True, bwd_prefetch=True)),
+    ((2, 8192, 1536, 16), dict(prefetch=True, bwd_prefetch=True)),
+    ((1, 65536, 2048, 16), dict(prefetch=True, bwd_prefetch=True)),
     # 2026-12-05 (second session, second call): the v7 forward-direction kernels (per-state channel
     # vectors: no shuffles, barriers or shared memory; offline SASS at (8, 2048, 1536, 16): 1520
     # instructions per 8-token chunk against v6's 1632, 128 registers against 168) at every shape,

@@ -12,6 +12,8 @@ shapes).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,6 +147,13 @@ CASES = {
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
                                           state_block=8, bwd="v6"), 1e-5),
+    # The v6 kernels with their loads one step ahead (Config.prefetch: the next chunk's in the
+    # forward, state and adjoint passes; bwd_prefetch: the next sub-chunk's C, dy, z in the
+    # backward): float32, z, initial state, softplus, groups; length 37 padded to 48 = 2 segments
+    # of 3 chunks of 8 (4 sub-chunks each; the last chunk's clamped load and the masked tail).
+    "v6_prefetch_f32_segments": ((1, 37, 16, 5, 2), jnp.float32, {},
+                                 pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
+                                            prefetch=True, bwd_prefetch=True), 1e-5),
     # The v7 forward and state pass (per-state channel vectors, B and C as scalars) with the v6
     # backward: bf16, z, initial state, softplus, groups, 2 segments with a masked tail; and float32
     # without z, initial state or softplus, 3 segments.
@@ -326,6 +335,27 @@ def test_gpu_realistic_shape_v6_backward():
   check_matches_reference(inp, True, pss.Config(fwd="v6", bwd="v6"), 1e-2)
 
 
+def test_v6_prefetch_changes_no_value():
+  """Config.prefetch / bwd_prefetch only move loads earlier: every output and gradient is bitwise
+  the same as without them (bf16, z, initial state, softplus, groups, segments, masked tail)."""
+  inp = _inputs(3, 1, 37, 16, 5, 2, jnp.bfloat16)
+  base = pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6")
+  _, *want = _outputs_and_grads(inp, True, impl="pallas", config=base)
+  for knobs in (dict(prefetch=True), dict(bwd_prefetch=True)):
+    cfg = dataclasses.replace(base, **knobs)
+    _, *got = _outputs_and_grads(inp, True, impl="pallas", config=cfg)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                    np.asarray(w.astype(jnp.float32)), err_msg=str(knobs))
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_v6_prefetch():
+  """The v6 kernels with Config.prefetch and bwd_prefetch (loads one step ahead) on the GPU."""
+  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
+  check_matches_reference(inp, True, pss.Config(prefetch=True, bwd_prefetch=True), 1e-2)
+
+
 @pytest.mark.gpu
 def test_gpu_realistic_shape_v7_forward():
   """The v7 forward-direction kernels (per-state channel vectors) with the v6 backward, bf16 and
@@ -429,7 +459,9 @@ def _lower_for_h100(fn, *args) -> str:
     # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
     ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4),
     # The v6 backward after the v4 forward.
-    ("v4", dict(bwd="v6"), 1)])
+    ("v4", dict(bwd="v6"), 1),
+    # The v6 kernels with their loads one step ahead.
+    ("v4", dict(prefetch=True, bwd_prefetch=True), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

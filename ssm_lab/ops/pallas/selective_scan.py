@@ -115,6 +115,14 @@ class Config:
       above (v6 holds a program's whole [d_state, block_d] state tiles in registers). When only
       one is given, the other is "v4".
 
+    prefetch: v6 forward-direction kernels and adjoint pass: load the next chunk's inputs before the
+      current chunk's work (carried through the loop), so that no chunk waits for its loads. Costs
+      registers (offline SASS at (8, 2048, 5120, 16): forward 164 -> 252, state pass 128 -> 166,
+      so fewer resident warps). Off by default: not yet timed.
+    bwd_prefetch: v6 backward: load the next sub-chunk's C, dy and z before the current one's work
+      (offline SASS at (8, 2048, 5120, 16): 96 B of stack against 16). Off by default: not yet
+      timed.
+
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
   """
@@ -132,6 +140,8 @@ class Config:
   bwd_state_block: int | None = None
   bwd: str | None = None
   fwd: str | None = None
+  prefetch: bool = False
+  bwd_prefetch: bool = False
 
 
 # The largest padded d_state for which the default is v6 (its state tiles live in registers).
@@ -260,7 +270,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
   return Config(block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d,
                 bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
-                bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd)
+                bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd, prefetch=c.prefetch,
+                bwd_prefetch=c.bwd_prefetch)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -1203,23 +1214,32 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
   bias = r["bias"][...]
   d_skip = r["d"][...] if mode == "fwd" else None
 
+  n_chunks = S // T
+
+  def load(t):
+    v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
+    if mode == "fwd":
+      v["c"] = r["c"][t, :]
+      if st.has_z:
+        v["z"] = r["z"][t, :]
+    return v
+
+  def load_chunk(ci):
+    return [load(ci * T + i) for i in range(T)]
+
   def chunk(ci, carry):
-    h, dts = carry
-
-    def load(t):
-      v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
-      if mode == "fwd":
-        v["c"] = r["c"][t, :]
-        if st.has_z:
-          v["z"] = r["z"][t, :]
-      return v
-
+    h, dts, *ahead = carry
     # All of the chunk's loads first, in both modes. "fwd": nothing tells the compiler that the y
     # stores do not alias them, so a load after a store would wait for it. "state" stores nothing,
     # but every token converts its vectors to the tile layout through shared memory, and ptxas does
     # not move a load above the barrier that takes: loaded token by token, each token waited for
     # its own loads (H100 2026-12-05, Nsight Compute; benchmarks/NOTES_selective_scan.md).
-    ins = [load(ci * T + i) for i in range(T)]
+    # `prefetch`: this chunk's loads came with the carry, and the next chunk's go out now (the last
+    # chunk loads itself again rather than past its block).
+    if st.cfg.prefetch:
+      ins, ahead = ahead[0], [load_chunk(jnp.minimum(ci + 1, n_chunks - 1))]
+    else:
+      ins = load_chunk(ci)
     if ck_ref is not None:
       ck_ref[ci] = h
     for i in range(T):
@@ -1233,10 +1253,11 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
       if st.has_z:
         y = y * v["z"] * _sigmoid(v["z"], interp)
       r["y"][ci * T + i, :] = y.astype(r["y"].dtype)
-    return h, dts
+    return (h, dts, *ahead)
 
   h0 = jnp.zeros(a2.shape, F32) if mode == "state" else r["h0"][...]
-  h, dts = jax.lax.fori_loop(0, S // T, chunk, (h0, jnp.zeros(bias.shape, F32)))
+  init = (h0, jnp.zeros(bias.shape, F32)) + ((load_chunk(0),) if st.cfg.prefetch else ())
+  h, dts, *_ = jax.lax.fori_loop(0, n_chunks, chunk, init)
   if mode == "state":
     r["hloc"][...] = h
     r["dts"][...] = dts
@@ -1254,12 +1275,19 @@ def _adjoint6_kernel(*refs, st: _Static):
   a2 = r["a"][...] * LOG2E
   bias = r["bias"][...]
 
-  def chunk(k, carry):
-    g, dts = carry
+  def load_chunk(k):
     t0 = (n_chunks - 1 - k) * T
-    # The chunk's loads first (see `_fwd6_kernel`).
-    ins = [(r["dl"][t0 + i, :], r["dy"][t0 + i, :], r["z"][t0 + i, :] if st.has_z else None,
-            r["c"][t0 + i, :]) for i in range(T)]
+    return [(r["dl"][t0 + i, :], r["dy"][t0 + i, :], r["z"][t0 + i, :] if st.has_z else None,
+             r["c"][t0 + i, :]) for i in range(T)]
+
+  def chunk(k, carry):
+    g, dts, *ahead = carry
+    t0 = (n_chunks - 1 - k) * T
+    # The chunk's loads first; `prefetch`: they came with the carry (see `_fwd6_kernel`).
+    if st.cfg.prefetch:
+      ins, ahead = ahead[0], [load_chunk(jnp.minimum(k + 1, n_chunks - 1))]
+    else:
+      ins = load_chunk(k)
     for i in reversed(range(T)):
       t = t0 + i
       dl_raw, dy_raw, z_raw, c_raw = ins[i]
@@ -1271,10 +1299,11 @@ def _adjoint6_kernel(*refs, st: _Static):
       g = _fma(c_raw.astype(F32)[:, None], dys[None, :], g, interp)
       g = _ex2(dt[None, :] * a2, interp) * g
       dts = dts + dt
-    return g, dts
+    return (g, dts, *ahead)
 
-  g, dts = jax.lax.fori_loop(0, n_chunks, chunk, (jnp.zeros(a2.shape, F32),
-                                                  jnp.zeros(bias.shape, F32)))
+  init = ((jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32))
+          + ((load_chunk(0),) if st.cfg.prefetch else ()))
+  g, dts, *_ = jax.lax.fori_loop(0, n_chunks, chunk, init)
   r["gloc"][...] = g
   r["dts"][...] = dts
 
@@ -1299,13 +1328,11 @@ def _bwd6_kernel(*refs, st: _Static):
   # their inputs again (from L1/L2) just before their work: loading them a sub-chunk ahead spills
   # (offline SASS at (8, 2048, 5120, 16): 432 B of stack; so does loading two sub-chunks at the
   # chunk start, 488 B).
-  def raw(t, full: bool):
-    v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
-    if full:
-      v.update(c=r["c"][t, :], dy=r["dy"][t, :])
-      if st.has_z:
-        v["z"] = r["z"][t, :]
-    return v
+  recompute_names = ("u", "dl", "b")                       # what the recompute needs
+  sub_names = ("c", "dy") + (("z",) if st.has_z else ())    # what the gradients need besides
+
+  def raw(t, names):
+    return {k: r[k][t, :] for k in names}
 
   def widen(t, v):
     out = {k: x.astype(F32) for k, x in v.items() if k != "dl"}
@@ -1323,9 +1350,20 @@ def _bwd6_kernel(*refs, st: _Static):
   def before_sub(t0, j):
     offs = range(j * U, (j + 1) * U)
     last = j == T // U - 1
+    ahead = loads.pop("ahead", None)
     sub_inputs.clear()
     for o in offs:
-      sub_inputs[o] = widen(t0 + o, loads[o] if last else raw(t0 + o, full=True))
+      if last:
+        v = loads[o]
+      elif ahead is not None:
+        v = {**raw(t0 + o, recompute_names), **ahead[o]}
+      else:
+        v = raw(t0 + o, recompute_names + sub_names)
+      sub_inputs[o] = widen(t0 + o, v)
+    # `bwd_prefetch`: the next sub-chunk's C, dy and z go out before this one's work (its u, delta
+    # and B were loaded at the chunk start, so they are L1 hits).
+    if st.cfg.bwd_prefetch and j > 0:
+      loads["ahead"] = {o: raw(t0 + o, sub_names) for o in range((j - 1) * U, j * U)}
 
   def step(t0, h, off):
     v = tok(t0, off)
@@ -1337,7 +1375,8 @@ def _bwd6_kernel(*refs, st: _Static):
     t0 = (n_chunks - 1 - k) * T
     h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
     loads.clear()
-    loads.update({o: raw(t0 + o, full=o >= T - U) for o in range(T)})
+    loads.update({o: raw(t0 + o, recompute_names + (sub_names if o >= T - U else ()))
+                  for o in range(T)})
     for j, hs, decays in recompute_sub_chunks(functools.partial(step, t0), h, 0, T, U,
                                               functools.partial(before_sub, t0)):
       for i in reversed(range(U)):
