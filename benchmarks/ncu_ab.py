@@ -1,0 +1,70 @@
+"""Summarise benchmarks/ncu_ab.sh's CSVs: per tree and shape, the median over repetitions of each
+kernel's duration (the scan's Pallas kernels by name, XLA's fusions summed as "xla"), and new/old.
+
+    python benchmarks/ncu_ab.py DIR [--json OUT.json] > table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+import json
+import pathlib
+import re
+import statistics
+
+UNIT_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+KERNELS = ("state", "adjoint", "fwd", "bwd", "xla")
+
+
+def durations(path: pathlib.Path) -> dict[str, float]:
+  """{kernel group: microseconds} of one call's --page details CSV with gpu__time_duration."""
+  text = "".join(l for l in path.read_text(errors="replace").splitlines(True) if l.startswith('"'))
+  rows = list(csv.reader(io.StringIO(text)))
+  if not rows:
+    raise ValueError(f"{path}: no ncu rows (see the .err file next to it)")
+  ix = {k: i for i, k in enumerate(rows[0])}
+  out: dict[str, float] = collections.defaultdict(float)
+  for r in rows[1:]:
+    if r[ix["Metric Name"]] not in ("gpu__time_duration.sum", "Duration"):
+      continue
+    name = r[ix["Kernel Name"]]
+    unit = r[ix["Metric Unit"]]
+    if unit not in UNIT_US:
+      raise ValueError(f"{path}: unknown duration unit {unit!r}")
+    v = float(r[ix["Metric Value"]].replace(",", "")) * UNIT_US[unit]
+    m = re.match(r"selective_scan_(\w+)", name)
+    out[m.group(1) if m else "xla"] += v
+  return dict(out)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("dir", type=pathlib.Path)
+  ap.add_argument("--json", type=pathlib.Path)
+  opts = ap.parse_args()
+  runs: dict[tuple[str, str], list[dict[str, float]]] = collections.defaultdict(list)
+  for p in sorted(opts.dir.glob("*.csv")):
+    m = re.fullmatch(r"(old|new)_(\w+?)_(\d+)", p.stem)
+    if m:
+      runs[(m.group(1), m.group(2))].append(durations(p))
+  med = {k: {g: statistics.median(d.get(g, 0.0) for d in v) for g in KERNELS} for k, v in runs.items()}
+  for v in med.values():
+    v["total"] = sum(v[g] for g in KERNELS)
+  shapes = sorted({s for _, s in med}, key=lambda s: [int(x) for x in s.split("x")])
+  print("| shape | kernel | old us | new us | new / old |")
+  print("| --- | --- | ---: | ---: | ---: |")
+  for s in shapes:
+    for g in (*KERNELS, "total"):
+      o, n = med.get(("old", s), {}).get(g), med.get(("new", s), {}).get(g)
+      ratio = f"{n / o:.3f}" if o and n is not None else ""
+      fmt = lambda x: "" if x is None else f"{x:.1f}"  # noqa: E731
+      print(f"| {s} | {g} | {fmt(o)} | {fmt(n)} | {ratio} |")
+  if opts.json:
+    opts.json.write_text(json.dumps({f"{t}_{s}": v for (t, s), v in med.items()}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
