@@ -176,6 +176,32 @@ def test_ncu_summary_tables_details_and_sass_pages(tmp_path):
   assert sorted(stalls.split(", ")) == ["short_sb 50%", "wait 50%"]
 
 
+def test_ncu_ab_medians_and_ratios(tmp_path):
+  # Fixtures in ncu_ab.sh's layout: <old|new>_<shape>_<rep>.csv, gpu__time_duration per kernel.
+  hdr = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+         '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+         '"Metric Value"')
+
+  def write(name, kernels):
+    (tmp_path / f"{name}.csv").write_text("==PROF== Connected\n" + hdr + "\n" + "".join(
+        f'"{i}","1","p","h","{k}","1","7","(32, 1, 1)","(8, 1, 1)","0","9.0","",'
+        f'"gpu__time_duration.sum","{u}","{v}"\n' for i, (k, u, v) in enumerate(kernels)))
+
+  bwd, xla = "selective_scan_bwd", "loop_fusion"
+  write("old_8x64x32x16_1", [(bwd, "usecond", "10"), (xla, "nsecond", "500")])
+  write("old_8x64x32x16_2", [(bwd, "usecond", "12"), (xla, "nsecond", "500")])
+  write("new_8x64x32x16_1", [(bwd, "msecond", "0.008"), (xla, "usecond", "1")])
+  write("new_8x64x32x16_2", [(bwd, "usecond", "8"), (xla, "usecond", "1")])
+  md = _run("ncu_ab.py", str(tmp_path), "--json", str(tmp_path / "ab.json")).stdout
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+           if line.startswith("| 8x64x32x16 |")]
+  rows = {c[1]: c for c in cells}
+  assert rows["bwd"][2:] == ["11.0", "8.0", "0.727"]
+  assert rows["xla"][2:] == ["0.5", "1.0", "2.000"]
+  assert rows["total"][2:] == ["11.5", "9.0", "0.783"]
+  assert json.loads((tmp_path / "ab.json").read_text())["new_8x64x32x16"]["bwd"] == 8.0
+
+
 def _offline_sass():
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import offline_sass  # noqa: PLC0415
