@@ -349,6 +349,14 @@ def test_v6_prefetch_changes_no_value():
                                     np.asarray(w.astype(jnp.float32)), err_msg=str(knobs))
 
 
+def test_prefetch_knobs_name_the_kernels_they_need():
+  with pytest.raises(ValueError, match="Config.prefetch=True needs the v6"):
+    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", prefetch=True))
+  with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
+    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6", bwd="v4", bwd_prefetch=True))
+  assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd_prefetch=True)).bwd_prefetch
+
+
 @pytest.mark.gpu
 def test_gpu_realistic_shape_v6_prefetch():
   """The v6 kernels with Config.prefetch and bwd_prefetch (loads one step ahead) on the GPU."""

@@ -248,6 +248,11 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
     raise ValueError(f"Config.fwd must be 'v4', 'v5', 'v6' or 'v7', got {c.fwd!r}")
   if c.bwd not in ("v4", "v5", "v6"):
     raise ValueError(f"Config.bwd must be 'v4', 'v5' or 'v6', got {c.bwd!r}")
+  if c.prefetch and "v6" not in (c.fwd, c.bwd):
+    raise ValueError(f"Config.prefetch=True needs the v6 forward or backward (fwd={c.fwd!r}, "
+                     f"bwd={c.bwd!r})")
+  if c.bwd_prefetch and c.bwd != "v6":
+    raise ValueError(f"Config.bwd_prefetch=True needs Config.bwd='v6', got {c.bwd!r}")
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
     # v6: one-warp backward programs, each a chain of dependent tokens: like v3, aim at ~2048 of
@@ -447,6 +452,18 @@ def _delta_of(dl_raw, bias, t, t_base, st: _Static):
   if st.masked:
     dt = dt * (t_base + t < st.length).astype(F32)
   return x, dt
+
+
+def _load_rows(r, t, names):
+  """Local token t's rows of the named refs, as loaded (the v6 kernels issue loads apart from use)."""
+  return {k: r[k][t, :] for k in names}
+
+
+def _widen(rows, bias, t, t_base, st: _Static):
+  """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt"."""
+  out = {k: x.astype(F32) for k, x in rows.items() if k != "dl"}
+  out["dt"] = _delta_of(rows["dl"], bias, t, t_base, st)[1]
+  return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1215,17 +1232,10 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
   d_skip = r["d"][...] if mode == "fwd" else None
 
   n_chunks = S // T
-
-  def load(t):
-    v = dict(u=r["u"][t, :], dl=r["dl"][t, :], b=r["b"][t, :])
-    if mode == "fwd":
-      v["c"] = r["c"][t, :]
-      if st.has_z:
-        v["z"] = r["z"][t, :]
-    return v
+  names = ("u", "dl", "b") + ((("c", "z") if st.has_z else ("c",)) if mode == "fwd" else ())
 
   def load_chunk(ci):
-    return [load(ci * T + i) for i in range(T)]
+    return [_load_rows(r, ci * T + i, names) for i in range(T)]
 
   def chunk(ci, carry):
     h, dts, *ahead = carry
@@ -1243,8 +1253,8 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
     if ck_ref is not None:
       ck_ref[ci] = h
     for i in range(T):
-      v = {k: x.astype(F32) for k, x in ins[i].items() if k != "dl"}
-      u, dt = v["u"], _delta_of(ins[i]["dl"], bias, ci * T + i, t_base, st)[1]
+      v = _widen(ins[i], bias, ci * T + i, t_base, st)
+      u, dt = v["u"], v["dt"]
       h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * v["b"][:, None], interp)
       if mode == "state":
         dts = dts + dt
@@ -1275,10 +1285,10 @@ def _adjoint6_kernel(*refs, st: _Static):
   a2 = r["a"][...] * LOG2E
   bias = r["bias"][...]
 
+  names = ("dl", "dy", "c") + (("z",) if st.has_z else ())
+
   def load_chunk(k):
-    t0 = (n_chunks - 1 - k) * T
-    return [(r["dl"][t0 + i, :], r["dy"][t0 + i, :], r["z"][t0 + i, :] if st.has_z else None,
-             r["c"][t0 + i, :]) for i in range(T)]
+    return [_load_rows(r, (n_chunks - 1 - k) * T + i, names) for i in range(T)]
 
   def chunk(k, carry):
     g, dts, *ahead = carry
@@ -1289,14 +1299,11 @@ def _adjoint6_kernel(*refs, st: _Static):
     else:
       ins = load_chunk(k)
     for i in reversed(range(T)):
-      t = t0 + i
-      dl_raw, dy_raw, z_raw, c_raw = ins[i]
-      _, dt = _delta_of(dl_raw, bias, t, t_base, st)
-      dys = dy_raw.astype(F32)
+      v = _widen(ins[i], bias, t0 + i, t_base, st)
+      dt, dys = v["dt"], v["dy"]
       if st.has_z:
-        zt = z_raw.astype(F32)
-        dys = dys * zt * _sigmoid(zt, interp)
-      g = _fma(c_raw.astype(F32)[:, None], dys[None, :], g, interp)
+        dys = dys * v["z"] * _sigmoid(v["z"], interp)
+      g = _fma(v["c"][:, None], dys[None, :], g, interp)
       g = _ex2(dt[None, :] * a2, interp) * g
       dts = dts + dt
     return (g, dts, *ahead)
@@ -1331,39 +1338,30 @@ def _bwd6_kernel(*refs, st: _Static):
   recompute_names = ("u", "dl", "b")                       # what the recompute needs
   sub_names = ("c", "dy") + (("z",) if st.has_z else ())    # what the gradients need besides
 
-  def raw(t, names):
-    return {k: r[k][t, :] for k in names}
-
-  def widen(t, v):
-    out = {k: x.astype(F32) for k, x in v.items() if k != "dl"}
-    out["dt"] = _delta_of(v["dl"], bias, t, t_base, st)[1]
-    return out
-
-  loads = {}        # the chunk start's raw loads, keyed by the token's offset in its chunk
-  sub_inputs = {}   # the current sub-chunk's widened inputs, keyed by the token's offset in its chunk
+  # Raw loads keyed by the token's offset in its chunk: the chunk start's, and (`bwd_prefetch`) the
+  # next sub-chunk's C, dy and z; then the current sub-chunk's widened inputs.
+  loads, ahead, sub_inputs = {}, {}, {}
 
   def tok(t0, off):
     if off in sub_inputs:
       return sub_inputs[off]
-    return widen(t0 + off, loads[off])
+    return _widen(loads[off], bias, t0 + off, t_base, st)
 
   def before_sub(t0, j):
-    offs = range(j * U, (j + 1) * U)
     last = j == T // U - 1
-    ahead = loads.pop("ahead", None)
     sub_inputs.clear()
-    for o in offs:
+    for o in range(j * U, (j + 1) * U):
       if last:
-        v = loads[o]
-      elif ahead is not None:
-        v = {**raw(t0 + o, recompute_names), **ahead[o]}
+        rows = loads[o]
+      elif o in ahead:
+        rows = {**_load_rows(r, t0 + o, recompute_names), **ahead.pop(o)}
       else:
-        v = raw(t0 + o, recompute_names + sub_names)
-      sub_inputs[o] = widen(t0 + o, v)
+        rows = _load_rows(r, t0 + o, recompute_names + sub_names)
+      sub_inputs[o] = _widen(rows, bias, t0 + o, t_base, st)
     # `bwd_prefetch`: the next sub-chunk's C, dy and z go out before this one's work (its u, delta
     # and B were loaded at the chunk start, so they are L1 hits).
     if st.cfg.bwd_prefetch and j > 0:
-      loads["ahead"] = {o: raw(t0 + o, sub_names) for o in range((j - 1) * U, j * U)}
+      ahead.update({o: _load_rows(r, t0 + o, sub_names) for o in range((j - 1) * U, j * U)})
 
   def step(t0, h, off):
     v = tok(t0, off)
@@ -1375,7 +1373,7 @@ def _bwd6_kernel(*refs, st: _Static):
     t0 = (n_chunks - 1 - k) * T
     h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
     loads.clear()
-    loads.update({o: raw(t0 + o, recompute_names + (sub_names if o >= T - U else ()))
+    loads.update({o: _load_rows(r, t0 + o, recompute_names + (sub_names if o >= T - U else ()))
                   for o in range(T)})
     for j, hs, decays in recompute_sub_chunks(functools.partial(step, t0), h, 0, T, U,
                                               functools.partial(before_sub, t0)):
