@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import io
 import json
 import pathlib
 import re
 import statistics
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ncu_summary  # noqa: E402
 
 UNIT_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 KERNELS = ("state", "adjoint", "fwd", "bwd", "xla")
@@ -21,22 +23,16 @@ KERNELS = ("state", "adjoint", "fwd", "bwd", "xla")
 
 def durations(path: pathlib.Path) -> dict[str, float]:
   """{kernel group: microseconds} of one call's --page details CSV with gpu__time_duration."""
-  text = "".join(l for l in path.read_text(errors="replace").splitlines(True) if l.startswith('"'))
-  rows = list(csv.reader(io.StringIO(text)))
-  if not rows:
+  launches = ncu_summary.details(path)
+  if not launches:
     raise ValueError(f"{path}: no ncu rows (see the .err file next to it)")
-  ix = {k: i for i, k in enumerate(rows[0])}
   out: dict[str, float] = collections.defaultdict(float)
-  for r in rows[1:]:
-    if r[ix["Metric Name"]] not in ("gpu__time_duration.sum", "Duration"):
-      continue
-    name = r[ix["Kernel Name"]]
-    unit = r[ix["Metric Unit"]]
+  for _, name, metrics in launches:
+    value, unit = metrics.get("gpu__time_duration.sum") or metrics["Duration"]
     if unit not in UNIT_US:
       raise ValueError(f"{path}: unknown duration unit {unit!r}")
-    v = float(r[ix["Metric Value"]].replace(",", "")) * UNIT_US[unit]
     m = re.match(r"selective_scan_(\w+)", name)
-    out[m.group(1) if m else "xla"] += v
+    out[m.group(1) if m else "xla"] += float(value.replace(",", "")) * UNIT_US[unit]
   return dict(out)
 
 
