@@ -561,6 +561,17 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
+    # 2026-12-05 (fourth session): bf16 B and C packed into one uint32 array for the v6 kernels
+    # (`pack_bc`). Offline SASS at (8, 2048, 5120, 16): the forward drops from 164 to 128 registers
+    # (16 one-warp programs an SM instead of 12) and from 1632 to 1576 instructions a chunk (LDG 98
+    # -> 66); the backward 5112 -> 5048 instructions (24 B of stack against 16); the passes are
+    # unchanged. With `prefetch` the forward holds 205 registers (252 unpacked).
+    ((8, 2048, 5120, 16), dict(pack_bc=True)),
+    ((8, 2048, 5120, 16), dict(pack_bc=True, prefetch=True)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, prefetch=True)),
+    ((2, 8192, 1536, 16), dict(pack_bc=True)),
+    ((1, 65536, 2048, 16), dict(pack_bc=True)),
     # 2026-12-05 (third session): the v6 kernels with their loads one step ahead, after the
     # loads-first change (48bc0d2: Nsight Compute kernel sum 6.20 -> 5.33 ms at (8, 2048, 5120, 16),
     # 1.94 -> 1.75 at (8, 2048, 1536, 16)). `prefetch` (forward, state and adjoint passes: the next

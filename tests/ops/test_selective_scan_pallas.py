@@ -336,12 +336,14 @@ def test_gpu_realistic_shape_v6_backward():
 
 
 def test_v6_prefetch_changes_no_value():
-  """Config.prefetch / bwd_prefetch only move loads earlier: every output and gradient is bitwise
-  the same as without them (bf16, z, initial state, softplus, groups, segments, masked tail)."""
+  """Config.prefetch / bwd_prefetch only move loads earlier, and Config.pack_bc only reads B and C
+  from one packed array: every output and gradient is bitwise the same as without them (bf16, z,
+  initial state, softplus, groups, segments, masked tail)."""
   inp = _inputs(3, 1, 37, 16, 5, 2, jnp.bfloat16)
   base = pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6")
   _, *want = _outputs_and_grads(inp, True, impl="pallas", config=base)
-  for knobs in (dict(prefetch=True), dict(bwd_prefetch=True)):
+  for knobs in (dict(prefetch=True), dict(bwd_prefetch=True), dict(pack_bc=True),
+                dict(pack_bc=True, prefetch=True, bwd_prefetch=True)):
     cfg = dataclasses.replace(base, **knobs)
     _, *got = _outputs_and_grads(inp, True, impl="pallas", config=cfg)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
@@ -355,6 +357,9 @@ def test_prefetch_knobs_name_the_kernels_they_need():
   with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6", bwd="v4", bwd_prefetch=True))
   assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd_prefetch=True)).bwd_prefetch
+  with pytest.raises(ValueError, match="Config.pack_bc=True needs Config.fwd='v6' and bwd='v6'"):
+    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v7", bwd="v6", pack_bc=True))
+  assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(pack_bc=True)).pack_bc
 
 
 @pytest.mark.gpu
@@ -362,6 +367,15 @@ def test_gpu_realistic_shape_v6_prefetch():
   """The v6 kernels with Config.prefetch and bwd_prefetch (loads one step ahead) on the GPU."""
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, pss.Config(prefetch=True, bwd_prefetch=True), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_v6_pack_bc():
+  """The v6 kernels reading bf16 B and C from one packed uint32 array (Config.pack_bc), alone and
+  with the prefetch knobs, on the GPU."""
+  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
+  check_matches_reference(inp, True, pss.Config(pack_bc=True), 1e-2)
+  check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True), 1e-2)
 
 
 @pytest.mark.gpu

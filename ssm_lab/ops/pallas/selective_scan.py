@@ -122,6 +122,9 @@ class Config:
     bwd_prefetch: v6 backward: load the next sub-chunk's C, dy and z before the current one's work
       (offline SASS at (8, 2048, 5120, 16): 96 B of stack against 16). Off by default: not yet
       timed.
+    pack_bc: v6 kernels (forward and backward both "v6"), bf16 B and C: read them from one uint32
+      array (B in the low half of each word, C in the high half, as v3 does), so one load and one
+      register a state carry both. Ignored for other dtypes.
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -142,6 +145,7 @@ class Config:
   fwd: str | None = None
   prefetch: bool = False
   bwd_prefetch: bool = False
+  pack_bc: bool = False
 
 
 # The largest padded d_state for which the default is v6 (its state tiles live in registers).
@@ -253,6 +257,9 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
                      f"bwd={c.bwd!r})")
   if c.bwd_prefetch and c.bwd != "v6":
     raise ValueError(f"Config.bwd_prefetch=True needs Config.bwd='v6', got {c.bwd!r}")
+  if c.pack_bc and (c.fwd, c.bwd) != ("v6", "v6"):
+    raise ValueError(f"Config.pack_bc=True needs Config.fwd='v6' and bwd='v6', got fwd={c.fwd!r}, "
+                     f"bwd={c.bwd!r}")
   if segments is None:
     programs = batch * n_groups * -(-d_group // block_d)
     # v6: one-warp backward programs, each a chain of dependent tokens: like v3, aim at ~2048 of
@@ -276,7 +283,7 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
                 bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
                 bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd, prefetch=c.prefetch,
-                bwd_prefetch=c.bwd_prefetch)
+                bwd_prefetch=c.bwd_prefetch, pack_bc=c.pack_bc)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -455,14 +462,26 @@ def _delta_of(dl_raw, bias, t, t_base, st: _Static):
 
 
 def _load_rows(r, t, names):
-  """Local token t's rows of the named refs, as loaded (the v6 kernels issue loads apart from use)."""
-  return {k: r[k][t, :] for k in names}
+  """Local token t's rows of the named refs, as loaded (the v6 kernels issue loads apart from use).
+  With packed B/C (`_Static.packed_bc`) "b" is the packed row and "c" is not loaded: B's row brings
+  it."""
+  return {k: r[k][t, :] for k in names if r[k] is not None}
 
 
 def _widen(rows, bias, t, t_base, st: _Static):
-  """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt"."""
-  out = {k: x.astype(F32) for k, x in rows.items() if k != "dl"}
-  out["dt"] = _delta_of(rows["dl"], bias, t, t_base, st)[1]
+  """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt". A packed
+  B/C row ("b", or "cc" where only C is wanted) gives "b" and "c" (bf16 is the high half of the
+  float32 it widens to)."""
+  out = {}
+  for k, x in rows.items():
+    if k == "dl":
+      out["dt"] = _delta_of(x, bias, t, t_base, st)[1]
+    elif st.packed_bc and k in ("b", "cc"):
+      if k == "b":
+        out["b"] = jax.lax.bitcast_convert_type(x << 16, F32)
+      out["c"] = jax.lax.bitcast_convert_type(x & jnp.uint32(0xFFFF0000), F32)
+    else:
+      out["c" if k == "cc" else k] = x.astype(F32)
   return out
 
 
@@ -1277,7 +1296,7 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
 
 def _adjoint6_kernel(*refs, st: _Static):
   """Config.bwd="v6": the segment adjoint pass (as `_bwd4_kernel` mode "adjoint") on the v6 tiles."""
-  r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
+  r, _ = _refs(refs, st, "dl z cc a bias dy gloc dts")      # cc: the packed B/C array, or C
   interp = st.interpret
   T, S = st.cfg.chunk, st.seg_len
   n_chunks = S // T
@@ -1285,7 +1304,7 @@ def _adjoint6_kernel(*refs, st: _Static):
   a2 = r["a"][...] * LOG2E
   bias = r["bias"][...]
 
-  names = ("dl", "dy", "c") + (("z",) if st.has_z else ())
+  names = ("dl", "dy", "cc") + (("z",) if st.has_z else ())
 
   def load_chunk(k):
     return [_load_rows(r, (n_chunks - 1 - k) * T + i, names) for i in range(T)]
@@ -1772,7 +1791,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
   st = _Static(batch=batch, length=length, padded_length=padded_length,
                d_pad=groups * d_group_pad, d_group_pad=d_group_pad, n_pad=n_pad, n_groups=groups,
                has_z=z is not None, softplus=bool(delta_softplus),
-               packed_bc=(cfg.variant == "v3" and B.dtype == jnp.bfloat16
+               packed_bc=((cfg.variant == "v3" or cfg.pack_bc) and B.dtype == jnp.bfloat16
                           and C.dtype == jnp.bfloat16), cfg=cfg,
                interpret=interpret_mode())
 
