@@ -572,6 +572,16 @@ SWEEP = [
     ((8, 2048, 1536, 16), dict(pack_bc=True, prefetch=True)),
     ((2, 8192, 1536, 16), dict(pack_bc=True)),
     ((1, 65536, 2048, 16), dict(pack_bc=True)),
+    # Checkpoints every 4 tokens with pack_bc: forward 96 registers (128 with prefetch), passes 80
+    # (125-128 with prefetch), backward 2472 instructions a 4-token chunk (4944 a token pair of
+    # chunks against 5048 at chunk 8: the recompute steps 12 tokens a 8 instead of 14), no spill.
+    # Twice the checkpoint traffic (671 MB -> 1.34 GB each way at (8, 2048, 5120, 16)).
+    ((8, 2048, 5120, 16), dict(pack_bc=True, chunk=4)),
+    ((8, 2048, 5120, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, chunk=4)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
+    ((2, 8192, 1536, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
+    ((1, 65536, 2048, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
     # 2026-12-05 (third session): the v6 kernels with their loads one step ahead, after the
     # loads-first change (48bc0d2: Nsight Compute kernel sum 6.20 -> 5.33 ms at (8, 2048, 5120, 16),
     # 1.94 -> 1.75 at (8, 2048, 1536, 16)). `prefetch` (forward, state and adjoint passes: the next

@@ -376,6 +376,7 @@ def test_gpu_realistic_shape_v6_pack_bc():
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, pss.Config(pack_bc=True), 1e-2)
   check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True), 1e-2)
+  check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True, chunk=4), 1e-2)
 
 
 @pytest.mark.gpu
