@@ -118,13 +118,16 @@ class Config:
     prefetch: v6 forward-direction kernels and adjoint pass: load the next chunk's inputs before the
       current chunk's work (carried through the loop), so that no chunk waits for its loads. Costs
       registers (offline SASS at (8, 2048, 5120, 16): forward 164 -> 252, state pass 128 -> 166,
-      so fewer resident warps). Off by default: not yet timed.
+      so fewer resident warps). Off: slower on the H100 (2026-12-05, fwd+bwd pipelined 5.49 against
+      5.37 ms at (8, 2048, 5120, 16), 1.82 against 1.77 at (8, 2048, 1536, 16)).
     bwd_prefetch: v6 backward: load the next sub-chunk's C, dy and z before the current one's work
-      (offline SASS at (8, 2048, 5120, 16): 96 B of stack against 16). Off by default: not yet
-      timed.
+      (offline SASS at (8, 2048, 5120, 16): 96 B of stack against 16). Off: slower on the H100
+      (5.56 against 5.37 ms, 1.83 against 1.77, same call).
     pack_bc: v6 kernels (forward and backward both "v6"), bf16 B and C: read them from one uint32
       array (B in the low half of each word, C in the high half, as v3 does), so one load and one
-      register a state carry both. Ignored for other dtypes.
+      register a state carry both. Ignored for other dtypes. Offline SASS at (8, 2048, 5120, 16):
+      forward 164 -> 128 registers (16 one-warp programs an SM instead of 12). Checked on the GPU,
+      not yet timed: off by default.
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
