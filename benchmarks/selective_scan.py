@@ -565,6 +565,14 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
+    # 2026-12-05 (fourth session): pack_bc with the forward direction's state in tiles of 4 states
+    # (`split_states`: y as an fma chain across them). Offline SASS at (8, 2048, 5120, 16): forward
+    # 1576 -> 1488 instructions a chunk with pack_bc (1632 -> 1528 without), 124 registers; the state
+    # pass unchanged. Not yet timed (`--sweep-match pack_bc` runs these rows too).
+    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True)),
+    ((2, 8192, 1536, 16), dict(pack_bc=True, split_states=True)),
+    ((1, 65536, 2048, 16), dict(pack_bc=True, split_states=True)),
     # 2026-12-05 (fourth session): bf16 B and C packed into one uint32 array for the v6 kernels
     # (`pack_bc`). Offline SASS at (8, 2048, 5120, 16): the forward drops from 164 to 128 registers
     # (16 one-warp programs an SM instead of 12) and from 1632 to 1576 instructions a chunk (LDG 98

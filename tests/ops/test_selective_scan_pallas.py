@@ -154,6 +154,12 @@ CASES = {
     "v6_prefetch_f32_segments": ((1, 37, 16, 5, 2), jnp.float32, {},
                                  pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
                                             prefetch=True, bwd_prefetch=True), 1e-5),
+    # The v6 forward and state pass with the state split into tiles of 4 states
+    # (Config.split_states: y as an fma chain across them): d_state 6 padded to 8 = 2 tiles; float32
+    # with z, initial state, softplus, groups, 2 segments and a masked tail; with prefetch.
+    "v6_split_states_f32": ((1, 37, 16, 6, 2), jnp.float32, {},
+                            pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
+                                       split_states=True, prefetch=True), 1e-5),
     # The v7 forward and state pass (per-state channel vectors, B and C as scalars) with the v6
     # backward: bf16, z, initial state, softplus, groups, 2 segments with a masked tail; and float32
     # without z, initial state or softplus, 3 segments.
@@ -357,6 +363,8 @@ def test_prefetch_knobs_name_the_kernels_they_need():
   with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6", bwd="v4", bwd_prefetch=True))
   assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd_prefetch=True)).bwd_prefetch
+  with pytest.raises(ValueError, match="Config.split_states=True needs Config.fwd='v6'"):
+    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", split_states=True))
   with pytest.raises(ValueError, match="Config.pack_bc=True needs Config.fwd='v6' and bwd='v6'"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v7", bwd="v6", pack_bc=True))
   assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(pack_bc=True)).pack_bc
@@ -377,6 +385,7 @@ def test_gpu_realistic_shape_v6_pack_bc():
   check_matches_reference(inp, True, pss.Config(pack_bc=True), 1e-2)
   check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True), 1e-2)
   check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True, chunk=4), 1e-2)
+  check_matches_reference(inp, True, pss.Config(pack_bc=True, split_states=True), 1e-2)
 
 
 @pytest.mark.gpu
@@ -484,7 +493,9 @@ def _lower_for_h100(fn, *args) -> str:
     # The v6 backward after the v4 forward.
     ("v4", dict(bwd="v6"), 1),
     # The v6 kernels with their loads one step ahead.
-    ("v4", dict(prefetch=True, bwd_prefetch=True), 1)])
+    ("v4", dict(prefetch=True, bwd_prefetch=True), 1),
+    # The v6 kernels with packed B/C and the forward's state in tiles of 4 states.
+    ("v4", dict(pack_bc=True, split_states=True), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
   monkeypatch.setattr(pss, "interpret_mode", lambda: False)

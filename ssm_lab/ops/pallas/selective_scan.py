@@ -128,6 +128,8 @@ class Config:
       register a state carry both. Ignored for other dtypes. Offline SASS at (8, 2048, 5120, 16):
       forward 164 -> 128 registers (16 one-warp programs an SM instead of 12). Checked on the GPU,
       not yet timed: off by default.
+    split_states: v6 forward and state pass: hold the state as d_state/4 tiles of 4 states, so y is
+      an fma chain across them (see `_fwd6_kernel`). Not yet timed: off by default.
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -149,6 +151,7 @@ class Config:
   prefetch: bool = False
   bwd_prefetch: bool = False
   pack_bc: bool = False
+  split_states: bool = False
 
 
 # The largest padded d_state for which the default is v6 (its state tiles live in registers).
@@ -260,6 +263,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
                      f"bwd={c.bwd!r})")
   if c.bwd_prefetch and c.bwd != "v6":
     raise ValueError(f"Config.bwd_prefetch=True needs Config.bwd='v6', got {c.bwd!r}")
+  if c.split_states and c.fwd != "v6":
+    raise ValueError(f"Config.split_states=True needs Config.fwd='v6', got {c.fwd!r}")
   if c.pack_bc and (c.fwd, c.bwd) != ("v6", "v6"):
     raise ValueError(f"Config.pack_bc=True needs Config.fwd='v6' and bwd='v6', got fwd={c.fwd!r}, "
                      f"bwd={c.bwd!r}")
@@ -286,7 +291,8 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
                 bwd_num_warps=bwd_warps, chunk=chunk, unroll=chunk,
                 segments=segments, num_stages=c.num_stages, variant="v4", state_block=state_block,
                 bwd_state_block=bwd_state_block, bwd=c.bwd, fwd=c.fwd, prefetch=c.prefetch,
-                bwd_prefetch=c.bwd_prefetch, pack_bc=c.pack_bc)
+                bwd_prefetch=c.bwd_prefetch, pack_bc=c.pack_bc,
+                split_states=c.split_states)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -464,27 +470,35 @@ def _delta_of(dl_raw, bias, t, t_base, st: _Static):
   return x, dt
 
 
-def _load_rows(r, t, names):
+def _load_rows(r, t, names, q: int | None = None):
   """Local token t's rows of the named refs, as loaded (the v6 kernels issue loads apart from use).
   With packed B/C (`_Static.packed_bc`) "b" is the packed row and "c" is not loaded: B's row brings
-  it."""
-  return {k: r[k][t, :] for k in names if r[k] is not None}
+  it. With `q`, the B/C rows ("b", "c") come as tuples of q-element pieces (see `_fwd6_kernel`)."""
+  def row(k):
+    if q is None or k not in ("b", "c"):
+      return r[k][t, :]
+    n = r[k].shape[-1]
+    return (r[k][t, :],) if q == n else tuple(r[k][t, pl.ds(m * q, q)] for m in range(n // q))
+  return {k: row(k) for k in names if r[k] is not None}
 
 
 def _widen(rows, bias, t, t_base, st: _Static):
   """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt". A packed
   B/C row ("b", or "cc" where only C is wanted) gives "b" and "c" (bf16 is the high half of the
   float32 it widens to)."""
+  def each(f, x):                                           # x: a row, or a tuple of pieces
+    return tuple(f(p) for p in x) if isinstance(x, tuple) else f(x)
+
   out = {}
   for k, x in rows.items():
     if k == "dl":
       out["dt"] = _delta_of(x, bias, t, t_base, st)[1]
     elif st.packed_bc and k in ("b", "cc"):
       if k == "b":
-        out["b"] = jax.lax.bitcast_convert_type(x << 16, F32)
-      out["c"] = jax.lax.bitcast_convert_type(x & jnp.uint32(0xFFFF0000), F32)
+        out["b"] = each(lambda p: jax.lax.bitcast_convert_type(p << 16, F32), x)
+      out["c"] = each(lambda p: jax.lax.bitcast_convert_type(p & jnp.uint32(0xFFFF0000), F32), x)
     else:
-      out["c" if k == "cc" else k] = x.astype(F32)
+      out["c" if k == "cc" else k] = each(lambda p: p.astype(F32), x)
   return out
 
 
@@ -1242,14 +1256,45 @@ def recompute_sub_chunks(step, h, t0: int, T: int, U: int, before_sub=None):
     yield j, hs, decays
 
 
+def _state_rows(st: _Static) -> int:
+  """Rows (states) of one state tile in the v6 forward-direction kernels: all of d_state, or 4 with
+  Config.split_states (see `_fwd6_kernel`)."""
+  return min(4, st.n_pad) if st.cfg.split_states else st.n_pad
+
+
+def _row_blocks(ref, q: int, nb: int, *lead):
+  """ref[*lead] as nb tiles of q rows (the whole block when nb is 1)."""
+  if nb == 1:
+    return (ref[lead] if lead else ref[...],)
+  return tuple(ref[(*lead, pl.ds(m * q, q), slice(None))] for m in range(nb))
+
+
+def _store_row_blocks(ref, tiles, q: int, *lead):
+  if len(tiles) == 1:
+    ref[lead if lead else ...] = tiles[0]
+    return
+  for m, x in enumerate(tiles):
+    ref[(*lead, pl.ds(m * q, q), slice(None))] = x
+
+
 def _fwd6_kernel(*refs, st: _Static, mode: str):
   """Config.fwd="v6": `_fwd4_kernel`'s modes ("fwd": y, the end state and optionally the chunk
-  checkpoints; "state": the end state from zero and the sum of delta) on the v6 tiles, token by token."""
+  checkpoints; "state": the end state from zero and the sum of delta) on the v6 tiles, token by token.
+
+  The state is held as d_state / q tiles of [q, block_d] (`_state_rows`): one tile by default;
+  with Config.split_states, tiles of the 4 rows that one lane holds at 32 channels a warp (Triton
+  repeats its [4, 32] lane grid down the rows), so the lanes hold the same values and y's sum over
+  states becomes an fma chain across the tiles plus the cross-lane sum of one tile, instead of a
+  product and an add a state (offline SASS at (8, 2048, 5120, 16): 1632 -> 1528 instructions a
+  chunk, the same registers, shuffles and barriers).
+  """
   r, ck_ref, _ = _fwd_refs(refs, st, mode)
   interp = st.interpret
   T, S = st.cfg.chunk, st.seg_len
+  q = _state_rows(st)
+  nb = st.n_pad // q
   t_base = pl.program_id(1) * S
-  a2 = r["a"][...] * LOG2E                                  # [n, bd]
+  a2 = tuple(x * LOG2E for x in _row_blocks(r["a"], q, nb))   # nb x [q, bd]
   bias = r["bias"][...]
   d_skip = r["d"][...] if mode == "fwd" else None
 
@@ -1257,7 +1302,7 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
   names = ("u", "dl", "b") + ((("c", "z") if st.has_z else ("c",)) if mode == "fwd" else ())
 
   def load_chunk(ci):
-    return [_load_rows(r, ci * T + i, names) for i in range(T)]
+    return [_load_rows(r, ci * T + i, names, q) for i in range(T)]
 
   def chunk(ci, carry):
     h, dts, *ahead = carry
@@ -1273,28 +1318,37 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
     else:
       ins = load_chunk(ci)
     if ck_ref is not None:
-      ck_ref[ci] = h
+      _store_row_blocks(ck_ref, h, q, ci)
     for i in range(T):
       v = _widen(ins[i], bias, ci * T + i, t_base, st)
       u, dt = v["u"], v["dt"]
-      h = _fma(_ex2(dt[None, :] * a2, interp), h, (dt * u)[None, :] * v["b"][:, None], interp)
+      h = tuple(_fma(_ex2(dt[None, :] * a2[m], interp), h[m],
+                     (dt * u)[None, :] * v["b"][m][:, None], interp) for m in range(nb))
       if mode == "state":
         dts = dts + dt
         continue
-      y = jnp.sum(h * v["c"][:, None], axis=0) + d_skip * u
+      if nb == 1:
+        y = jnp.sum(h[0] * v["c"][0][:, None], axis=0)
+      else:
+        acc = h[0] * v["c"][0][:, None]
+        for m in range(1, nb):
+          acc = _fma(v["c"][m][:, None], h[m], acc, interp)
+        y = jnp.sum(acc, axis=0)
+      y = y + d_skip * u
       if st.has_z:
         y = y * v["z"] * _sigmoid(v["z"], interp)
       r["y"][ci * T + i, :] = y.astype(r["y"].dtype)
     return (h, dts, *ahead)
 
-  h0 = jnp.zeros(a2.shape, F32) if mode == "state" else r["h0"][...]
+  h0 = (tuple(jnp.zeros(x.shape, F32) for x in a2) if mode == "state"
+        else _row_blocks(r["h0"], q, nb))
   init = (h0, jnp.zeros(bias.shape, F32)) + ((load_chunk(0),) if st.cfg.prefetch else ())
   h, dts, *_ = jax.lax.fori_loop(0, n_chunks, chunk, init)
   if mode == "state":
-    r["hloc"][...] = h
+    _store_row_blocks(r["hloc"], h, q)
     r["dts"][...] = dts
   else:
-    r["hend"][...] = h
+    _store_row_blocks(r["hend"], h, q)
 
 
 def _adjoint6_kernel(*refs, st: _Static):
