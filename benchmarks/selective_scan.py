@@ -565,10 +565,11 @@ def main() -> None:
 # that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
 # outcomes: benchmarks/NOTES_selective_scan.md.
 SWEEP = [
-    # 2026-12-05 (fourth session): pack_bc with the forward direction's state in tiles of 4 states
-    # (`split_states`: y as an fma chain across them). Offline SASS at (8, 2048, 5120, 16): forward
-    # 1576 -> 1488 instructions a chunk with pack_bc (1632 -> 1528 without), 124 registers; the state
-    # pass unchanged. Not yet timed (`--sweep-match pack_bc` runs these rows too).
+    # 2026-12-05 (fourth session): pack_bc with the state in tiles of 4 states (`split_states`: the
+    # sums over states as fma chains across them). Offline SASS at (8, 2048, 5120, 16), a chunk:
+    # forward 1576 -> 1488 instructions with pack_bc (1632 -> 1528 without), 124 registers; backward
+    # 5048 -> 4912 (5112 -> 4984); the passes unchanged. Not yet timed (`--sweep-match pack_bc`
+    # runs these rows too).
     ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True)),
     ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True)),
     ((2, 8192, 1536, 16), dict(pack_bc=True, split_states=True)),

@@ -154,12 +154,17 @@ CASES = {
     "v6_prefetch_f32_segments": ((1, 37, 16, 5, 2), jnp.float32, {},
                                  pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
                                             prefetch=True, bwd_prefetch=True), 1e-5),
-    # The v6 forward and state pass with the state split into tiles of 4 states
-    # (Config.split_states: y as an fma chain across them): d_state 6 padded to 8 = 2 tiles; float32
+    # The v6 kernels with the state split into tiles of 4 states (Config.split_states: the sums
+    # over states as fma chains across them): d_state 6 padded to 8 = 2 tiles; float32
     # with z, initial state, softplus, groups, 2 segments and a masked tail; with prefetch.
     "v6_split_states_f32": ((1, 37, 16, 6, 2), jnp.float32, {},
                             pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
                                        split_states=True, prefetch=True), 1e-5),
+    # The same in bf16 with packed B/C and the backward's sub-chunk prefetch; chunk 4.
+    "v6_split_states_pack_bc_bf16": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
+                                     pss.Config(block_d=8, chunk=4, segments=2, fwd="v6", bwd="v6",
+                                                split_states=True, pack_bc=True, bwd_prefetch=True),
+                                     2e-2),
     # The v7 forward and state pass (per-state channel vectors, B and C as scalars) with the v6
     # backward: bf16, z, initial state, softplus, groups, 2 segments with a masked tail; and float32
     # without z, initial state or softplus, 3 segments.
@@ -363,7 +368,7 @@ def test_prefetch_knobs_name_the_kernels_they_need():
   with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6", bwd="v4", bwd_prefetch=True))
   assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd_prefetch=True)).bwd_prefetch
-  with pytest.raises(ValueError, match="Config.split_states=True needs Config.fwd='v6'"):
+  with pytest.raises(ValueError, match="Config.split_states=True needs the v6"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", split_states=True))
   with pytest.raises(ValueError, match="Config.pack_bc=True needs Config.fwd='v6' and bwd='v6'"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v7", bwd="v6", pack_bc=True))

@@ -128,8 +128,9 @@ class Config:
       register a state carry both. Ignored for other dtypes. Offline SASS at (8, 2048, 5120, 16):
       forward 164 -> 128 registers (16 one-warp programs an SM instead of 12). Checked on the GPU,
       not yet timed: off by default.
-    split_states: v6 forward and state pass: hold the state as d_state/4 tiles of 4 states, so y is
-      an fma chain across them (see `_fwd6_kernel`). Not yet timed: off by default.
+    split_states: v6 forward, state pass and backward: hold the state (and the backward's adjoint)
+      as d_state/4 tiles of 4 states, so sums over states are fma chains across them (see
+      `_fwd6_kernel`). Not yet timed: off by default.
 
   In v4, `chunk` is the number of tokens scanned in parallel (and the checkpoint interval) and
   `unroll` equals it.
@@ -263,8 +264,9 @@ def _default_config_v4(batch: int, length: int, d_group: int, n_groups: int, n_p
                      f"bwd={c.bwd!r})")
   if c.bwd_prefetch and c.bwd != "v6":
     raise ValueError(f"Config.bwd_prefetch=True needs Config.bwd='v6', got {c.bwd!r}")
-  if c.split_states and c.fwd != "v6":
-    raise ValueError(f"Config.split_states=True needs Config.fwd='v6', got {c.fwd!r}")
+  if c.split_states and "v6" not in (c.fwd, c.bwd):
+    raise ValueError(f"Config.split_states=True needs the v6 forward or backward (fwd={c.fwd!r}, "
+                     f"bwd={c.bwd!r})")
   if c.pack_bc and (c.fwd, c.bwd) != ("v6", "v6"):
     raise ValueError(f"Config.pack_bc=True needs Config.fwd='v6' and bwd='v6', got fwd={c.fwd!r}, "
                      f"bwd={c.bwd!r}")
@@ -1398,7 +1400,10 @@ def _bwd6_kernel(*refs, st: _Static):
   U = min(_V6_SUB, T)
   n_chunks = S // T
   t_base = pl.program_id(1) * S
-  a2 = r["a"][...] * LOG2E                                  # [n, bd]
+  # State, adjoint and dA as nb tiles of q states (one tile by default; `_fwd6_kernel`).
+  q = _state_rows(st)
+  nb = st.n_pad // q
+  a2 = tuple(x * LOG2E for x in _row_blocks(r["a"], q, nb))   # nb x [q, bd]
   d_skip = r["d"][...]
   bias = r["bias"][...]
 
@@ -1423,6 +1428,27 @@ def _bwd6_kernel(*refs, st: _Static):
       return sub_inputs[off]
     return _widen(loads[off], bias, t0 + off, t_base, st)
 
+  def sum_states(xs, ys):
+    """The sum over states of xs * ys (nb tiles each, ys broadcastable): an fma chain across the
+    tiles, then the tile's sum."""
+    if nb == 1:
+      return jnp.sum(xs[0] * ys[0], axis=0)
+    acc = xs[0] * ys[0]
+    for m in range(1, nb):
+      acc = _fma(ys[m], xs[m], acc, interp)
+    return jnp.sum(acc, axis=0)
+
+  def per_state(x):                                         # nb pieces [q] -> nb x [q, 1]
+    return tuple(p[:, None] for p in x)
+
+  def store_state_sums(ref, t, xs, w):
+    """ref[t, :] = sum over channels of xs * w[None, :] (xs: nb tiles)."""
+    if nb == 1:
+      ref[t, :] = jnp.sum(xs[0] * w[None, :], axis=1)
+      return
+    for m in range(nb):
+      ref[t, pl.ds(m * q, q)] = jnp.sum(xs[m] * w[None, :], axis=1)
+
   def before_sub(t0, j):
     last = j == T // U - 1
     sub_inputs.clear()
@@ -1430,26 +1456,27 @@ def _bwd6_kernel(*refs, st: _Static):
       if last:
         rows = loads[o]
       elif o in ahead:
-        rows = {**_load_rows(r, t0 + o, recompute_names), **ahead.pop(o)}
+        rows = {**_load_rows(r, t0 + o, recompute_names, q), **ahead.pop(o)}
       else:
-        rows = _load_rows(r, t0 + o, recompute_names + sub_names)
+        rows = _load_rows(r, t0 + o, recompute_names + sub_names, q)
       sub_inputs[o] = _widen(rows, bias, t0 + o, t_base, st)
     # `bwd_prefetch`: the next sub-chunk's C, dy and z go out before this one's work (its u, delta
     # and B were loaded at the chunk start, so they are L1 hits).
     if st.cfg.bwd_prefetch and j > 0:
-      ahead.update({o: _load_rows(r, t0 + o, sub_names) for o in range((j - 1) * U, j * U)})
+      ahead.update({o: _load_rows(r, t0 + o, sub_names, q) for o in range((j - 1) * U, j * U)})
 
   def step(t0, h, off):
     v = tok(t0, off)
-    a = _ex2(v["dt"][None, :] * a2, interp)
-    return a, _fma(a, h, (v["dt"] * v["u"])[None, :] * v["b"][:, None], interp)
+    a = tuple(_ex2(v["dt"][None, :] * a2[m], interp) for m in range(nb))
+    return a, tuple(_fma(a[m], h[m], (v["dt"] * v["u"])[None, :] * v["b"][m][:, None], interp)
+                    for m in range(nb))
 
   def chunk(k, carry):
     g, d_a, d_d, d_bias = carry
     t0 = (n_chunks - 1 - k) * T
-    h = r["ck"][n_chunks - 1 - k]                           # [n, bd], the state before token t0
+    h = _row_blocks(r["ck"], q, nb, n_chunks - 1 - k)      # the state before token t0
     loads.clear()
-    loads.update({o: _load_rows(r, t0 + o, recompute_names + (sub_names if o >= T - U else ()))
+    loads.update({o: _load_rows(r, t0 + o, recompute_names + (sub_names if o >= T - U else ()), q)
                   for o in range(T)})
     for j, hs, decays in recompute_sub_chunks(functools.partial(step, t0), h, 0, T, U,
                                               functools.partial(before_sub, t0)):
@@ -1460,21 +1487,22 @@ def _bwd6_kernel(*refs, st: _Static):
         if st.has_z:
           zt = v["z"]
           sg = _sigmoid(zt, interp)
-          y = jnp.sum(hs[i + 1] * ct[:, None], axis=0) + d_skip * u
+          y = sum_states(hs[i + 1], per_state(ct)) + d_skip * u
           r["dz"][t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(r["dz"].dtype)
           dys = dout * zt * sg
         else:
           dys = dout
         d_d = d_d + dys * u
-        g = _fma(ct[:, None], dys[None, :], g, interp)      # dL/dh_t
-        g_prev = decays[i] * g                              # dL/dh_{t-1} through h_t
-        gw = g_prev * hs[i]                                 # g * exp(dt A) h_{t-1}
-        d_a = _fma(gw, dt[None, :], d_a, interp)
-        g_b = jnp.sum(g * bt[:, None], axis=0)
-        ddt = jnp.sum(gw * a2, axis=0) * (1.0 / LOG2E) + u * g_b
+        g = tuple(_fma(ct[m][:, None], dys[None, :], g[m], interp)   # dL/dh_t
+                  for m in range(nb))
+        g_prev = tuple(decays[i][m] * g[m] for m in range(nb))  # dL/dh_{t-1} through h_t
+        gw = tuple(g_prev[m] * hs[i][m] for m in range(nb))     # g * exp(dt A) h_{t-1}
+        d_a = tuple(_fma(gw[m], dt[None, :], d_a[m], interp) for m in range(nb))
+        g_b = sum_states(g, per_state(bt))
+        ddt = sum_states(gw, a2) * (1.0 / LOG2E) + u * g_b
         r["du"][t, :] = (dys * d_skip + dt * g_b).astype(r["du"].dtype)
-        r["dbp"][t, :] = jnp.sum(g * (dt * u)[None, :], axis=1)
-        r["dcp"][t, :] = jnp.sum(hs[i + 1] * dys[None, :], axis=1)
+        store_state_sums(r["dbp"], t, g, dt * u)
+        store_state_sums(r["dcp"], t, hs[i + 1], dys)
         # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): from dt, without another exp of x.
         dx = ddt * -jnp.expm1(-dt) if st.softplus else ddt
         if st.masked:
@@ -1486,9 +1514,10 @@ def _bwd6_kernel(*refs, st: _Static):
 
   zeros = jnp.zeros(bias.shape, F32)
   g, d_a, d_d, d_bias = jax.lax.fori_loop(
-      0, n_chunks, chunk, (r["gend"][...], jnp.zeros(a2.shape, F32), zeros, zeros))
-  r["da"][...] = d_a
-  r["dh0"][...] = g
+      0, n_chunks, chunk, (_row_blocks(r["gend"], q, nb), tuple(jnp.zeros(x.shape, F32) for x in a2),
+                           zeros, zeros))
+  _store_row_blocks(r["da"], d_a, q)
+  _store_row_blocks(r["dh0"], g, q)
   r["dd"][...] = d_d
   r["dbias"][...] = d_bias
 
