@@ -574,6 +574,12 @@ SWEEP = [
     ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True)),
     ((2, 8192, 1536, 16), dict(pack_bc=True, split_states=True)),
     ((1, 65536, 2048, 16), dict(pack_bc=True, split_states=True)),
+    # All three at chunk 4: forward 96 registers (124 with prefetch), 816 instructions a 4-token
+    # chunk; backward 2392 (4784 a 8 tokens against the default's 5112), no spill.
+    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True, chunk=4)),
+    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True, chunk=4, prefetch=True)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True, chunk=4)),
+    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True, chunk=4, prefetch=True)),
     # 2026-12-05 (fourth session): bf16 B and C packed into one uint32 array for the v6 kernels
     # (`pack_bc`). Offline SASS at (8, 2048, 5120, 16): the forward drops from 164 to 128 registers
     # (16 one-warp programs an SM instead of 12) and from 1632 to 1576 instructions a chunk (LDG 98
