@@ -346,7 +346,7 @@ def test_gpu_realistic_shape_v6_backward():
   check_matches_reference(inp, True, pss.Config(fwd="v6", bwd="v6"), 1e-2)
 
 
-def test_v6_prefetch_changes_no_value():
+def test_v6_load_knobs_change_no_value():
   """Config.prefetch / bwd_prefetch only move loads earlier, and Config.pack_bc only reads B and C
   from one packed array: every output and gradient is bitwise the same as without them (bf16, z,
   initial state, softplus, groups, segments, masked tail)."""
@@ -362,7 +362,7 @@ def test_v6_prefetch_changes_no_value():
                                     np.asarray(w.astype(jnp.float32)), err_msg=str(knobs))
 
 
-def test_prefetch_knobs_name_the_kernels_they_need():
+def test_v6_knobs_name_the_kernels_they_need():
   with pytest.raises(ValueError, match="Config.prefetch=True needs the v6"):
     pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", prefetch=True))
   with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
@@ -499,7 +499,7 @@ def _lower_for_h100(fn, *args) -> str:
     ("v4", dict(bwd="v6"), 1),
     # The v6 kernels with their loads one step ahead.
     ("v4", dict(prefetch=True, bwd_prefetch=True), 1),
-    # The v6 kernels with packed B/C and the forward's state in tiles of 4 states.
+    # The v6 kernels with packed B/C and the state in tiles of 4 states.
     ("v4", dict(pack_bc=True, split_states=True), 1)])
 def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""

@@ -415,14 +415,20 @@ class _BC:
             self.ix.per_state(self.c_ref, t) if need_c else None)
 
   def b(self, raw):
-    if self.c_ref is None:
-      return jax.lax.bitcast_convert_type(raw[0] << 16, F32)
-    return raw[0].astype(F32)
+    return _unpack_b(raw[0]) if self.c_ref is None else raw[0].astype(F32)
 
   def c(self, raw):
-    if self.c_ref is None:
-      return jax.lax.bitcast_convert_type(raw[0] & jnp.uint32(0xFFFF0000), F32)
-    return raw[1].astype(F32)
+    return _unpack_c(raw[0]) if self.c_ref is None else raw[1].astype(F32)
+
+
+def _unpack_b(packed):
+  """B (float32) from a `_pack_bc` word: its low half is the bf16, i.e. the float32's high half."""
+  return jax.lax.bitcast_convert_type(packed << 16, F32)
+
+
+def _unpack_c(packed):
+  """C (float32) from a `_pack_bc` word (its high half)."""
+  return jax.lax.bitcast_convert_type(packed & jnp.uint32(0xFFFF0000), F32)
 
 
 def _pack_bc(bm, cm):
@@ -497,8 +503,8 @@ def _widen(rows, bias, t, t_base, st: _Static):
       out["dt"] = _delta_of(x, bias, t, t_base, st)[1]
     elif st.packed_bc and k in ("b", "cc"):
       if k == "b":
-        out["b"] = each(lambda p: jax.lax.bitcast_convert_type(p << 16, F32), x)
-      out["c"] = each(lambda p: jax.lax.bitcast_convert_type(p & jnp.uint32(0xFFFF0000), F32), x)
+        out["b"] = each(_unpack_b, x)
+      out["c"] = each(_unpack_c, x)
     else:
       out["c" if k == "cc" else k] = each(lambda p: p.astype(F32), x)
   return out
@@ -1259,8 +1265,8 @@ def recompute_sub_chunks(step, h, t0: int, T: int, U: int, before_sub=None):
 
 
 def _state_rows(st: _Static) -> int:
-  """Rows (states) of one state tile in the v6 forward-direction kernels: all of d_state, or 4 with
-  Config.split_states (see `_fwd6_kernel`)."""
+  """Rows (states) of one state tile in the v6 forward, state pass and backward: all of d_state, or
+  4 with Config.split_states (see `_fwd6_kernel`)."""
   return min(4, st.n_pad) if st.cfg.split_states else st.n_pad
 
 
@@ -1272,11 +1278,28 @@ def _row_blocks(ref, q: int, nb: int, *lead):
 
 
 def _store_row_blocks(ref, tiles, q: int, *lead):
+  """ref[*lead] = the nb tiles of q rows (`_row_blocks`' inverse)."""
   if len(tiles) == 1:
     ref[lead if lead else ...] = tiles[0]
     return
   for m, x in enumerate(tiles):
     ref[(*lead, pl.ds(m * q, q), slice(None))] = x
+
+
+def _sum_states(xs, ys, interp):
+  """The sum over states of xs * ys, both given as the same tiles of states (ys may broadcast over
+  channels): an fma chain across the tiles, then one tile's sum (`_fwd6_kernel`)."""
+  acc = xs[0] * ys[0]
+  if len(xs) == 1:
+    return jnp.sum(acc, axis=0)
+  for x, y in zip(xs[1:], ys[1:], strict=True):
+    acc = _fma(y, x, acc, interp)
+  return jnp.sum(acc, axis=0)
+
+
+def _per_state(pieces):
+  """Per-state pieces ([q] each) as columns ([q, 1]) to multiply state tiles with."""
+  return tuple(p[:, None] for p in pieces)
 
 
 def _fwd6_kernel(*refs, st: _Static, mode: str):
@@ -1329,14 +1352,7 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
       if mode == "state":
         dts = dts + dt
         continue
-      if nb == 1:
-        y = jnp.sum(h[0] * v["c"][0][:, None], axis=0)
-      else:
-        acc = h[0] * v["c"][0][:, None]
-        for m in range(1, nb):
-          acc = _fma(v["c"][m][:, None], h[m], acc, interp)
-        y = jnp.sum(acc, axis=0)
-      y = y + d_skip * u
+      y = _sum_states(h, _per_state(v["c"]), interp) + d_skip * u
       if st.has_z:
         y = y * v["z"] * _sigmoid(v["z"], interp)
       r["y"][ci * T + i, :] = y.astype(r["y"].dtype)
@@ -1428,19 +1444,6 @@ def _bwd6_kernel(*refs, st: _Static):
       return sub_inputs[off]
     return _widen(loads[off], bias, t0 + off, t_base, st)
 
-  def sum_states(xs, ys):
-    """The sum over states of xs * ys (nb tiles each, ys broadcastable): an fma chain across the
-    tiles, then the tile's sum."""
-    if nb == 1:
-      return jnp.sum(xs[0] * ys[0], axis=0)
-    acc = xs[0] * ys[0]
-    for m in range(1, nb):
-      acc = _fma(ys[m], xs[m], acc, interp)
-    return jnp.sum(acc, axis=0)
-
-  def per_state(x):                                         # nb pieces [q] -> nb x [q, 1]
-    return tuple(p[:, None] for p in x)
-
   def store_state_sums(ref, t, xs, w):
     """ref[t, :] = sum over channels of xs * w[None, :] (xs: nb tiles)."""
     if nb == 1:
@@ -1487,7 +1490,7 @@ def _bwd6_kernel(*refs, st: _Static):
         if st.has_z:
           zt = v["z"]
           sg = _sigmoid(zt, interp)
-          y = sum_states(hs[i + 1], per_state(ct)) + d_skip * u
+          y = _sum_states(hs[i + 1], _per_state(ct), interp) + d_skip * u
           r["dz"][t, :] = (dout * y * sg * (1.0 + zt * (1.0 - sg))).astype(r["dz"].dtype)
           dys = dout * zt * sg
         else:
@@ -1498,8 +1501,8 @@ def _bwd6_kernel(*refs, st: _Static):
         g_prev = tuple(decays[i][m] * g[m] for m in range(nb))  # dL/dh_{t-1} through h_t
         gw = tuple(g_prev[m] * hs[i][m] for m in range(nb))     # g * exp(dt A) h_{t-1}
         d_a = tuple(_fma(gw[m], dt[None, :], d_a[m], interp) for m in range(nb))
-        g_b = sum_states(g, per_state(bt))
-        ddt = sum_states(gw, a2) * (1.0 / LOG2E) + u * g_b
+        g_b = _sum_states(g, _per_state(bt), interp)
+        ddt = _sum_states(gw, a2, interp) * (1.0 / LOG2E) + u * g_b
         r["du"][t, :] = (dys * d_skip + dt * g_b).astype(r["du"].dtype)
         store_state_sums(r["dbp"], t, g, dt * u)
         store_state_sums(r["dcp"], t, hs[i + 1], dys)
