@@ -67,32 +67,29 @@ PROMPT, NEW = 2048, 128
 def model_zoo(smoke: bool) -> dict[str, dict[str, Any]]:
   """name -> ModelArgs fields. Sizes follow the Mamba paper's 130M and 1.3B rows (d_model 768 / 2048;
   Mamba and Mamba-2 with twice the layers of the Transformer, which has an MLP in every block)."""
-  common = dict(vocab_size=VOCAB, dtype="bfloat16", param_dtype="bfloat16", ssd_d_state=128,
-                ssd_head_dim=64, ssd_n_groups=1, d_state=16)
+  common = dict(vocab_size=VOCAB, dtype="bfloat16", param_dtype="bfloat16",
+                mamba2=dict(d_state=128, head_dim=64, n_groups=1), mamba=dict(d_state=16))
+  heads = lambda n: dict(attention=dict(num_heads=n, num_kv_heads=n))
   if smoke:
-    common.update(vocab_size=97, dtype="float32", param_dtype="float32", ssd_d_state=16,
-                  ssd_head_dim=16)
+    common.update(vocab_size=97, dtype="float32", param_dtype="float32",
+                  mamba2=dict(d_state=16, head_dim=16, n_groups=1))
     return {
-        "transformer-tiny": dict(common, pattern="AA", d_model=64, num_heads=4, num_kv_heads=4,
-                                 block_mlp=True),
+        "transformer-tiny": dict(common, pattern="AA", d_model=64, block_mlp=True, **heads(4)),
         "mamba-tiny": dict(common, pattern="MMMM", d_model=64),
         "mamba2-tiny": dict(common, pattern="SSSS", d_model=64),
-        "hybrid-tiny": dict(common, pattern="SSSA", d_model=64, num_heads=4, num_kv_heads=4),
+        "hybrid-tiny": dict(common, pattern="SSSA", d_model=64, **heads(4)),
     }
   return {
-      "transformer-130m": dict(common, pattern="A" * 12, d_model=768, num_heads=12,
-                               num_kv_heads=12, block_mlp=True),
+      "transformer-130m": dict(common, pattern="A" * 12, d_model=768, block_mlp=True, **heads(12)),
       "mamba-130m": dict(common, pattern="M" * 24, d_model=768),
       "mamba2-130m": dict(common, pattern="S" * 24, d_model=768),
       # Mamba-2 with one attention layer in eight (Nemotron-H / Jamba-like ratio).
-      "hybrid-130m": dict(common, pattern="SSSSSSSA" * 3, d_model=768, num_heads=12,
-                          num_kv_heads=12),
-      "transformer-1.3b": dict(common, pattern="A" * 24, d_model=2048, num_heads=16,
-                               num_kv_heads=16, block_mlp=True),
+      "hybrid-130m": dict(common, pattern="SSSSSSSA" * 3, d_model=768, **heads(12)),
+      "transformer-1.3b": dict(common, pattern="A" * 24, d_model=2048, block_mlp=True,
+                               **heads(16)),
       "mamba-1.3b": dict(common, pattern="M" * 48, d_model=2048),
       "mamba2-1.3b": dict(common, pattern="S" * 48, d_model=2048),
-      "hybrid-1.3b": dict(common, pattern="SSSSSSSA" * 6, d_model=2048, num_heads=16,
-                          num_kv_heads=16),
+      "hybrid-1.3b": dict(common, pattern="SSSSSSSA" * 6, d_model=2048, **heads(16)),
   }
 
 
@@ -232,9 +229,9 @@ class Budget:
 
 def check_correctness(smoke: bool) -> dict[str, Any]:
   """float32, every layer type: prefill of 200 tokens + 8 decode steps vs the full forward."""
-  args = ModelArgs(pattern="MSAFA", d_model=64 if smoke else 256, vocab_size=97, num_heads=4,
-                   num_kv_heads=2, block_mlp=True, sliding_window=0, ssd_d_state=16,
-                   ssd_head_dim=32, ssd_chunk_size=32)
+  args = ModelArgs(pattern="MSAFA", d_model=64 if smoke else 256, vocab_size=97, block_mlp=True,
+                   attention=dict(num_heads=4, num_kv_heads=2, sliding_window=0),
+                   mamba2=dict(d_state=16, head_dim=32, chunk_size=32))
   model = LanguageModel(args)
   prompt_len, steps = (20, 4) if smoke else (200, 8)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, prompt_len + steps), 0, 97)
@@ -350,7 +347,8 @@ def floor_step_s(args: ModelArgs, param_bytes: int, n_params: int, batch: int,
   every weight and the whole cache read once; 2 FLOPs per weight per token plus the attention
   products (4 * context * heads * head_dim per attention layer and token)."""
   cache = cache_memory.cache_bytes_per_sequence(args, context)["total"] * batch
-  attn = 4 * context * args.num_heads * args.attn_head_dim * args.pattern.count("A")
+  a = args.attention
+  attn = 4 * context * a.num_heads * (a.head_dim or args.d_model // a.num_heads) * args.pattern.count("A")
   flops = batch * (2 * n_params + attn)
   return (param_bytes + cache) / (HBM_TBS * 1e12), flops / (MATMUL_TFS * 1e12)
 

@@ -67,23 +67,23 @@ _COMMON = dict(vocab_size=VOCAB, dtype="bfloat16", param_dtype="float32", tie_em
                remat="none")
 CASES: dict[str, dict[str, Any]] = {
     # Transformer++ (LLaMA-style) at GPT-3 small / medium widths.
-    "transformer-350m": dict(pattern="A" * 24, d_model=1024, num_heads=16, num_kv_heads=16,
-                             block_mlp=True, batch=16),
+    "transformer-350m": dict(pattern="A" * 24, d_model=1024,
+                             attention=dict(num_heads=16, num_kv_heads=16), block_mlp=True, batch=16),
     "mamba-350m": dict(pattern="M" * 48, d_model=1024, batch=8),
-    "transformer-130m": dict(pattern="A" * 12, d_model=768, num_heads=12, num_kv_heads=12,
-                             block_mlp=True, batch=16),
+    "transformer-130m": dict(pattern="A" * 12, d_model=768,
+                             attention=dict(num_heads=12, num_kv_heads=12), block_mlp=True, batch=16),
     "mamba-130m": dict(pattern="M" * 24, d_model=768, batch=16),
-    "mamba2-350m": dict(pattern="S" * 48, d_model=1024, ssd_d_state=128, ssd_head_dim=64,
+    "mamba2-350m": dict(pattern="S" * 48, d_model=1024, mamba2=dict(d_state=128, head_dim=64),
                         batch=8),
-    "mamba2-130m": dict(pattern="S" * 24, d_model=768, ssd_d_state=128, ssd_head_dim=64,
+    "mamba2-130m": dict(pattern="S" * 24, d_model=768, mamba2=dict(d_state=128, head_dim=64),
                         batch=16),
 }
 # A CPU dry run of the whole flow (subprocesses, JSON, table) at toy sizes.
 TINY = {
-    "transformer-tiny": dict(pattern="AA", d_model=64, num_heads=2, num_kv_heads=2, block_mlp=True,
-                             batch=2, vocab_size=256),
+    "transformer-tiny": dict(pattern="AA", d_model=64, attention=dict(num_heads=2, num_kv_heads=2),
+                             block_mlp=True, batch=2, vocab_size=256),
     "mamba-tiny": dict(pattern="MM", d_model=64, batch=2, vocab_size=256),
-    "mamba2-tiny": dict(pattern="SS", d_model=64, ssd_d_state=16, ssd_head_dim=16, batch=2,
+    "mamba2-tiny": dict(pattern="SS", d_model=64, mamba2=dict(d_state=16, head_dim=16), batch=2,
                         vocab_size=256),
 }
 

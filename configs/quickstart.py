@@ -15,10 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.pattern = "MA"
   m.block_mlp = False
   m.d_model = 64
-  m.num_heads = 2
-  m.num_kv_heads = 2
-  m.d_state = 16
-  m.expand = 2
+  m.attention.num_heads = 2
+  m.attention.num_kv_heads = 2
+  m.mamba.d_state = 16
+  m.mamba.expand = 2
   t = config.train
   t.batch_size = 64
   t.num_steps = 300

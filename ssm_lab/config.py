@@ -7,24 +7,24 @@ of the wrong type or an inconsistent setting raises `ConfigError` naming the fie
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
-LAYER_LETTERS = {
-    "A": "causal self-attention (RoPE, grouped KV heads)",
-    "M": "Mamba-1 mixer (selective scan)",
-    "S": "Mamba-2 mixer (SSD)",
-    "F": "MLP-only block (SwiGLU)",
-}
+from ssm_lab.errors import ConfigError
+from ssm_lab.layers import registry
 
+# {letter: description} of every registered mixer (ssm_lab.layers.registry).
+LAYER_LETTERS = registry.letters()
 
-class ConfigError(ValueError):
-  """A config field is unknown, ill-typed or inconsistent; the message names it."""
+__all__ = ["ConfigError", "LAYER_LETTERS", "base_config", "load_config", "model_defaults", "validate"]
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  """`config.model`: the stack's own fields, then one group per mixer (`config.model.<group>`) with
+  the fields its registry entry declares."""
+  cfg = ml_collections.ConfigDict(dict(
       pattern="MMMM",          # one letter per block, see LAYER_LETTERS
       d_model=128,
       vocab_size=-1,           # -1: take the task's vocabulary size
@@ -32,28 +32,6 @@ def model_defaults() -> ml_collections.ConfigDict:
       d_ff=0,                  # MLP hidden width; 0: round(8/3 * d_model) to a multiple of 64
       tie_embeddings=True,
       norm_eps=1e-5,
-      # attention
-      num_heads=4,
-      num_kv_heads=4,
-      head_dim=0,              # 0: d_model // num_heads
-      rope_theta=10000.0,
-      sliding_window=0,        # 0: full causal attention
-      attention_impl="auto",
-      # Mamba-1
-      d_state=16,
-      expand=2,
-      d_conv=4,
-      dt_rank=0,               # 0: ceil(d_model / 16), as in Mamba
-      dt_min=0.001,
-      dt_max=0.1,
-      dt_init_floor=1e-4,
-      scan_impl="auto",
-      # Mamba-2
-      ssd_d_state=64,
-      ssd_head_dim=64,
-      ssd_n_groups=1,
-      ssd_chunk_size=64,
-      ssd_impl="auto",
       # numerics and heads
       dtype="float32",         # compute dtype of activations: float32 or bfloat16
       param_dtype="float32",
@@ -62,6 +40,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       pooling="last",          # classifier: "last" (last real token) or "mean"
       remat="none",            # rematerialisation policy: none | block | dots
   ))
+  for name, spec in registry.groups().items():
+    cfg[name] = ml_collections.ConfigDict(dataclasses.asdict(spec.config()))
+  return cfg
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -135,35 +116,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in config.keys():
     if key not in schema:
       raise ConfigError(f"unknown config field 'config.{key}'; known: {sorted(schema.keys())}")
+  if "model" in config:
+    moved = registry.renamed_fields()
+    for key in config.model.keys():
+      if key in moved and key not in schema.model:
+        raise ConfigError(f"config.model.{key} moved to "
+                          + " / ".join(f"config.model.{new}" for new in moved[key])
+                          + " (mixer fields live in their mixer's group)")
   for group in ("model", "train"):
     if group in config:
       _check_against(config[group], schema[group], f"config.{group}")
   if "task" not in config or "name" not in config.task:
     raise ConfigError("config.task.name is required (for example 'mqar')")
   m = config.model
-  bad = sorted(set(m.pattern) - set(LAYER_LETTERS))
+  letters = registry.letters()
+  bad = sorted(set(m.pattern) - set(letters))
   if not m.pattern or bad:
     raise ConfigError(f"config.model.pattern={m.pattern!r} has unknown letters {bad}; letters: "
-                      + ", ".join(f"{k} = {v}" for k, v in LAYER_LETTERS.items()))
-  if "A" in m.pattern:
-    if m.num_heads < 1 or m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
-      raise ConfigError(f"config.model.num_heads={m.num_heads} must be a positive multiple of "
-                        f"config.model.num_kv_heads={m.num_kv_heads}")
-    if not m.head_dim and m.d_model % m.num_heads:
-      raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
-                        f"config.model.num_heads={m.num_heads}; set config.model.head_dim")
-  if "S" in m.pattern and (m.expand * m.d_model) % m.ssd_head_dim:
-    raise ConfigError(f"config.model.ssd_head_dim={m.ssd_head_dim} must divide expand * d_model = "
-                      f"{m.expand * m.d_model}")
+                      + ", ".join(f"{k} = {v}" for k, v in letters.items()))
+  if m.d_model < 1:
+    raise ConfigError(f"config.model.d_model must be >= 1, got {m.d_model}")
+  args = None
+  for letter in dict.fromkeys(m.pattern):
+    spec = registry.get(letter)
+    if spec.validate is None:
+      continue
+    if args is None:
+      from ssm_lab.models.lm import ModelArgs  # noqa: PLC0415 (models import this module)
+      args = ModelArgs.from_config(m, vocab_size=max(m.vocab_size, 1))
+    spec.validate(args, args.group(spec.name), f"config.model.{spec.name}")
   for field, choices in (("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32",
                                                                               "bfloat16")),
                          ("head", ("lm", "classifier")), ("pooling", ("last", "mean")),
                          ("remat", ("none", "block", "dots"))):
     if m[field] not in choices:
       raise ConfigError(f"config.model.{field}={m[field]!r} must be one of {list(choices)}")
-  for field in ("d_model", "expand", "d_conv", "d_state"):
-    if m[field] < 1:
-      raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
   t = config.train
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints", "grad_accum_steps", "max_bad_steps"):

@@ -39,7 +39,7 @@ def load_driver():
 driver = load_driver()
 
 TASK = dict(name="mqar", vocab_size=32, seq_len=24, num_kv_pairs=3, num_eval_examples=16)
-MODEL = dict(pattern="MA", d_model=32, num_heads=2, num_kv_heads=2)
+MODEL = dict(pattern="MA", d_model=32, attention=dict(num_heads=2, num_kv_heads=2))
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,14 @@ ATOL = RTOL = 1e-5
 
 CASES = {
     "attention": dict(pattern="AA", block_mlp=True),
-    "attention_window_ring": dict(pattern="AA", sliding_window=3),
+    "attention_window_ring": dict(pattern="AA", attention=dict(sliding_window=3)),
     "mamba": dict(pattern="MM"),
     "hybrid_jamba_like": dict(pattern="MAM", block_mlp=True),
     "mamba2": dict(pattern="SS"),
     "hybrid_nemotron_like": dict(pattern="SFSA"),
     # multi-query attention, a ring buffer, an MLP-only block and an untied head in one stack
-    "hybrid_window_mqa_mlp_untied": dict(pattern="AMFA", sliding_window=4, num_kv_heads=1,
+    "hybrid_window_mqa_mlp_untied": dict(pattern="AMFA", attention=dict(sliding_window=4,
+                                                                        num_kv_heads=1),
                                          tie_embeddings=False),
 }
 
@@ -50,9 +51,10 @@ def random_params(model, tokens, seed=0):
 
 
 def make(pattern, **kw):
-  base = dict(d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2, d_state=8, ssd_d_state=8,
-              ssd_head_dim=16, ssd_n_groups=2, ssd_chunk_size=4)
-  base.update(kw)
+  base = dict(d_model=32, vocab_size=41, attention=dict(num_heads=4, num_kv_heads=2),
+              mamba=dict(d_state=8), mamba2=dict(d_state=8, head_dim=16, n_groups=2, chunk_size=4))
+  for k, v in kw.items():
+    base[k] = {**base[k], **v} if isinstance(v, dict) else v
   args = ModelArgs(pattern=pattern, **base)
   model = LanguageModel(args)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, args.vocab_size)
@@ -109,8 +111,9 @@ def test_bfloat16_decode_tracks_full_forward():
 
 
 def test_cache_sizes_ring_buffer_and_constant_ssm_state():
-  args = ModelArgs(pattern="AMAS", d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2,
-                   sliding_window=6, ssd_d_state=8, ssd_head_dim=16, ssd_n_groups=2)
+  args = ModelArgs(pattern="AMAS", d_model=32, vocab_size=41,
+                   attention=dict(num_heads=4, num_kv_heads=2, sliding_window=6),
+                   mamba2=dict(d_state=8, head_dim=16, n_groups=2))
   short, long_ = (LanguageModel(args).init_cache(3, n) for n in (4, 1000))
   assert short["blocks"]["block_0"]["k"].shape == (3, 4, 2, 8)     # max_len < window: linear
   assert long_["blocks"]["block_0"]["k"].shape == (3, 6, 2, 8)     # ring buffer of window size
@@ -124,7 +127,7 @@ def test_cache_sizes_ring_buffer_and_constant_ssm_state():
 
 
 def test_ring_buffer_holds_the_last_window_positions():
-  model, params, tokens = make("A", sliding_window=3)
+  model, params, tokens = make("A", attention=dict(sliding_window=3))
   _, cache = decode_all(model, params, tokens, prompt_len=5)   # 11 positions through 3 slots
   pos = np.asarray(cache["blocks"]["block_0"]["pos"])
   assert sorted(pos[0].tolist()) == [8, 9, 10]
@@ -152,7 +155,7 @@ def test_mamba_layer_state_after_prefill_equals_state_after_decoding():
 
 
 def test_cache_mode_errors_name_the_problem():
-  model, params, tokens = make("A", sliding_window=2)
+  model, params, tokens = make("A", attention=dict(sliding_window=2))
   with pytest.raises(ValueError, match="needs head 'lm'.*cache"):
     model.apply({"params": params}, tokens, mode="decode")
   cache = model.init_cache(2, 20)
@@ -243,7 +246,7 @@ def test_cli_generates_from_a_run_directory(tmp_path, capsys):
   config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=16,
                                                num_kv_pairs=2, num_eval_examples=8))
   config.model.pattern, config.model.d_model = "MA", 32
-  config.model.num_heads = config.model.num_kv_heads = 2
+  config.model.attention.num_heads = config.model.attention.num_kv_heads = 2
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -267,16 +270,19 @@ def test_cache_memory_closed_form_equals_what_init_cache_allocates():
   from ssm_lab.models import cache_memory
   for kw in (dict(pattern="AMSF", block_mlp=True), dict(pattern="AA", sliding_window=16),
              dict(pattern="MSA", dtype="bfloat16", num_kv_heads=1)):
-    args = ModelArgs(d_model=32, vocab_size=41, num_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
-                     ssd_d_state=8, ssd_head_dim=16, ssd_n_groups=2, **kw)
+    attention = dict(num_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
+                     sliding_window=kw.pop("sliding_window", 0))
+    args = ModelArgs(d_model=32, vocab_size=41, attention=attention,
+                     mamba2=dict(d_state=8, head_dim=16, n_groups=2), **kw)
     for context in (5, 16, 100):
       per_seq = cache_memory.cache_bytes_per_sequence(args, context)
       # init_cache also holds the int32 step counter.
       assert per_seq["total"] * 3 + 4 == cache_memory.allocated_cache_bytes(args, 3, context)
   # Attention grows linearly with the context (until a window caps it); SSM states stay constant.
-  t = ModelArgs(pattern="AA", d_model=32, vocab_size=41, num_heads=4, num_kv_heads=2)
-  m = ModelArgs(pattern="MS", d_model=32, vocab_size=41, ssd_head_dim=16)
-  w = ModelArgs(pattern="AA", d_model=32, vocab_size=41, num_heads=4, sliding_window=64)
+  t = ModelArgs(pattern="AA", d_model=32, vocab_size=41, attention=dict(num_heads=4, num_kv_heads=2))
+  m = ModelArgs(pattern="MS", d_model=32, vocab_size=41, mamba2=dict(head_dim=16))
+  w = ModelArgs(pattern="AA", d_model=32, vocab_size=41,
+                attention=dict(num_heads=4, sliding_window=64))
   kv = lambda a, n: cache_memory.cache_bytes_per_sequence(a, n)["total"]
   assert kv(t, 2000) == 2 * kv(t, 1000) == 2 * 1000 * 2 * (2 * 2 * 8 * 4 + 4)
   assert kv(m, 10) == kv(m, 100000) > 0

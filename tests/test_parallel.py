@@ -90,7 +90,8 @@ def test_distributed_args_are_checked_before_joining():
 def test_eight_devices_dp_and_fsdp_match_one_device(tmp_path, cache_dir, pattern):
   """Same global batches, same initial parameters: the loss trajectory must not depend on the
   device count or on how the state is sharded (up to float reassociation in the reductions)."""
-  model = dict(pattern=pattern, d_model=32, num_heads=2, num_kv_heads=2, block_mlp=True)
+  model = dict(pattern=pattern, d_model=32, attention=dict(num_heads=2, num_kv_heads=2),
+               block_mlp=True)
   runs = [dict(workdir=str(tmp_path / "one"), mesh_devices=1),
           dict(workdir=str(tmp_path / "dp"), train=dict(TRAIN, parallelism="dp")),
           # FSDP with two micro-batches of 8 rows, one per device each.
@@ -141,7 +142,7 @@ def _two_processes(spec, cache_dir, timeout=240):
 def test_two_processes_train_checkpoint_and_resume(tmp_path, cache_dir):
   """Two processes on localhost (jax.distributed over gloo), one CPU device each, FSDP: train to a
   checkpoint, exit, resume in a fresh pair of processes, and match a single-process run."""
-  model = dict(pattern="A", d_model=32, num_heads=2, num_kv_heads=2)
+  model = dict(pattern="A", d_model=32, attention=dict(num_heads=2, num_kv_heads=2))
   train_cfg = dict(TRAIN, num_steps=4, checkpoint_every=2, eval_every=4, parallelism="fsdp")
   spec = dict(task=TASK, model=model, train=train_cfg, workdir=str(tmp_path / "multi"))
   first = _two_processes(dict(spec, stop_at=2), cache_dir)
@@ -169,7 +170,7 @@ def test_padding_rows_do_not_count_in_classification_sums():
 
   from ssm_lab import train  # noqa: PLC0415
   from ssm_lab.models import build_model  # noqa: PLC0415
-  model = build_model(dict(pattern="A", d_model=16, num_heads=2, num_kv_heads=2,
+  model = build_model(dict(pattern="A", d_model=16, attention=dict(num_heads=2, num_kv_heads=2),
                            head="classifier", num_classes=3), vocab_size=20)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(1, 20, (5, 12)).astype(np.int32),

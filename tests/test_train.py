@@ -22,8 +22,8 @@ def tiny_config(pattern="MA", steps=12, **train_kw):
                                                num_kv_pairs=3, num_eval_examples=32))
   config.model.pattern = pattern
   config.model.d_model = 32
-  config.model.num_heads = 2
-  config.model.num_kv_heads = 2
+  config.model.attention.num_heads = 2
+  config.model.attention.num_kv_heads = 2
   t = config.train
   t.batch_size, t.num_steps, t.warmup_steps = 8, steps, 2
   t.log_every, t.eval_every, t.checkpoint_every = 2, 6, 3
@@ -111,7 +111,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: c.train.__setattr__("batch_sise", 3), "batch_sise"),
     (lambda c: c.model.__setitem__("pattern", "MQ"), "pattern"),
-    (lambda c: c.model.__setitem__("num_kv_heads", 3), "num_kv_heads"),
+    (lambda c: c.model.attention.__setitem__("num_kv_heads", 3), "num_kv_heads"),
+    (lambda c: c.model.__setitem__("d_state", 8), "config.model.mamba.d_state"),
     (lambda c: c.train.__setitem__("batch_size", 0), "batch_size"),
     (lambda c: c.model.__setitem__("dtype", "float16"), "dtype"),
 ])

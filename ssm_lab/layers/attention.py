@@ -9,13 +9,17 @@ a sliding-window ring buffer (cache_len == sliding_window).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssm_lab import ops
+from ssm_lab.errors import ConfigError
+from ssm_lab.layers import registry
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -125,3 +129,80 @@ class CausalSelfAttention(nn.Module):
     y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="o_proj")(out)
     return y if mode == "full" else (y, cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: pattern letter "A", config group `config.model.attention`.
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """`config.model.attention`."""
+
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0            # 0: d_model // num_heads
+  rope_theta: float = 10000.0
+  sliding_window: int = 0      # 0: full causal attention
+  impl: str = "auto"           # ssm_lab.ops.attention impl
+
+
+def head_dim_of(cfg: AttentionConfig, d_model: int) -> int:
+  return cfg.head_dim or d_model // cfg.num_heads
+
+
+def _module(args: Any, cfg: AttentionConfig, *, name: str) -> CausalSelfAttention:
+  return CausalSelfAttention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=head_dim_of(cfg, args.d_model), rope_theta=cfg.rope_theta,
+                             sliding_window=cfg.sliding_window, impl=cfg.impl,
+                             dtype=args.compute_dtype, param_dtype=args.params_dtype, name=name)
+
+
+def _flops(args: Any, cfg: AttentionConfig, seq_len: int) -> float:
+  """Projections plus QK^T and PV; a causal token at position t sees t + 1 keys, (L + 1) / 2 on
+  average, capped by the sliding window."""
+  d, h, kvh, hd = args.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim_of(cfg, args.d_model)
+  proj = 2 * d * (h * hd + 2 * kvh * hd) + 2 * h * hd * d
+  keys = (seq_len + 1) / 2
+  if cfg.sliding_window:
+    keys = min(keys, cfg.sliding_window)
+  return proj + 2 * 2 * h * hd * keys
+
+
+def _init_cache(args: Any, cfg: AttentionConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+  return init_attention_cache(batch, attention_cache_len(max_len, cfg.sliding_window),
+                              cfg.num_kv_heads, head_dim_of(cfg, args.d_model), args.compute_dtype)
+
+
+def _cache_bytes(args: Any, cfg: AttentionConfig, context_len: int) -> dict[str, int]:
+  """K and V of T = min(context, window) slots in the compute dtype, plus int32 slot positions."""
+  t = attention_cache_len(context_len, cfg.sliding_window)
+  item = np.dtype(args.compute_dtype).itemsize
+  return {"kv": 2 * t * cfg.num_kv_heads * head_dim_of(cfg, args.d_model) * item + 4 * t}
+
+
+def _validate(args: Any, cfg: AttentionConfig, prefix: str) -> None:
+  if cfg.num_heads < 1 or cfg.num_kv_heads < 1 or cfg.num_heads % cfg.num_kv_heads:
+    raise ConfigError(f"{prefix}.num_heads={cfg.num_heads} must be a positive multiple of "
+                      f"{prefix}.num_kv_heads={cfg.num_kv_heads}")
+  if not cfg.head_dim and args.d_model % cfg.num_heads:
+    raise ConfigError(f"config.model.d_model={args.d_model} is not divisible by "
+                      f"{prefix}.num_heads={cfg.num_heads}; set {prefix}.head_dim")
+  if cfg.sliding_window < 0:
+    raise ConfigError(f"{prefix}.sliding_window must be >= 0 (0: off), got {cfg.sliding_window}")
+
+
+def _from_hf_llama(config: dict[str, Any], t: Any) -> tuple[dict[str, Any], Any]:
+  from ssm_lab.models.hf_import import convert_llama  # noqa: PLC0415 (heavy, only for imports)
+  return convert_llama(config, t, letter="A", group="attention")
+
+
+registry.register(registry.MixerSpec(
+    letter="A", name="attention", description="causal self-attention (RoPE, grouped KV heads)",
+    paper="Vaswani et al. 2017; RoPE: Su et al. 2021; GQA: Ainslie et al. 2023",
+    config=AttentionConfig, module=_module, flops_per_token=_flops, init_cache=_init_cache,
+    cache_bytes=_cache_bytes, validate=_validate,
+    renamed={"num_heads": "num_heads", "num_kv_heads": "num_kv_heads", "head_dim": "head_dim",
+             "rope_theta": "rope_theta", "sliding_window": "sliding_window",
+             "attention_impl": "impl"},
+    hf_architectures={"LlamaForCausalLM": _from_hf_llama}))

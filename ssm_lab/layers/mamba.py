@@ -10,14 +10,18 @@ Decoding carries a constant-size cache {"conv": [batch, d_conv - 1, d_inner] (th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssm_lab import ops
+from ssm_lab.errors import ConfigError
+from ssm_lab.layers import registry
 
 
 def dt_bias_init(dt_min: float, dt_max: float, floor: float):
@@ -166,8 +170,9 @@ class MambaMixer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: dict[str, jax.Array] | None = None, mode: str = "full") -> Any:
-    del segment_ids
+               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+               mode: str = "full") -> Any:
+    del segment_ids, positions   # the scan runs across the whole row (see the class docstring)
     if mode not in ("full", "prefill", "decode"):
       raise ValueError(f"mode must be 'full', 'prefill' or 'decode', got {mode!r}")
     if mode != "full" and cache is None:
@@ -202,3 +207,79 @@ class MambaMixer(nn.Module):
       impl = self.decode_impl if xs.shape[1] == 1 else self.impl
       y, ssm = scan(impl=impl, initial_state=cache["ssm"], return_final_state=True)
     return dense(self.d_model, "out_proj")(y), {"conv": new_conv, "ssm": ssm}
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: pattern letter "M", config group `config.model.mamba`.
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """`config.model.mamba`."""
+
+  d_state: int = 16
+  expand: int = 2
+  d_conv: int = 4
+  dt_rank: int = 0             # 0: ceil(d_model / 16), as in Mamba
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  impl: str = "auto"           # ssm_lab.ops.selective_scan impl
+
+
+def _module(args: Any, cfg: MambaConfig, *, name: str) -> MambaMixer:
+  return MambaMixer(d_model=args.d_model, d_state=cfg.d_state, expand=cfg.expand,
+                    d_conv=cfg.d_conv, dt_rank=cfg.dt_rank, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
+                    dt_init_floor=cfg.dt_init_floor, impl=cfg.impl, dtype=args.compute_dtype,
+                    param_dtype=args.params_dtype, name=name)
+
+
+def _flops(args: Any, cfg: MambaConfig, seq_len: int) -> float:
+  """in_proj, conv, x_proj, dt_proj, out_proj; the scan does ~9 FLOPs per (channel, state)
+  (discretise, decay, input, output), the count of Gu & Dao (2023, section 3.3)."""
+  del seq_len
+  d = args.d_model
+  di, n = cfg.expand * d, cfg.d_state
+  rank = cfg.dt_rank or math.ceil(d / 16)
+  return (2 * d * 2 * di + 2 * di * cfg.d_conv + 2 * di * (rank + 2 * n) + 2 * rank * di
+          + 9 * di * n + 2 * di * d)
+
+
+def _init_cache(args: Any, cfg: MambaConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+  del max_len
+  return init_mamba_cache(batch, cfg.expand * args.d_model, cfg.d_state, cfg.d_conv,
+                          args.compute_dtype)
+
+
+def _cache_bytes(args: Any, cfg: MambaConfig, context_len: int) -> dict[str, int]:
+  """The last d_conv - 1 conv inputs in the compute dtype and the float32 state, at any context."""
+  del context_len
+  d_inner = cfg.expand * args.d_model
+  return {"conv": (cfg.d_conv - 1) * d_inner * np.dtype(args.compute_dtype).itemsize,
+          "ssm": 4 * d_inner * cfg.d_state}
+
+
+def _validate(args: Any, cfg: MambaConfig, prefix: str) -> None:
+  del args
+  for field in ("d_state", "expand", "d_conv"):
+    if getattr(cfg, field) < 1:
+      raise ConfigError(f"{prefix}.{field} must be >= 1, got {getattr(cfg, field)}")
+  if not 0 < cfg.dt_min <= cfg.dt_max:
+    raise ConfigError(f"{prefix}.dt_min={cfg.dt_min} and {prefix}.dt_max={cfg.dt_max} must "
+                      f"satisfy 0 < dt_min <= dt_max")
+
+
+def _from_hf(config: dict[str, Any], t: Any) -> tuple[dict[str, Any], Any]:
+  from ssm_lab.models.hf_import import convert_mamba  # noqa: PLC0415 (heavy, only for imports)
+  return convert_mamba(config, t, letter="M", group="mamba")
+
+
+registry.register(registry.MixerSpec(
+    letter="M", name="mamba", description="Mamba-1 mixer (selective scan, S6)",
+    paper="Gu & Dao 2023, arXiv 2312.00752", config=MambaConfig, module=_module,
+    flops_per_token=_flops, init_cache=_init_cache, cache_bytes=_cache_bytes, validate=_validate,
+    no_weight_decay=("A_log", "D", "dt_bias"),
+    renamed={"d_state": "d_state", "expand": "expand", "d_conv": "d_conv", "dt_rank": "dt_rank",
+             "dt_min": "dt_min", "dt_max": "dt_max", "dt_init_floor": "dt_init_floor",
+             "scan_impl": "impl"},
+    hf_architectures={"MambaForCausalLM": _from_hf}))

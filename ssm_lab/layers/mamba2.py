@@ -15,13 +15,17 @@ Decoding carries a constant-size cache {"conv": [batch, d_conv - 1, conv_dim] (t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssm_lab import ops
+from ssm_lab.errors import ConfigError
+from ssm_lab.layers import registry
 from ssm_lab.layers.mamba import causal_depthwise_conv, dt_bias_init
 
 
@@ -113,8 +117,9 @@ class Mamba2Mixer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: dict[str, jax.Array] | None = None, mode: str = "full") -> Any:
-    del segment_ids
+               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+               mode: str = "full") -> Any:
+    del segment_ids, positions   # the state runs across the whole row (see the class docstring)
     d_inner, heads, gn = self.d_inner, self.heads, self.n_groups * self.d_state
     if d_inner % self.head_dim:
       raise ValueError(f"Mamba2Mixer: d_inner = expand * d_model = {d_inner} must be a multiple of "
@@ -163,3 +168,83 @@ class Mamba2Mixer(nn.Module):
                      name="norm")(y.reshape(batch, length, d_inner), z)
     out = dense(self.d_model, "out_proj")(y)
     return out if mode == "full" else (out, {"conv": new_conv, "ssm": ssm})
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: pattern letter "S", config group `config.model.mamba2`.
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+  """`config.model.mamba2`."""
+
+  d_state: int = 64
+  head_dim: int = 64
+  n_groups: int = 1
+  chunk_size: int = 64
+  expand: int = 2
+  d_conv: int = 4
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  impl: str = "auto"           # ssm_lab.ops.ssd impl
+
+
+def _module(args: Any, cfg: Mamba2Config, *, name: str) -> Mamba2Mixer:
+  return Mamba2Mixer(d_model=args.d_model, d_state=cfg.d_state, head_dim=cfg.head_dim,
+                     expand=cfg.expand, n_groups=cfg.n_groups, d_conv=cfg.d_conv,
+                     chunk_size=cfg.chunk_size, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
+                     dt_init_floor=cfg.dt_init_floor, norm_eps=args.norm_eps, impl=cfg.impl,
+                     dtype=args.compute_dtype, param_dtype=args.params_dtype, name=name)
+
+
+def _flops(args: Any, cfg: Mamba2Config, seq_len: int) -> float:
+  del seq_len
+  return mamba2_flops_per_token(args.d_model, cfg.d_state, cfg.head_dim, cfg.expand, cfg.n_groups,
+                                cfg.d_conv, cfg.chunk_size)
+
+
+def _init_cache(args: Any, cfg: Mamba2Config, batch: int, max_len: int) -> dict[str, jax.Array]:
+  del max_len
+  return init_mamba2_cache(batch, d_inner=cfg.expand * args.d_model, d_state=cfg.d_state,
+                           head_dim=cfg.head_dim, n_groups=cfg.n_groups, d_conv=cfg.d_conv,
+                           dtype=args.compute_dtype)
+
+
+def _cache_bytes(args: Any, cfg: Mamba2Config, context_len: int) -> dict[str, int]:
+  """The last d_conv - 1 inputs of x, B and C, and the float32 state (heads * head_dim = d_inner)."""
+  del context_len
+  d_inner = cfg.expand * args.d_model
+  conv_dim = d_inner + 2 * cfg.n_groups * cfg.d_state
+  return {"conv": (cfg.d_conv - 1) * conv_dim * np.dtype(args.compute_dtype).itemsize,
+          "ssm": 4 * d_inner * cfg.d_state}
+
+
+def _validate(args: Any, cfg: Mamba2Config, prefix: str) -> None:
+  for field in ("d_state", "head_dim", "n_groups", "chunk_size", "expand", "d_conv"):
+    if getattr(cfg, field) < 1:
+      raise ConfigError(f"{prefix}.{field} must be >= 1, got {getattr(cfg, field)}")
+  d_inner = cfg.expand * args.d_model
+  if d_inner % cfg.head_dim:
+    raise ConfigError(f"{prefix}.head_dim={cfg.head_dim} must divide {prefix}.expand * "
+                      f"config.model.d_model = {d_inner}")
+  if (d_inner // cfg.head_dim) % cfg.n_groups:
+    raise ConfigError(f"{prefix}.n_groups={cfg.n_groups} must divide the number of heads "
+                      f"{d_inner // cfg.head_dim}")
+
+
+def _from_hf(config: dict[str, Any], t: Any) -> tuple[dict[str, Any], Any]:
+  from ssm_lab.models.hf_import import convert_mamba2  # noqa: PLC0415 (heavy, only for imports)
+  return convert_mamba2(config, t, letter="S", group="mamba2")
+
+
+registry.register(registry.MixerSpec(
+    letter="S", name="mamba2", description="Mamba-2 mixer (SSD)",
+    paper="Dao & Gu 2024, arXiv 2405.21060", config=Mamba2Config, module=_module,
+    flops_per_token=_flops, init_cache=_init_cache, cache_bytes=_cache_bytes, validate=_validate,
+    no_weight_decay=("A_log", "D", "dt_bias"),
+    renamed={"ssd_d_state": "d_state", "ssd_head_dim": "head_dim", "ssd_n_groups": "n_groups",
+             "ssd_chunk_size": "chunk_size", "ssd_impl": "impl", "expand": "expand",
+             "d_conv": "d_conv", "dt_min": "dt_min", "dt_max": "dt_max",
+             "dt_init_floor": "dt_init_floor"},
+    hf_architectures={"Mamba2ForCausalLM": _from_hf}))

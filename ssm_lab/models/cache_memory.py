@@ -1,6 +1,7 @@
 """How much memory decoding needs per sequence, as a function of context length, per architecture.
 
-The decoding cache of `ssm_lab.models.lm.init_cache`, counted in closed form:
+The decoding cache of `ssm_lab.models.lm.init_cache`, counted in closed form by each mixer's registry
+entry (`cache_bytes`), for example:
 
   attention layer   2 * T * kv_heads * head_dim * bytes(dtype)   K and V
                     + 4 * T                                         int32 slot positions
@@ -13,8 +14,8 @@ The decoding cache of `ssm_lab.models.lm.init_cache`, counted in closed form:
 
 so a Transformer's cache grows linearly with the context while an SSM's stays constant (a sliding
 window caps attention at the window). `allocated_cache_bytes` measures what `init_cache` really
-allocates (through `jax.eval_shape`, nothing is allocated); the tests hold the two equal, and
-benchmarks/generation.py checks them against the device's memory counters.
+allocates (through `jax.eval_shape`, nothing is allocated); the tests hold the two equal for every
+registered mixer, and benchmarks/generation.py checks them against the device's memory counters.
 """
 
 from __future__ import annotations
@@ -24,28 +25,24 @@ from typing import Any
 import jax
 import numpy as np
 
-from ssm_lab.layers.attention import attention_cache_len
+from ssm_lab.layers import registry
 from ssm_lab.models.lm import ModelArgs, init_cache
+
+# Columns every row carries (a mixer may add its own, e.g. "state" for a recurrent network).
+KINDS = ("kv", "conv", "ssm")
 
 
 def layer_cache_bytes(args: ModelArgs, letter: str, context_len: int) -> dict[str, int]:
-  """Bytes of one block's cache for one sequence: {"kv": ..., "conv": ..., "ssm": ...}."""
-  item = np.dtype(args.compute_dtype).itemsize
-  d_inner = args.expand * args.d_model
-  if letter == "A":
-    t = attention_cache_len(context_len, args.sliding_window)
-    return {"kv": 2 * t * args.num_kv_heads * args.attn_head_dim * item + 4 * t, "conv": 0,
-            "ssm": 0}
-  if letter == "M":
-    return {"kv": 0, "conv": (args.d_conv - 1) * d_inner * item,
-            "ssm": 4 * d_inner * args.d_state}
-  if letter == "S":
-    conv_dim = d_inner + 2 * args.ssd_n_groups * args.ssd_d_state
-    return {"kv": 0, "conv": (args.d_conv - 1) * conv_dim * item,
-            "ssm": 4 * d_inner * args.ssd_d_state}   # heads * head_dim == d_inner
-  if letter == "F":
-    return {"kv": 0, "conv": 0, "ssm": 0}
-  raise ValueError(f"layer letter {letter!r} (pattern {args.pattern!r}) has no cache rule")
+  """Bytes of one block's cache for one sequence: {"kv": ..., "conv": ..., "ssm": ..., ...}."""
+  spec = registry.get(letter)
+  out = dict.fromkeys(KINDS, 0)
+  if not spec.stateless:
+    if spec.cache_bytes is None:
+      raise ValueError(f"layer letter {letter!r} (pattern {args.pattern!r}) has a cache but no "
+                       f"cache_bytes rule in its registry entry")
+    for k, v in spec.cache_bytes(args, args.group(spec.name), context_len).items():
+      out[k] = out.get(k, 0) + int(v)
+  return out
 
 
 def cache_bytes_per_sequence(args: ModelArgs, context_len: int) -> dict[str, int]:
@@ -53,10 +50,10 @@ def cache_bytes_per_sequence(args: ModelArgs, context_len: int) -> dict[str, int
   plus generated tokens number `context_len`."""
   if context_len < 1:
     raise ValueError(f"context_len must be >= 1, got {context_len}")
-  out = {"kv": 0, "conv": 0, "ssm": 0}
+  out = dict.fromkeys(KINDS, 0)
   for letter in args.pattern:
     for k, v in layer_cache_bytes(args, letter, context_len).items():
-      out[k] += v
+      out[k] = out.get(k, 0) + v
   out["total"] = sum(out.values())
   return out
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_lab.layers import registry
 from ssm_lab.models.lm import LanguageModel, ModelArgs
 
 Params = dict[str, Any]
@@ -95,9 +96,10 @@ def _float(v: Any) -> float:
 
 
 def _architecture(config: dict[str, Any]) -> str:
+  """The architecture to convert: the first of config["architectures"] a mixer's registry entry
+  converts, else the one whose name matches config["model_type"] (MambaForCausalLM: "mamba")."""
   archs = config.get("architectures") or []
-  by_type = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-             "llama": "LlamaForCausalLM"}
+  by_type = {a.removesuffix("ForCausalLM").lower(): a for a in registry.hf_converters()}
   for a in archs:
     if a in by_type.values():
       return a
@@ -165,7 +167,9 @@ def _ssm_block(t: "Tensors", i: int, conv_dim: int, specific) -> Params:
   return {"mixer_norm": {"scale": t.get(p + "norm.weight")}, "mixer": mixer}
 
 
-def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
+def convert_mamba(config: dict[str, Any], t: Tensors, *, letter: str,
+                  group: str) -> tuple[dict[str, Any], Params]:
+  """MambaForCausalLM -> (ModelArgs kwargs with `letter` blocks and their `group`, params)."""
   _require(config, "use_bias", lambda v: not v, "ssm_lab's Mamba in/out projections have no bias",
            False)
   _require(config, "hidden_act", lambda v: v == "silu", "Mamba uses silu", "silu")
@@ -176,9 +180,10 @@ def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
     raise ValueError(f"config.json: expand={expand} must be an integer")
   rank = config.get("time_step_rank", "auto")
   rank = math.ceil(d / 16) if rank == "auto" else int(rank)
-  kw = dict(pattern="M" * n_layers, d_model=d, d_state=int(config.get("state_size", 16)),
-            expand=int(expand), d_conv=int(config.get("conv_kernel", 4)), dt_rank=rank,
-            norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), block_mlp=False)
+  kw = {"pattern": letter * n_layers, "d_model": d,
+        group: dict(d_state=int(config.get("state_size", 16)), expand=int(expand),
+                    d_conv=int(config.get("conv_kernel", 4)), dt_rank=rank),
+        "norm_eps": float(config.get("layer_norm_epsilon", 1e-5)), "block_mlp": False}
   params = _ssm_backbone(t)
   for i in range(n_layers):
     params[f"block_{i}"] = _ssm_block(t, i, d_inner, lambda m: {
@@ -191,7 +196,9 @@ def _mamba(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   return kw, params
 
 
-def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
+def convert_mamba2(config: dict[str, Any], t: Tensors, *, letter: str,
+                   group: str) -> tuple[dict[str, Any], Params]:
+  """Mamba2ForCausalLM -> (ModelArgs kwargs with `letter` blocks and their `group`, params)."""
   _require(config, "use_bias", lambda v: not v, "ssm_lab's Mamba-2 projections have no bias",
            False)
   _require(config, "hidden_act", lambda v: v == "silu", "Mamba-2 uses silu", "silu")
@@ -206,10 +213,11 @@ def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]
     raise ValueError(f"config.json: num_heads={config.get('num_heads')} * head_dim={head_dim} must "
                      f"equal expand * hidden_size = {expand * d}")
   d_state, n_groups = int(config.get("state_size", 128)), int(config.get("n_groups", 1))
-  kw = dict(pattern="S" * n_layers, d_model=d, expand=expand, ssd_d_state=d_state,
-            ssd_head_dim=head_dim, ssd_n_groups=n_groups, d_conv=int(config.get("conv_kernel", 4)),
-            ssd_chunk_size=int(config.get("chunk_size", 256)),
-            norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), block_mlp=False)
+  kw = {"pattern": letter * n_layers, "d_model": d,
+        group: dict(expand=expand, d_state=d_state, head_dim=head_dim, n_groups=n_groups,
+                    d_conv=int(config.get("conv_kernel", 4)),
+                    chunk_size=int(config.get("chunk_size", 256))),
+        "norm_eps": float(config.get("layer_norm_epsilon", 1e-5)), "block_mlp": False}
   conv_dim = expand * d + 2 * n_groups * d_state
   # ssm_lab's Mamba2Mixer keeps HF's names and in_proj order [z, x, B, C, dt]; its gated norm
   # normalises per group of d_inner / n_groups channels, as HF's MambaRMSNormGated does.
@@ -224,7 +232,9 @@ def _mamba2(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]
   return kw, params
 
 
-def _llama(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
+def convert_llama(config: dict[str, Any], t: Tensors, *, letter: str,
+                  group: str) -> tuple[dict[str, Any], Params]:
+  """LlamaForCausalLM -> (ModelArgs kwargs with `letter` blocks and their `group`, params)."""
   for field in ("attention_bias", "mlp_bias"):
     _require(config, field, lambda v: not v, "ssm_lab's projections have no bias", False)
   _require(config, "hidden_act", lambda v: v == "silu", "ssm_lab's MLP is SwiGLU (silu)", "silu")
@@ -239,9 +249,10 @@ def _llama(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   heads = int(config["num_attention_heads"])
   kv_heads = int(config.get("num_key_value_heads") or heads)
   head_dim = int(config.get("head_dim") or d // heads)
-  kw = dict(pattern="A" * n_layers, d_model=d, num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=head_dim, rope_theta=theta, block_mlp=True,
-            d_ff=int(config["intermediate_size"]), norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+  kw = {"pattern": letter * n_layers, "d_model": d,
+        group: dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=theta),
+        "block_mlp": True, "d_ff": int(config["intermediate_size"]),
+        "norm_eps": float(config.get("rms_norm_eps", 1e-6))}
   params: Params = {"embed": {"embedding": t.get("model.embed_tokens.weight")},
                     "final_norm": {"scale": t.get("model.norm.weight")}}
   for i in range(n_layers):
@@ -263,9 +274,6 @@ def _llama(config: dict[str, Any], t: Tensors) -> tuple[dict[str, Any], Params]:
   kw["tie_embeddings"], head = _head(t, config, "model.embed_tokens.weight")
   params.update(head)
   return kw, params
-
-
-_BUILDERS = {"MambaForCausalLM": _mamba, "Mamba2ForCausalLM": _mamba2, "LlamaForCausalLM": _llama}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,8 +304,9 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
     path: directory with config.json and safetensors weights (see the module docstring).
     dtype: compute dtype of the model, "float32" or "bfloat16".
     param_dtype: dtype the weights are cast to, "float32" or "bfloat16".
-    **model_overrides: other ModelArgs fields (e.g. attention_impl, scan_impl, ssd_impl,
-      sliding_window) that do not change the weights.
+    **model_overrides: other ModelArgs fields that do not change the weights: model-level ones, or
+      a mixer group's, merged into the checkpoint's group (e.g. `mamba=dict(impl="associative")`,
+      `attention=dict(sliding_window=1024)`).
 
   Returns:
     (model, params) with model.apply({"params": params}, tokens) -> logits [batch, length, vocab].
@@ -310,14 +319,22 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
   config = read_config(path)
   arch = _architecture(config)
   tensors = Tensors(path)
-  kw, params = _BUILDERS[arch](config, tensors)
+  kw, params = registry.hf_converters()[arch](config, tensors)
   vocab = int(params["embed"]["embedding"].shape[0])
-  fixed = set(kw) | {"vocab_size"}
-  clash = sorted(set(model_overrides) & fixed)
+  groups = registry.groups()
+  clash = []
+  for key, value in model_overrides.items():
+    if key in groups and isinstance(kw.get(key), dict):
+      clash += [f"{key}.{f}" for f in value if f in kw[key]]
+      kw[key] = {**kw[key], **value}
+    elif key in kw or key == "vocab_size":
+      clash.append(key)
+    else:
+      kw[key] = value
   if clash:
-    raise ValueError(f"from_pretrained: {clash} come from {path}/config.json and cannot be "
+    raise ValueError(f"from_pretrained: {sorted(clash)} come from {path}/config.json and cannot be "
                      f"overridden")
-  args = ModelArgs(vocab_size=vocab, dtype=dtype, param_dtype=param_dtype, **kw, **model_overrides)
+  args = ModelArgs(vocab_size=vocab, dtype=dtype, param_dtype=param_dtype, **kw)
   model = LanguageModel(args)
   _check_against_model(model, params, path)
   unused = sorted(set(tensors.names()) - tensors.used - {"lm_head.weight"})

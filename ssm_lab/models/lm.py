@@ -1,6 +1,7 @@
 """`LanguageModel`: one stack for Transformers, Mamba, Mamba-2 and hybrids, built from a layer pattern.
 
-Each letter of `pattern` is one pre-norm residual block (`ssm_lab.config.LAYER_LETTERS`):
+Each letter of `pattern` is one pre-norm residual block whose mixer comes from the registry
+(`ssm_lab.layers.registry`), for example:
   A  causal self-attention     M  Mamba-1 mixer     S  Mamba-2 mixer     F  SwiGLU MLP only
 With `block_mlp`, every mixer block also gets a SwiGLU sublayer (Transformer / Jamba style). So
 "AAAA" + block_mlp is a LLaMA-style Transformer, "MMMM" a Mamba, "MMMAMMMM" + block_mlp a Jamba-like
@@ -21,58 +22,102 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssm_lab.layers.attention import (CausalSelfAttention, attention_cache_len,
-                                      init_attention_cache)
-from ssm_lab.layers.mamba import MambaMixer, init_mamba_cache
+from ssm_lab.layers import registry
 from ssm_lab.layers.mlp import SwiGLU, default_d_ff
 from ssm_lab.layers.norm import RMSNorm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
+_COMMON_DEFAULTS = dict(block_mlp=False, d_ff=0, tie_embeddings=True, norm_eps=1e-5,
+                       dtype="float32", param_dtype="float32", head="lm", num_classes=0,
+                       pooling="last", remat="none")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class ModelArgs:
-  """The fields of `config.model` (see ssm_lab.config.model_defaults), resolved and hashable."""
+  """The fields of `config.model` (see ssm_lab.config.model_defaults), resolved and hashable.
+
+  Model-level fields are attributes; each mixer's group is a frozen dataclass reached by its name
+  (`args.attention.num_heads`, `args.mamba.d_state`). Build with keywords, a group as a dict or its
+  dataclass: `ModelArgs(pattern="MA", d_model=64, vocab_size=128, attention=dict(num_heads=2))`;
+  groups not given take their defaults.
+  """
 
   pattern: str
   d_model: int
   vocab_size: int
-  block_mlp: bool = False
-  d_ff: int = 0
-  tie_embeddings: bool = True
-  norm_eps: float = 1e-5
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 0
-  rope_theta: float = 10000.0
-  sliding_window: int = 0
-  attention_impl: str = "auto"
-  d_state: int = 16
-  expand: int = 2
-  d_conv: int = 4
-  dt_rank: int = 0
-  dt_min: float = 0.001
-  dt_max: float = 0.1
-  dt_init_floor: float = 1e-4
-  scan_impl: str = "auto"
-  ssd_d_state: int = 64
-  ssd_head_dim: int = 64
-  ssd_n_groups: int = 1
-  ssd_chunk_size: int = 64
-  ssd_impl: str = "auto"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  head: str = "lm"
-  num_classes: int = 0
-  pooling: str = "last"
-  remat: str = "none"
+  block_mlp: bool
+  d_ff: int
+  tie_embeddings: bool
+  norm_eps: float
+  dtype: str
+  param_dtype: str
+  head: str
+  num_classes: int
+  pooling: str
+  remat: str
+  mixers: tuple[tuple[str, Any], ...]   # ((group name, group dataclass), ...), registry order
+
+  def __init__(self, *, pattern: str, d_model: int, vocab_size: int, mixers: Any = None,
+               **kw: Any):
+    groups = registry.groups()
+    given = dict(mixers or ())
+    for name in list(kw):
+      if name in groups:
+        given[name] = kw.pop(name)
+    moved = registry.renamed_fields()
+    for name in kw:
+      if name in moved:
+        raise TypeError(f"ModelArgs: {name!r} moved to the mixer groups: {', '.join(moved[name])} "
+                        f"(for example {moved[name][0].split('.')[0]}=dict("
+                        f"{moved[name][0].split('.')[1]}=...))")
+      if name not in _COMMON_DEFAULTS:
+        raise TypeError(f"ModelArgs: unknown field {name!r}; model fields: "
+                        f"{sorted(_COMMON_DEFAULTS)}, mixer groups: {sorted(groups)}")
+    for name in given:
+      if name not in groups:
+        raise TypeError(f"ModelArgs: unknown mixer group {name!r}; groups: {sorted(groups)}")
+    resolved = []
+    for name, spec in groups.items():
+      value = given.get(name)
+      if value is None:
+        value = spec.config()
+      elif not isinstance(value, spec.config):
+        value = dict(value)
+        fields = {f.name for f in dataclasses.fields(spec.config)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+          raise TypeError(f"ModelArgs: {name}.{unknown[0]} is not a field of mixer group "
+                          f"{name!r}; its fields: {sorted(fields)}")
+        value = spec.config(**value)
+      resolved.append((name, value))
+    setattr_ = lambda k, v: object.__setattr__(self, k, v)
+    setattr_("pattern", pattern)
+    setattr_("d_model", d_model)
+    setattr_("vocab_size", vocab_size)
+    for name, default in _COMMON_DEFAULTS.items():
+      setattr_(name, kw.get(name, default))
+    setattr_("mixers", tuple(resolved))
+
+  def __getattr__(self, name: str) -> Any:
+    # Only called for names that are not attributes: the mixer groups.
+    if name.startswith("__") or name == "mixers":
+      raise AttributeError(name)
+    for group, value in self.__dict__.get("mixers", ()):
+      if group == name:
+        return value
+    raise AttributeError(f"ModelArgs has no field or mixer group {name!r}")
+
+  def group(self, name: str) -> Any:
+    """The config dataclass of mixer group `name` (None for a mixer without fields)."""
+    return getattr(self, name) if name else None
 
   @classmethod
   def from_config(cls, model_cfg: Any, *, vocab_size: int | None = None,
                   num_classes: int | None = None) -> "ModelArgs":
     """From `config.model`; a vocab_size of -1 (num_classes 0) takes the task's value given here."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in dict(model_cfg).items() if k in fields}
+    kw = {k: (dict(v) if hasattr(v, "keys") else v) for k, v in dict(model_cfg).items()}
     if kw.get("vocab_size", -1) in (-1, None):
       if vocab_size is None:
         raise ValueError("config.model.vocab_size is -1 (take the task's) but no task vocab given")
@@ -80,6 +125,12 @@ class ModelArgs:
     if not kw.get("num_classes") and num_classes:
       kw["num_classes"] = num_classes
     return cls(**kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Keyword arguments that rebuild these args (groups as dicts)."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mixers"}
+    out.update({name: dataclasses.asdict(value) for name, value in self.mixers})
+    return out
 
   @property
   def compute_dtype(self):
@@ -90,58 +141,36 @@ class ModelArgs:
     return _DTYPES[self.param_dtype]
 
   @property
-  def attn_head_dim(self) -> int:
-    return self.head_dim or self.d_model // self.num_heads
-
-  @property
   def ff_dim(self) -> int:
     return self.d_ff or default_d_ff(self.d_model)
 
 
 class Block(nn.Module):
-  """One pre-norm residual block: x + mixer(norm(x)) [+ mlp(norm(.))]. x: [batch, length, d_model]."""
+  """One pre-norm residual block: x + mixer(norm(x)) [+ mlp(norm(.))]. x: [batch, length, d_model].
+
+  The mixer comes from the registry entry of `letter`; the block never names a mixer."""
 
   args: ModelArgs
   letter: str
-
-  def _mixer(self) -> nn.Module:
-    a, dt, pdt = self.args, self.args.compute_dtype, self.args.params_dtype
-    if self.letter == "A":
-      return CausalSelfAttention(a.num_heads, a.num_kv_heads, a.attn_head_dim, a.rope_theta,
-                                 a.sliding_window, a.attention_impl, dt, pdt, name="mixer")
-    if self.letter == "M":
-      return MambaMixer(a.d_model, a.d_state, a.expand, a.d_conv, a.dt_rank, a.dt_min, a.dt_max,
-                        a.dt_init_floor, a.scan_impl, dt, pdt, name="mixer")
-    if self.letter == "S":
-      from ssm_lab.layers.mamba2 import Mamba2Mixer  # noqa: PLC0415 (optional until Mamba-2 lands)
-      return Mamba2Mixer(d_model=a.d_model, d_state=a.ssd_d_state, head_dim=a.ssd_head_dim,
-                         expand=a.expand, n_groups=a.ssd_n_groups, d_conv=a.d_conv,
-                         chunk_size=a.ssd_chunk_size, dt_min=a.dt_min, dt_max=a.dt_max,
-                         dt_init_floor=a.dt_init_floor, norm_eps=a.norm_eps, impl=a.ssd_impl,
-                         dtype=dt, param_dtype=pdt, name="mixer")
-    raise ValueError(f"no mixer for layer letter {self.letter!r}")
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None,
                cache: Any = None, mode: str = "full") -> Any:
     """x in "full" mode; (x, cache) in the cache modes (see LanguageModel)."""
     a = self.args
+    spec = registry.get(self.letter)
     norm = lambda name: RMSNorm(a.norm_eps, a.compute_dtype, a.params_dtype, name=name)
-    mlp = lambda: SwiGLU(a.ff_dim, a.compute_dtype, a.params_dtype, name="mlp")
-    if self.letter == "F":
-      x = x + mlp()(norm("mlp_norm")(x))
-      return x if mode == "full" else (x, cache)
-    h = norm("mixer_norm")(x)
-    kw = {} if mode == "full" else {"cache": cache, "mode": mode}
-    if self.letter == "A":
-      h = self._mixer()(h, segment_ids=segment_ids, positions=positions, **kw)
+    mixer = spec.module(a, a.group(spec.name), name=spec.module_name)
+    h = norm(spec.norm_name)(x)
+    if spec.stateless:
+      h = mixer(h)
+    elif mode == "full":
+      h = mixer(h, segment_ids=segment_ids, positions=positions)
     else:
-      h = self._mixer()(h, segment_ids=segment_ids, **kw)
-    if mode != "full":
-      h, cache = h
+      h, cache = mixer(h, segment_ids=segment_ids, positions=positions, cache=cache, mode=mode)
     x = x + h
-    if a.block_mlp:
-      x = x + mlp()(norm("mlp_norm")(x))
+    if a.block_mlp and spec.block_mlp:
+      x = x + SwiGLU(a.ff_dim, a.compute_dtype, a.params_dtype, name="mlp")(norm("mlp_norm")(x))
     return x if mode == "full" else (x, cache)
 
 
@@ -154,32 +183,18 @@ _REMAT_POLICIES = {
 def init_cache(args: ModelArgs, batch: int, max_len: int) -> dict[str, Any]:
   """An empty decoding cache for `batch` sequences of up to `max_len` tokens (prompt + generated).
 
-  Attention layers get [batch, min(max_len, sliding_window or max_len), kv_heads, head_dim] K and V
-  in the compute dtype; Mamba layers a [batch, d_conv - 1, d_inner] conv state and a float32
-  [batch, d_inner, d_state] SSM state, independent of max_len.
+  Each block's entry comes from its mixer's registry entry (`init_cache`): attention a KV cache of
+  min(max_len, sliding_window or max_len) slots, the SSMs a state independent of max_len, stateless
+  blocks nothing.
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, "
                      f"max_len={max_len}")
-  a, dt = args, args.compute_dtype
   blocks: dict[str, Any] = {}
-  for i, letter in enumerate(a.pattern):
-    if letter == "A":
-      blocks[f"block_{i}"] = init_attention_cache(
-          batch, attention_cache_len(max_len, a.sliding_window), a.num_kv_heads, a.attn_head_dim,
-          dt)
-    elif letter == "M":
-      blocks[f"block_{i}"] = init_mamba_cache(batch, a.expand * a.d_model, a.d_state, a.d_conv, dt)
-    elif letter == "S":
-      from ssm_lab.layers import mamba2  # noqa: PLC0415 (optional until Mamba-2 lands)
-      init_mamba2_cache = getattr(mamba2, "init_mamba2_cache", None)
-      if init_mamba2_cache is None:
-        raise ValueError(f"pattern {a.pattern!r}: the Mamba-2 layer (S) has no decoding cache yet")
-      blocks[f"block_{i}"] = init_mamba2_cache(
-          batch, d_inner=a.expand * a.d_model, d_state=a.ssd_d_state, head_dim=a.ssd_head_dim,
-          n_groups=a.ssd_n_groups, d_conv=a.d_conv, dtype=dt)
-    else:
-      blocks[f"block_{i}"] = {}
+  for i, letter in enumerate(args.pattern):
+    spec = registry.get(letter)
+    blocks[f"block_{i}"] = ({} if spec.stateless
+                            else spec.init_cache(args, args.group(spec.name), batch, max_len))
   return {"index": jnp.zeros((), jnp.int32), "blocks": blocks}
 
 

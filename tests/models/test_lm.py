@@ -14,10 +14,13 @@ KEY = jax.random.PRNGKey(0)
 def model_cfg(**kw):
   cfg = config_lib.model_defaults()
   cfg.d_model = 32
-  cfg.num_heads = 2
-  cfg.num_kv_heads = 1
+  cfg.attention.num_heads = 2
+  cfg.attention.num_kv_heads = 1
   for k, v in kw.items():
-    cfg[k] = v
+    if k in cfg.attention:
+      cfg.attention[k] = v
+    else:
+      cfg[k] = v
   return cfg
 
 
