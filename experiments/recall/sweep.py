@@ -1,0 +1,110 @@
+"""Zoology's MQAR gap (Arora et al. 2023, arXiv 2312.04927, Figure 2): recall accuracy of 2-layer
+attention, Mamba, Mamba-2 and hybrid models against model width, for four (length, key-value pairs)
+settings; the best of four learning rates per cell.
+
+Run names are `L<seq_len>-d<d_model>-<model>-lr<lr>`, so `--only 'L64-*-mamba-*'` selects one unit.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from ssm_lab.config import base_config
+from ssm_lab.experiments import Run, available_letters, best_over, markdown_table, pivot, set_mixer
+
+# (seq_len, num_kv_pairs) and the batch size Zoology uses at that length.
+SETTINGS = [(64, 4), (128, 8), (256, 16), (512, 64)]
+BATCH = {64: 512, 128: 512, 256: 256, 512: 128}
+D_MODELS = [64, 128, 256, 512]
+LEARNING_RATES = [float(x) for x in np.logspace(-4, -2, 4)]
+VOCAB = 8192
+TRAIN_EXAMPLES, EPOCHS, TEST_EXAMPLES = 100_000, 64, 3_000
+SEGMENTS = 4  # early-stop checks per run (each resumes training in a new train_and_evaluate call)
+
+# name -> (layer pattern, {mixer group: fields}); every model has 2 blocks and no MLP.
+MODELS: dict[str, tuple[str, dict[str, dict]]] = {
+    "attention": ("AA", {"attention": dict(num_heads=1, num_kv_heads=1)}),
+    "mamba": ("MM", {"mamba": dict(d_state=16, expand=2)}),
+    "mamba2_n64": ("SS", {"mamba2": dict(d_state=64, expand=2)}),
+    "mamba2_n128": ("SS", {"mamba2": dict(d_state=128, expand=2)}),
+    "hybrid": ("AM", {"attention": dict(num_heads=1, num_kv_heads=1),
+                      "mamba": dict(d_state=16, expand=2)}),
+    "hyena": ("HH", {}),  # gated convolution; trained once the "H" mixer exists
+}
+
+
+def models() -> dict[str, tuple[str, dict[str, dict]]]:
+  """The models whose layer letters the model stack knows today."""
+  letters = available_letters()
+  return {k: v for k, v in MODELS.items() if set(v[0]) <= letters}
+
+
+def make_config(seq_len: int, num_kv_pairs: int, d_model: int, model: str, lr: float, *,
+                vocab: int = VOCAB, batch_size: int | None = None, num_steps: int | None = None,
+                eval_examples: int = TEST_EXAMPLES, segments: int = SEGMENTS) -> ml_collections.ConfigDict:
+  """One run's config. Steps default to EPOCHS passes over TRAIN_EXAMPLES at the length's batch."""
+  pattern, mixers = MODELS[model]
+  batch_size = batch_size or BATCH[seq_len]
+  num_steps = num_steps or EPOCHS * TRAIN_EXAMPLES // batch_size
+  config = base_config()
+  config.task = ml_collections.ConfigDict(dict(
+      name="mqar", vocab_size=vocab, seq_len=seq_len, num_kv_pairs=num_kv_pairs, power_a=0.01,
+      seed=0, num_eval_examples=eval_examples))
+  config.model.pattern = pattern
+  config.model.block_mlp = False
+  config.model.d_model = d_model
+  for group, fields in mixers.items():
+    set_mixer(config, group, **fields)
+  if "S" in pattern:
+    set_mixer(config, "mamba2", head_dim=min(64, 2 * d_model))
+  t = config.train
+  t.batch_size = batch_size
+  t.num_steps = num_steps
+  t.learning_rate = lr
+  t.warmup_steps = min(100, num_steps // 10)
+  t.eval_every = max(1, num_steps // segments)
+  t.checkpoint_every = t.eval_every
+  t.keep_checkpoints = 1
+  t.log_every = min(100, num_steps)
+  t.progress_bar = False
+  return config
+
+
+def runs(smoke: bool = False) -> list[Run]:
+  if smoke:  # seconds on CPU: attention at two learning rates (so best_over picks), one Mamba
+    cells = [("attention", 16, 1e-3), ("attention", 16, 1e-2), ("mamba", 16, 1e-2)]
+    return [Run(name=f"L32-d{d}-{model}-lr{lr:.1e}",
+                config=make_config(32, 4, d, model, lr, vocab=64, batch_size=16, num_steps=4,
+                                   eval_examples=32, segments=1),
+                tags=dict(seq_len=32, num_kv_pairs=4, d_model=d, model=model, lr=lr),
+                early_stop=("accuracy", 0.99))
+            for model, d, lr in cells if model in models()]
+  out = []
+  for seq_len, kv in SETTINGS:
+    for model in models():
+      for d in D_MODELS:
+        for lr in LEARNING_RATES:
+          out.append(Run(name=f"L{seq_len}-d{d}-{model}-lr{lr:.1e}",
+                         config=make_config(seq_len, kv, d, model, lr),
+                         tags=dict(seq_len=seq_len, num_kv_pairs=kv, d_model=d, model=model, lr=lr),
+                         early_stop=("accuracy", 0.99)))
+  return out
+
+
+def table(results: list[dict]) -> str:
+  """Best-of-learning-rates accuracy: a row per (length, model), a column per d_model."""
+  best = best_over(results, key="lr", metric_key="accuracy")
+  if not best:
+    return "No finished runs yet."
+  header, rows = pivot(best, rows=("seq_len", "model"), col="d_model",
+                       value=lambda r: f"{r['metrics']['accuracy']:.3f}"
+                       + ("" if r["best_over"]["ok"] == r["best_over"]["tried"] else
+                          f" ({r['best_over']['ok']}/{r['best_over']['tried']} lr)"))
+  devices = sorted({f"{r['device']['kind']} x{r['device']['count']}" for r in best})
+  commits = sorted({r["commit"][:12] for r in best})
+  return (markdown_table(header, rows)
+          + f"\n\nEval accuracy on {TEST_EXAMPLES:,} held-out examples (fewer in smoke runs), the best "
+          f"of the learning rates tried ({len(LEARNING_RATES)} in the full sweep); \"(k/n lr)\" "
+          f"marks a cell where only k of its n runs finished. Devices: {', '.join(devices)}; "
+          f"commits: {', '.join(commits)}.")

@@ -1,0 +1,178 @@
+"""What a study is: a folder `experiments/<study>/` whose `sweep.py` lists its runs as data.
+
+A run either trains a config through `ssm_lab.train.train_and_evaluate` (optionally followed by an
+`evaluate` of the trained workdir) or calls a measurement function `fn`. Studies never hold a training
+loop of their own; `ssm_lab.experiments.runner` runs them all the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import types
+from typing import Any, Callable
+
+import ml_collections
+
+ENV_DIR = "SSM_LAB_EXPERIMENTS_DIR"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+@dataclasses.dataclass
+class Run:
+  """One unit of a study: a training run (`config`, optional `evaluate`) or a measurement (`fn`).
+
+  name: unique within the study; names the result file and the workdir (letters, digits, `_.=+-`).
+  config: trained by `train_and_evaluate` in `<out>/<study>/<name>`.
+  evaluate: `evaluate(workdir, config) -> dict` after training (e.g. accuracy at other lengths);
+    `ssm_lab.runs.load_run(workdir)` opens the trained model. Its metrics join the eval metrics.
+  fn: `fn() -> dict` of metrics, for units that measure rather than train (op timings).
+  tags: what plots and tables group by, e.g. {"model": "mamba", "d_model": 64, "lr": 1e-3}.
+  early_stop: (metric, threshold): stop training once an evaluation reaches it (Zoology stops at
+    0.99 accuracy). Training then runs in segments of `config.train.eval_every` steps, one
+    `train_and_evaluate` call each (resuming from the checkpoint; each call compiles again).
+  """
+
+  name: str
+  config: ml_collections.ConfigDict | None = None
+  evaluate: Callable[[str, ml_collections.ConfigDict], dict[str, Any]] | None = None
+  fn: Callable[[], dict[str, Any]] | None = None
+  tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  early_stop: tuple[str, float] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not _NAME.match(self.name):
+      raise ValueError(f"Run.name={self.name!r} must be letters, digits and '_.=+-' (it names a "
+                       f"file and a directory)")
+    if (self.config is None) == (self.fn is None):
+      raise ValueError(f"run {self.name!r}: set exactly one of Run.config (training) or Run.fn "
+                       f"(measurement)")
+    if self.fn is not None and (self.evaluate is not None or self.early_stop is not None):
+      raise ValueError(f"run {self.name!r}: Run.evaluate and Run.early_stop need Run.config, not "
+                       f"Run.fn")
+
+
+def experiments_dir(explicit: str | None = None) -> str:
+  """Where studies live: `explicit`, else $SSM_LAB_EXPERIMENTS_DIR, else the repository's
+  `experiments/` (the parent of the ssm_lab package)."""
+  if explicit:
+    return os.path.abspath(explicit)
+  if os.environ.get(ENV_DIR):
+    return os.path.abspath(os.environ[ENV_DIR])
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(os.path.dirname(package), "experiments")
+
+
+def _load_module(path: str, name: str) -> types.ModuleType:
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"cannot load {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@dataclasses.dataclass
+class Study:
+  """A study folder: `sweep.py` (required), `plot.py` (optional), `README.md`, `results/`."""
+
+  name: str
+  path: str
+
+  @property
+  def results_dir(self) -> str:
+    return os.path.join(self.path, "results")
+
+  @property
+  def readme(self) -> str:
+    return os.path.join(self.path, "README.md")
+
+  def sweep_module(self) -> types.ModuleType:
+    return _load_module(os.path.join(self.path, "sweep.py"), f"ssm_lab_study_{self.name}_sweep")
+
+  def plot_module(self) -> types.ModuleType | None:
+    path = os.path.join(self.path, "plot.py")
+    return _load_module(path, f"ssm_lab_study_{self.name}_plot") if os.path.exists(path) else None
+
+  def runs(self, smoke: bool = False) -> list[Run]:
+    """The sweep's runs, checked: each a `Run`, names unique."""
+    module = self.sweep_module()
+    if not callable(getattr(module, "runs", None)):
+      raise AttributeError(f"{self.path}/sweep.py must define runs(smoke: bool = False) -> list[Run]")
+    runs = list(module.runs(smoke=smoke))
+    seen: set[str] = set()
+    for run in runs:
+      if not isinstance(run, Run):
+        raise TypeError(f"{self.path}/sweep.py: runs() returned {type(run).__name__}, not Run")
+      if run.name in seen:
+        raise ValueError(f"{self.path}/sweep.py: run name {run.name!r} appears twice")
+      seen.add(run.name)
+    return runs
+
+  def hook(self, name: str) -> Callable[..., Any] | None:
+    """`name` (e.g. "plot", "table") from plot.py, else from sweep.py, else None."""
+    for module in (self.plot_module(), self.sweep_module()):
+      if module is not None and callable(getattr(module, name, None)):
+        return getattr(module, name)
+    return None
+
+
+def find_studies(root: str | None = None) -> dict[str, Study]:
+  """{name: Study} for every folder of `root` (see `experiments_dir`) that holds a sweep.py."""
+  root = experiments_dir(root)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"experiments directory {root} not found (set --experiments_dir or "
+                            f"${ENV_DIR})")
+  return {d: Study(d, os.path.join(root, d)) for d in sorted(os.listdir(root))
+          if os.path.isfile(os.path.join(root, d, "sweep.py"))}
+
+
+def get_study(name: str, root: str | None = None) -> Study:
+  studies = find_studies(root)
+  if name not in studies:
+    raise KeyError(f"no study {name!r} in {experiments_dir(root)}; studies: {sorted(studies)}")
+  return studies[name]
+
+
+# Helpers sweeps share.
+
+def available_letters() -> set[str]:
+  """Layer letters the model stack knows today (the guard for mixers still being added)."""
+  from ssm_lab.config import LAYER_LETTERS  # noqa: PLC0415
+
+  return set(LAYER_LETTERS)
+
+
+def set_mixer(config: ml_collections.ConfigDict, group: str, **fields: Any) -> None:
+  """Sets a mixer's fields, e.g. `set_mixer(cfg, "mamba2", d_state=64)`.
+
+  Writes `config.model.<group>.<field>` when the model config has that group, else the legacy flat
+  names (`model.d_state`, `model.ssd_d_state`, `model.num_heads`, ...), so sweeps work both before and
+  after mixer fields move into groups.
+  """
+  model = config.model
+  if group in model and isinstance(model[group], ml_collections.ConfigDict):
+    for key, value in fields.items():
+      if key not in model[group]:
+        raise KeyError(f"config.model.{group} has no field {key!r}; fields: {sorted(model[group])}")
+      model[group][key] = value
+    return
+  legacy = _LEGACY.get(group)
+  if legacy is None:
+    raise KeyError(f"config.model has no group {group!r} and no legacy names for it; groups with "
+                   f"legacy names: {sorted(_LEGACY)}")
+  for key, value in fields.items():
+    flat = legacy.get(key, key)
+    if flat not in model:
+      raise KeyError(f"set_mixer({group!r}): config.model has neither .{group}.{key} nor .{flat}")
+    model[flat] = value
+
+
+_LEGACY: dict[str, dict[str, str]] = {
+    "attention": {"impl": "attention_impl"},  # num_heads, num_kv_heads, head_dim, ... keep names
+    "mamba": {"impl": "scan_impl"},           # d_state, expand, d_conv, dt_* keep names
+    "mamba2": {"d_state": "ssd_d_state", "head_dim": "ssd_head_dim", "n_groups": "ssd_n_groups",
+               "chunk_size": "ssd_chunk_size", "impl": "ssd_impl"},  # expand, d_conv shared
+}
