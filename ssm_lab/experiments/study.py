@@ -139,40 +139,20 @@ def get_study(name: str, root: str | None = None) -> Study:
 # Helpers sweeps share.
 
 def available_letters() -> set[str]:
-  """Layer letters the model stack knows today (the guard for mixers still being added)."""
-  from ssm_lab.config import LAYER_LETTERS  # noqa: PLC0415
+  """Layer letters of every registered mixer (`ssm_lab.layers.registry`)."""
+  from ssm_lab.layers import registry  # noqa: PLC0415
 
-  return set(LAYER_LETTERS)
+  return set(registry.letters())
 
 
 def set_mixer(config: ml_collections.ConfigDict, group: str, **fields: Any) -> None:
-  """Sets a mixer's fields, e.g. `set_mixer(cfg, "mamba2", d_state=64)`.
-
-  Writes `config.model.<group>.<field>` when the model config has that group, else the legacy flat
-  names (`model.d_state`, `model.ssd_d_state`, `model.num_heads`, ...), so sweeps work both before and
-  after mixer fields move into groups.
-  """
+  """Sets fields of a mixer's config group, e.g. `set_mixer(cfg, "mamba2", d_state=64)`; a group or
+  field the schema does not have raises KeyError naming it."""
   model = config.model
-  if group in model and isinstance(model[group], ml_collections.ConfigDict):
-    for key, value in fields.items():
-      if key not in model[group]:
-        raise KeyError(f"config.model.{group} has no field {key!r}; fields: {sorted(model[group])}")
-      model[group][key] = value
-    return
-  legacy = _LEGACY.get(group)
-  if legacy is None:
-    raise KeyError(f"config.model has no group {group!r} and no legacy names for it; groups with "
-                   f"legacy names: {sorted(_LEGACY)}")
+  if group not in model or not isinstance(model[group], ml_collections.ConfigDict):
+    groups = sorted(k for k in model if isinstance(model[k], ml_collections.ConfigDict))
+    raise KeyError(f"config.model has no mixer group {group!r}; groups: {groups}")
   for key, value in fields.items():
-    flat = legacy.get(key, key)
-    if flat not in model:
-      raise KeyError(f"set_mixer({group!r}): config.model has neither .{group}.{key} nor .{flat}")
-    model[flat] = value
-
-
-_LEGACY: dict[str, dict[str, str]] = {
-    "attention": {"impl": "attention_impl"},  # num_heads, num_kv_heads, head_dim, ... keep names
-    "mamba": {"impl": "scan_impl"},           # d_state, expand, d_conv, dt_* keep names
-    "mamba2": {"d_state": "ssd_d_state", "head_dim": "ssd_head_dim", "n_groups": "ssd_n_groups",
-               "chunk_size": "ssd_chunk_size", "impl": "ssd_impl"},  # expand, d_conv shared
-}
+    if key not in model[group]:
+      raise KeyError(f"config.model.{group} has no field {key!r}; fields: {sorted(model[group])}")
+    model[group][key] = value

@@ -39,8 +39,8 @@ def tiny(lr, steps=4, eval_every=4):
                                                num_kv_pairs=2, num_eval_examples=16))
   config.model.pattern = "A"
   config.model.d_model = 16
-  config.model.num_heads = 1
-  config.model.num_kv_heads = 1
+  config.model.attention.num_heads = 1
+  config.model.attention.num_kv_heads = 1
   t = config.train
   t.batch_size, t.num_steps, t.warmup_steps, t.learning_rate = 8, steps, 1, lr
   t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 2, eval_every, eval_every, 1

@@ -1,5 +1,5 @@
 """Result records and table helpers: atomic writes, best-of-sweep selection, pivots, README blocks,
-and set_mixer on legacy flat and grouped model configs."""
+and set_mixer on the mixer groups."""
 
 from __future__ import annotations
 
@@ -64,20 +64,13 @@ def test_commit_is_recorded():
   assert commit == "unknown" or len(commit.split("+")[0]) == 40
 
 
-def test_set_mixer_writes_legacy_flat_names_or_groups():
+def test_set_mixer_writes_group_fields_and_names_unknown_ones():
   config = config_lib.base_config()
-  if "mamba2" not in config.model:  # today's flat schema
-    set_mixer(config, "mamba2", d_state=128, head_dim=32, expand=2)
-    set_mixer(config, "attention", num_heads=1, impl="xla")
-    set_mixer(config, "mamba", d_state=8)
-    assert (config.model.ssd_d_state, config.model.ssd_head_dim) == (128, 32)
-    assert (config.model.num_heads, config.model.attention_impl, config.model.d_state) == (1, "xla", 8)
-    with pytest.raises(KeyError, match="neither .mamba.nope nor .nope"):
-      set_mixer(config, "mamba", nope=1)
-  grouped = ml_collections.ConfigDict({"model": {"mamba2": {"d_state": 64, "head_dim": 64}}})
-  set_mixer(grouped, "mamba2", d_state=128)
-  assert grouped.model.mamba2.d_state == 128
+  set_mixer(config, "mamba2", d_state=128, head_dim=32)
+  set_mixer(config, "attention", num_heads=1, impl="xla")
+  assert (config.model.mamba2.d_state, config.model.mamba2.head_dim) == (128, 32)
+  assert (config.model.attention.num_heads, config.model.attention.impl) == (1, "xla")
   with pytest.raises(KeyError, match="config.model.mamba2 has no field 'ssd_d_state'"):
-    set_mixer(grouped, "mamba2", ssd_d_state=1)
-  with pytest.raises(KeyError, match="no group 'hyena'"):
-    set_mixer(grouped, "hyena", order=2)
+    set_mixer(config, "mamba2", ssd_d_state=1)
+  with pytest.raises(KeyError, match="no mixer group 'nope'"):
+    set_mixer(config, "nope", order=2)
