@@ -150,14 +150,19 @@ def length_sweep(test_log2: list[int], tokens_per_length: int = TOKENS_PER_LENGT
       n = max(min_seqs, min(max_seqs, tokens_per_length // length))
       task = make_task(ml_collections.ConfigDict(dict(config.task.to_dict(), eval_seq_len=length,
                                                       num_eval_examples=n)))
-      try:
-        acc = scored_accuracy(run, task.eval_batches(max(1, batch_tokens // length)))
-      except Exception as err:  # out of memory ends this model's sweep; anything else fails the run
-        if not is_out_of_memory(err):
-          raise
+      acc = None
+      for batch in dict.fromkeys((max(1, batch_tokens // length), 1)):  # one sequence at a time last
+        try:
+          acc = scored_accuracy(run, task.eval_batches(batch))
+          break
+        except Exception as err:  # out of memory: retry one sequence at a time, then stop here
+          if not is_out_of_memory(err):
+            raise
+          out["oom_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:300]
+      if acc is None:
         out["oom_at_log2_length"] = k
-        out["oom_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:300]
         break
+      out.pop("oom_error", None)
       out["accuracy_by_log2_length"][str(k)] = acc["accuracy"]
       out["sequences_by_log2_length"][str(k)] = n
     return out
