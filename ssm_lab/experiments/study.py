@@ -156,3 +156,48 @@ def set_mixer(config: ml_collections.ConfigDict, group: str, **fields: Any) -> N
     if key not in model[group]:
       raise KeyError(f"config.model.{group} has no field {key!r}; fields: {sorted(model[group])}")
     model[group][key] = value
+
+
+def letter_of(group: str) -> str | None:
+  """The pattern letter of the registered mixer whose config group is `group` (e.g. "s4d"), or None
+  while no such mixer is registered, so sweeps can name mixers that are still being added."""
+  from ssm_lab.layers import registry  # noqa: PLC0415
+
+  return next((spec.letter for spec in registry.specs() if spec.name == group), None)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+  """Whether `err` says the device or host ran out of memory (XLA's RESOURCE_EXHAUSTED, a failed
+  allocation, MemoryError): an evaluation that hits it records the limit instead of failing."""
+  if isinstance(err, MemoryError):
+    return True
+  text = str(err)
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                 "Failed to allocate", "failed to allocate"))
+
+
+def scored_accuracy(run: Any, batches: Any) -> dict[str, float]:
+  """Accuracy of a loaded run (`ssm_lab.runs.load_run`) on language-modelling batches
+  ({"inputs", "targets", "loss_mask"}, each [batch, length]): "accuracy" over the scored positions
+  (loss_mask > 0, as the training loop's eval counts them), "last_position_accuracy" at each row's
+  last scored position, and "count" (scored positions seen)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  predict = jax.jit(lambda params, x: jnp.argmax(
+      run.model.apply({"params": params}, x), axis=-1).astype(jnp.int32))
+  correct = count = last_correct = rows = 0.0
+  for batch in batches:
+    pred = np.asarray(predict(run.params, jnp.asarray(batch["inputs"])))
+    hit = (pred == batch["targets"]).astype(np.float64)
+    mask = batch["loss_mask"] > 0
+    correct += float((hit * mask).sum())
+    count += float(mask.sum())
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)   # each row's last scored position
+    scored = mask.any(axis=1)
+    last_correct += float(hit[np.arange(len(hit)), last][scored].sum())
+    rows += float(scored.sum())
+  if not count:
+    raise ValueError("scored_accuracy: the batches hold no scored position (loss_mask is all zero)")
+  return {"accuracy": correct / count, "last_position_accuracy": last_correct / rows, "count": count}
