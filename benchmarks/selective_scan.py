@@ -63,7 +63,7 @@ from ssm_lab.provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceilings  # noqa: E402
-import timing  # noqa: E402
+from ssm_lab import timing  # noqa: E402
 
 
 
