@@ -571,7 +571,7 @@ def render_md(meta, checks, results):
            "Median ms over repeated runs after warm-up; fwd+bwd = forward plus VJP. HBM/MMA: "
            f"fraction of {HBM_TBS} TB/s for the fewest bytes, and of {MATMUL_TFS} TF/s for the "
            "chunked algorithm's matmul FLOPs. Pipelined: the same runs dispatched back to back and "
-           "synchronised once (benchmarks/timing.py: device time per call, host round trip overlapped).",
+           "synchronised once (ssm_lab/timing.py: device time per call, host round trip overlapped).",
            "",
            f"jax-linear-attention: {meta['jax_linear_attention']}", "",
            f"Compiles done at {meta.get('compile_s', '?')} s; not compiled: "
