@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import timing  # noqa: E402
+from ssm_lab import timing  # noqa: E402
 import ssm_lab.ops.pallas.selective_scan as PSS  # noqa: E402
 from ssm_lab.ops.pallas.selective_scan import LOG2E, recompute_sub_chunks  # noqa: E402
 

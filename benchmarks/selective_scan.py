@@ -63,7 +63,7 @@ from ssm_lab.provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceilings  # noqa: E402
-import timing  # noqa: E402
+from ssm_lab import timing  # noqa: E402
 
 
 
@@ -273,7 +273,7 @@ def too_big(exe) -> str | None:
 
 
 def time_exe(exe, args, reps: int) -> float:
-  """Median wall ms of exe(*args), each call synchronised (benchmarks/timing.py)."""
+  """Median wall ms of exe(*args), each call synchronised (ssm_lab/timing.py)."""
   return timing.synchronised(exe, args, reps, warmup=2 if reps > 3 else 1)[0]
 
 
@@ -722,7 +722,7 @@ def _report(results: dict[str, Any], out: str, echo: bool = True) -> None:
   if bench:
     lines += ["", "## Timings (median ms; achieved = must-move bytes / time)", "",
               "Synchronised: every call waited for; pipelined: calls dispatched back to back and "
-              "waited for once (benchmarks/timing.py). Ratios are of the synchronised times, with "
+              "waited for once (ssm_lab/timing.py). Ratios are of the synchronised times, with "
               "the pipelined ones in brackets.", "",
               "| shape (b, L, d_inner, d_state) | impl | fwd ms | fwd+bwd ms | fwd+bwd pipelined ms "
               f"| fwd+bwd achieved TB/s (% of {results['meta']['hbm_ceiling_bytes_per_s'] / 1e12:.2f})"

@@ -3,7 +3,7 @@
 One script for one device call:
   1. correctness: pallas (and chunked) against the float32 reference at a medium shape (values, final
      state and every gradient), and pallas against the float32 chunked op at the benchmark shapes;
-  2. timing (benchmarks/timing.py): each row both synchronised per call (median of repeated runs
+  2. timing (ssm_lab/timing.py): each row both synchronised per call (median of repeated runs
      after warm-up) and pipelined (runs dispatched back to back, one wait), bf16, (batch, length) in
      (8, 2048), (2, 8192),
      (1, 65536) with 24 heads, head_dim 64, d_state 128, one B/C group, for our "chunked" XLA op, our
@@ -56,7 +56,7 @@ from ssm_lab.provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import ceilings  # noqa: E402
-import timing  # noqa: E402
+from ssm_lab import timing  # noqa: E402
 
 ssd_pallas = PAL.ssd_pallas
 
@@ -571,7 +571,7 @@ def render_md(meta, checks, results):
            "Median ms over repeated runs after warm-up; fwd+bwd = forward plus VJP. HBM/MMA: "
            f"fraction of {HBM_TBS} TB/s for the fewest bytes, and of {MATMUL_TFS} TF/s for the "
            "chunked algorithm's matmul FLOPs. Pipelined: the same runs dispatched back to back and "
-           "synchronised once (benchmarks/timing.py: device time per call, host round trip overlapped).",
+           "synchronised once (ssm_lab/timing.py: device time per call, host round trip overlapped).",
            "",
            f"jax-linear-attention: {meta['jax_linear_attention']}", "",
            f"Compiles done at {meta.get('compile_s', '?')} s; not compiled: "

@@ -98,8 +98,7 @@ def test_scan_prototype_matches_the_reference_in_interpret_mode():
 
 def test_timing_pipelined_waits_for_every_call():
   import jax.numpy as jnp  # noqa: PLC0415
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import timing  # noqa: PLC0415
+  from ssm_lab import timing  # noqa: PLC0415
   calls = []
 
   def exe(x):

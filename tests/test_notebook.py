@@ -32,3 +32,13 @@ def test_quickstart_notebook_executes_on_a_tiny_run(tmp_path, monkeypatch):
                     for o in c.get("outputs", []))
   assert "recall accuracy on" in outputs
   assert "step 4" in outputs
+
+
+def test_scaling_notebook_executes_from_committed_results(monkeypatch):
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  nb = nbformat.read(os.path.join(ROOT, "notebooks", "scaling.ipynb"), as_version=4)
+  nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                          resources={"metadata": {"path": ROOT}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+  assert "results:" in outputs and "Edge" in outputs

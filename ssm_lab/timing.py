@@ -1,4 +1,4 @@
-"""Two ways to time a compiled program, shared by the kernel benchmarks.
+"""Two ways to time a compiled program, shared by the kernel benchmarks and the scaling study.
 
 - `synchronised`: each call is waited for (block_until_ready) before the next starts. The time
   includes the host's dispatch of the call and the round trip that tells it the call finished; on
