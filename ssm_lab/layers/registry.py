@@ -11,6 +11,7 @@ Registered mixers (letter, config group, paper):
   M  mamba      Mamba-1 selective SSM (S6) block                Gu & Dao 2023, arXiv 2312.00752
   S  mamba2     Mamba-2 (SSD) block                             Dao & Gu 2024, arXiv 2405.21060
   F  (none)     SwiGLU MLP only                                 Shazeer 2020, arXiv 2002.05202
+  D  s4d        S4D-Real LTI diagonal SSM in Mamba's block      Gu, Goel, Gupta & Ré 2022, arXiv 2206.11893
 
 `python -c "from ssm_lab.layers import registry; print(registry.describe())"` prints the live list.
 """
@@ -27,6 +28,7 @@ BUILTIN = (
     "ssm_lab.layers.mamba",
     "ssm_lab.layers.mamba2",
     "ssm_lab.layers.mlp",
+    "ssm_lab.layers.s4d",
 )
 
 
