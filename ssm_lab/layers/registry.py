@@ -12,6 +12,8 @@ Registered mixers (letter, config group, paper):
   S  mamba2     Mamba-2 (SSD) block                             Dao & Gu 2024, arXiv 2405.21060
   F  (none)     SwiGLU MLP only                                 Shazeer 2020, arXiv 2002.05202
   D  s4d        S4D-Real LTI diagonal SSM in Mamba's block      Gu, Goel, Gupta & Ré 2022, arXiv 2206.11893
+  L  lstm       single-layer LSTM (lax.scan)                    Hochreiter & Schmidhuber 1997
+  H  hyena      Hyena order-2 gated long conv, implicit filter  Poli et al. 2023, arXiv 2302.10866
 
 `python -c "from ssm_lab.layers import registry; print(registry.describe())"` prints the live list.
 """
@@ -29,6 +31,8 @@ BUILTIN = (
     "ssm_lab.layers.mamba2",
     "ssm_lab.layers.mlp",
     "ssm_lab.layers.s4d",
+    "ssm_lab.layers.lstm",
+    "ssm_lab.layers.hyena",
 )
 
 
