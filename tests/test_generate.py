@@ -4,8 +4,9 @@ every layer type and for hybrids; samplers; generate(); the CLI on a trained run
 Tolerance: float32 models match the full forward pass to atol = rtol = 1e-5 (measured differences
 are ~1e-7: the same ops, only the scan order of the recurrence and the softmax over a padded cache
 differ; ~4e-6 on logits of size ~6 for the FFT convolutions of S4D and Hyena, whose full pass sums
-in another order than the recurrence / history dot product of decoding); the bfloat16 model to 5e-2 (bf16 rounds activations to 8 bits of mantissa, and the decode
-path rounds at other places than the full pass).
+in another order than the recurrence / history dot product of decoding); the bfloat16 model to
+5e-2 (bf16 rounds activations to 8 bits of mantissa, and the decode path rounds at other places
+than the full pass).
 """
 
 import functools
