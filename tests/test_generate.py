@@ -39,6 +39,7 @@ CASES = {
     "hybrid_s4d_attention": dict(pattern="DA", block_mlp=True),
     "lstm": dict(pattern="LL"),
     "hybrid_lstm_attention_projected": dict(pattern="LA", lstm=dict(hidden=24)),
+    "hybrid_gru_attention": dict(pattern="GAG", gru=dict(hidden=24)),
     "hyena": dict(pattern="HH"),
     "hybrid_hyena_attention": dict(pattern="HAF", block_mlp=True),
 }
@@ -280,7 +281,8 @@ def test_cache_memory_closed_form_equals_what_init_cache_allocates():
   for kw in (dict(pattern="AMSF", block_mlp=True), dict(pattern="AA", sliding_window=16),
              dict(pattern="MSA", dtype="bfloat16", num_kv_heads=1),
              dict(pattern="DLHA", block_mlp=True),
-             dict(pattern="DHL", dtype="bfloat16", s4d=dict(conv=False), lstm=dict(hidden=24))):
+             dict(pattern="DHLG", dtype="bfloat16", s4d=dict(conv=False), lstm=dict(hidden=24),
+                  gru=dict(hidden=20))):
     attention = dict(num_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
                      sliding_window=kw.pop("sliding_window", 0))
     args = ModelArgs(d_model=32, vocab_size=41, attention=attention,

@@ -14,6 +14,7 @@ Registered mixers (letter, config group, paper):
   D  s4d        S4D-Real LTI diagonal SSM in Mamba's block      Gu, Goel, Gupta & Ré 2022, arXiv 2206.11893
   L  lstm       single-layer LSTM (lax.scan)                    Hochreiter & Schmidhuber 1997
   H  hyena      Hyena order-2 gated long conv, implicit filter  Poli et al. 2023, arXiv 2302.10866
+  G  gru        single-layer GRU (lax.scan)                     Cho et al. 2014, arXiv 1406.1078
 
 `python -c "from ssm_lab.layers import registry; print(registry.describe())"` prints the live list.
 """
@@ -33,6 +34,7 @@ BUILTIN = (
     "ssm_lab.layers.s4d",
     "ssm_lab.layers.lstm",
     "ssm_lab.layers.hyena",
+    "ssm_lab.layers.gru",
 )
 
 
