@@ -3,8 +3,10 @@ every layer type and for hybrids; samplers; generate(); the CLI on a trained run
 
 Tolerance: float32 models match the full forward pass to atol = rtol = 1e-5 (measured differences
 are ~1e-7: the same ops, only the scan order of the recurrence and the softmax over a padded cache
-differ); the bfloat16 model to 5e-2 (bf16 rounds activations to 8 bits of mantissa, and the decode
-path rounds at other places than the full pass).
+differ; ~4e-6 on logits of size ~6 for the FFT convolutions of S4D and Hyena, whose full pass sums
+in another order than the recurrence / history dot product of decoding); the bfloat16 model to
+5e-2 (bf16 rounds activations to 8 bits of mantissa, and the decode path rounds at other places
+than the full pass).
 """
 
 import functools
@@ -32,6 +34,14 @@ CASES = {
     "hybrid_window_mqa_mlp_untied": dict(pattern="AMFA", attention=dict(sliding_window=4,
                                                                         num_kv_heads=1),
                                          tie_embeddings=False),
+    "s4d": dict(pattern="DD"),
+    "s4d_no_gate_no_conv_scan": dict(pattern="DD", s4d=dict(gate=False, conv=False, impl="scan")),
+    "hybrid_s4d_attention": dict(pattern="DA", block_mlp=True),
+    "lstm": dict(pattern="LL"),
+    "hybrid_lstm_attention_projected": dict(pattern="LA", lstm=dict(hidden=24)),
+    "hybrid_gru_attention": dict(pattern="GAG", gru=dict(hidden=24)),
+    "hyena": dict(pattern="HH"),
+    "hybrid_hyena_attention": dict(pattern="HAF", block_mlp=True),
 }
 
 
@@ -54,7 +64,7 @@ def make(pattern, **kw):
   base = dict(d_model=32, vocab_size=41, attention=dict(num_heads=4, num_kv_heads=2),
               mamba=dict(d_state=8), mamba2=dict(d_state=8, head_dim=16, n_groups=2, chunk_size=4))
   for k, v in kw.items():
-    base[k] = {**base[k], **v} if isinstance(v, dict) else v
+    base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
   args = ModelArgs(pattern=pattern, **base)
   model = LanguageModel(args)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, args.vocab_size)
@@ -269,7 +279,10 @@ def test_cli_generates_from_a_run_directory(tmp_path, capsys):
 def test_cache_memory_closed_form_equals_what_init_cache_allocates():
   from ssm_lab.models import cache_memory
   for kw in (dict(pattern="AMSF", block_mlp=True), dict(pattern="AA", sliding_window=16),
-             dict(pattern="MSA", dtype="bfloat16", num_kv_heads=1)):
+             dict(pattern="MSA", dtype="bfloat16", num_kv_heads=1),
+             dict(pattern="DLHA", block_mlp=True),
+             dict(pattern="DHLG", dtype="bfloat16", s4d=dict(conv=False), lstm=dict(hidden=24),
+                  gru=dict(hidden=20))):
     attention = dict(num_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
                      sliding_window=kw.pop("sliding_window", 0))
     args = ModelArgs(d_model=32, vocab_size=41, attention=attention,
@@ -286,6 +299,12 @@ def test_cache_memory_closed_form_equals_what_init_cache_allocates():
   kv = lambda a, n: cache_memory.cache_bytes_per_sequence(a, n)["total"]
   assert kv(t, 2000) == 2 * kv(t, 1000) == 2 * 1000 * 2 * (2 * 2 * 8 * 4 + 4)
   assert kv(m, 10) == kv(m, 100000) > 0
+  # S4D and the LSTM keep a constant state; Hyena's k * v history grows like a KV cache.
+  r = ModelArgs(pattern="DL", d_model=32, vocab_size=41, lstm=dict(hidden=24))
+  assert kv(r, 10) == kv(r, 100000) == 64 * 16 * 4 + 3 * 64 * 4 + 2 * 24 * 4
+  h = ModelArgs(pattern="H", d_model=32, vocab_size=41)
+  assert kv(h, 2000) - kv(h, 1000) == 1000 * 32 * 4
+  assert cache_memory.cache_bytes_per_sequence(h, 10)["history"] == 10 * 32 * 4
   assert kv(w, 64) == kv(w, 100000) < kv(t, 100000)
   rows = cache_memory.cache_table({"t": t, "m": m}, [10, 20])
   assert [r["context"] for r in rows] == [10, 20, 10, 20] and rows[0]["kv"] > 0 == rows[2]["kv"]

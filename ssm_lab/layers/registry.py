@@ -11,6 +11,10 @@ Registered mixers (letter, config group, paper):
   M  mamba      Mamba-1 selective SSM (S6) block                Gu & Dao 2023, arXiv 2312.00752
   S  mamba2     Mamba-2 (SSD) block                             Dao & Gu 2024, arXiv 2405.21060
   F  (none)     SwiGLU MLP only                                 Shazeer 2020, arXiv 2002.05202
+  D  s4d        S4D-Real LTI diagonal SSM in Mamba's block      Gu, Goel, Gupta & Ré 2022, arXiv 2206.11893
+  L  lstm       single-layer LSTM (lax.scan)                    Hochreiter & Schmidhuber 1997
+  H  hyena      Hyena order-2 gated long conv, implicit filter  Poli et al. 2023, arXiv 2302.10866
+  G  gru        single-layer GRU (lax.scan)                     Cho et al. 2014, arXiv 1406.1078
 
 `python -c "from ssm_lab.layers import registry; print(registry.describe())"` prints the live list.
 """
@@ -27,6 +31,10 @@ BUILTIN = (
     "ssm_lab.layers.mamba",
     "ssm_lab.layers.mamba2",
     "ssm_lab.layers.mlp",
+    "ssm_lab.layers.s4d",
+    "ssm_lab.layers.lstm",
+    "ssm_lab.layers.hyena",
+    "ssm_lab.layers.gru",
 )
 
 
