@@ -3,6 +3,7 @@
 Each letter of `pattern` is one pre-norm residual block whose mixer comes from the registry
 (`ssm_lab.layers.registry`), for example:
   A  causal self-attention     M  Mamba-1 mixer     S  Mamba-2 mixer     F  SwiGLU MLP only
+  D  S4D (LTI) SSM             H  Hyena long conv   L  LSTM              G  GRU
 With `block_mlp`, every mixer block also gets a SwiGLU sublayer (Transformer / Jamba style). So
 "AAAA" + block_mlp is a LLaMA-style Transformer, "MMMM" a Mamba, "MMMAMMMM" + block_mlp a Jamba-like
 hybrid, and "SFSFSA" a Nemotron-H-like stack.
