@@ -1,7 +1,7 @@
 """Which pins of a requirements file the running Python already satisfies (name==version, extras
 ignored; `-r` includes followed). Used on the GPU image, which has no index to install from.
 
-  python benchmarks/check_requirements.py requirements-cuda.txt
+  python -m benchmarks.check_requirements requirements-cuda.txt
 """
 
 from __future__ import annotations

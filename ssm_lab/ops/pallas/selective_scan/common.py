@@ -42,10 +42,6 @@ class Config:
     state_block: v4: states per [chunk, block_d, state_block] tile in the forward-direction kernels
       (a power of two dividing the padded d_state); the kernels loop statically over the groups.
     bwd_state_block: v4: the same for the backward (it holds about twice as many live tiles).
-    pack_bc: v6, bf16 B and C: read them from one uint32 array (B in the low half of each word, C
-      in the high half), so one load and one register a state carry both. Ignored for other dtypes.
-    split_states: v6: hold the state (and the backward's adjoint) as d_state/4 tiles of 4 states, so
-      sums over states are fma chains across them (see `v6._fwd6_kernel`).
   """
 
   block_d: int | None = None
@@ -58,8 +54,6 @@ class Config:
   kernels: str | None = None
   state_block: int | None = None
   bwd_state_block: int | None = None
-  pack_bc: bool = False
-  split_states: bool = False
 
 
 # The largest padded d_state for which the default is v6 (its state tiles live in registers).
@@ -97,8 +91,6 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
   if kernels not in KERNELS:
     raise ValueError(f"Config.kernels must be one of {KERNELS} or None, got {c.kernels!r}")
   v6 = kernels == "v6"
-  if (c.pack_bc or c.split_states) and not v6:
-    raise ValueError(f"Config.pack_bc / split_states need the v6 kernels, got kernels={kernels!r}")
   block_d = c.block_d or max(8, min(32, _pow2_ceil(d_group)))
   bwd_block_d = c.bwd_block_d or block_d
   # v6 backward: checkpoints every 8 tokens (offline SASS: 368 B of spill at 8, 1008 B at 16). v4:
@@ -133,8 +125,7 @@ def default_config(batch: int, length: int, d_inner: int, d_state: int, n_groups
   bwd_warps = c.bwd_num_warps or (max(1, bwd_block_d // 32) if v6 else c.num_warps or 4)
   return Config(block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d, bwd_num_warps=bwd_warps,
                 chunk=chunk, segments=segments, num_stages=c.num_stages, kernels=kernels,
-                state_block=state_block, bwd_state_block=bwd_state_block, pack_bc=c.pack_bc,
-                split_states=c.split_states)
+                state_block=state_block, bwd_state_block=bwd_state_block)
 
 
 def supports(*, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -164,7 +155,6 @@ class _Static:
   n_groups: int
   has_z: bool
   softplus: bool
-  packed_bc: bool    # bf16 B and C packed into one uint32 array (`_pack_bc`)
   cfg: Config
   interpret: bool
 
@@ -236,23 +226,6 @@ def _fma(a, b, c, interpret):
 # memory latency is then paid per step instead of per token.
 
 
-def _unpack_b(packed):
-  """B (float32) from a `_pack_bc` word: its low half is the bf16, i.e. the float32's high half."""
-  return jax.lax.bitcast_convert_type(packed << 16, F32)
-
-
-def _unpack_c(packed):
-  """C (float32) from a `_pack_bc` word (its high half)."""
-  return jax.lax.bitcast_convert_type(packed & jnp.uint32(0xFFFF0000), F32)
-
-
-def _pack_bc(bm, cm):
-  """uint32 [b, L, G, n] holding bf16 B (low half) and C (high half), or None for other dtypes."""
-  if bm.dtype != jnp.bfloat16 or cm.dtype != jnp.bfloat16:
-    return None
-  return jax.lax.bitcast_convert_type(jnp.stack([bm, cm], axis=-1), jnp.uint32)
-
-
 def _delta_of(dl_raw, bias, t, t_base, st: _Static):
   """(delta + bias, discretisation step) from local token t's loaded delta row; the step is zero on
   padded tokens."""
@@ -265,8 +238,7 @@ def _delta_of(dl_raw, bias, t, t_base, st: _Static):
 
 def _load_rows(r, t, names, q: int | None = None):
   """Local token t's rows of the named refs, as loaded (the v6 kernels issue loads apart from use).
-  With packed B/C (`_Static.packed_bc`) "b" is the packed row and "c" is not loaded: B's row brings
-  it. With `q`, the B/C rows ("b", "c") come as tuples of q-element pieces (see `_fwd6_kernel`)."""
+  With `q`, the B/C rows ("b", "c") come as tuples of q-element pieces (see `v6._fwd6_kernel`)."""
   def row(k):
     if q is None or k not in ("b", "c"):
       return r[k][t, :]
@@ -276,9 +248,7 @@ def _load_rows(r, t, names, q: int | None = None):
 
 
 def _widen(rows, bias, t, t_base, st: _Static):
-  """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt". A packed
-  B/C row ("b", or "cc" where only C is wanted) gives "b" and "c" (bf16 is the high half of the
-  float32 it widens to)."""
+  """`_load_rows`' rows in float32, with the delta row ("dl") replaced by the step "dt"."""
   def each(f, x):                                           # x: a row, or a tuple of pieces
     return tuple(f(p) for p in x) if isinstance(x, tuple) else f(x)
 
@@ -286,23 +256,17 @@ def _widen(rows, bias, t, t_base, st: _Static):
   for k, x in rows.items():
     if k == "dl":
       out["dt"] = _delta_of(x, bias, t, t_base, st)[1]
-    elif st.packed_bc and k in ("b", "cc"):
-      if k == "b":
-        out["b"] = each(_unpack_b, x)
-      out["c"] = each(_unpack_c, x)
     else:
-      out["c" if k == "cc" else k] = each(lambda p: p.astype(F32), x)
+      out[k] = each(lambda p: p.astype(F32), x)
   return out
 
 
 def _refs(refs, st: _Static, names: str):
-  """Unpacks a kernel's refs by name; 'z' and 'c' are skipped when absent (no z, packed B/C)."""
+  """Unpacks a kernel's refs by name; 'z' and 'dz' are None without a z gate."""
   it = iter(refs)
   out = {}
   for name in names.split():
     if (name == "z" or name == "dz") and not st.has_z:
-      out[name] = None
-    elif name == "c" and st.packed_bc:
       out[name] = None
     else:
       out[name] = next(it)

@@ -57,9 +57,9 @@ def recompute_sub_chunks(step, h, t0: int, T: int, U: int, before_sub=None):
 
 
 def _state_rows(st: _Static) -> int:
-  """Rows (states) of one state tile in the v6 forward, state pass and backward: all of d_state, or
-  4 with Config.split_states (see `_fwd6_kernel`)."""
-  return min(4, st.n_pad) if st.cfg.split_states else st.n_pad
+  """Rows (states) of one state tile in the v6 forward, state pass and backward: 4 (see
+  `_fwd6_kernel`)."""
+  return min(4, st.n_pad)
 
 
 def _row_blocks(ref, q: int, nb: int, *lead):
@@ -98,12 +98,13 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
   """`v4._fwd4_kernel`'s modes ("fwd": y, the end state and optionally the chunk
   checkpoints; "state": the end state from zero and the sum of delta) on the v6 tiles, token by token.
 
-  The state is held as d_state / q tiles of [q, block_d] (`_state_rows`): one tile by default;
-  with Config.split_states, tiles of the 4 rows that one lane holds at 32 channels a warp (Triton
-  repeats its [4, 32] lane grid down the rows), so the lanes hold the same values and y's sum over
-  states becomes an fma chain across the tiles plus the cross-lane sum of one tile, instead of a
-  product and an add a state (offline SASS at (8, 2048, 5120, 16): 1632 -> 1528 instructions a
-  chunk, the same registers, shuffles and barriers).
+  The state is held as d_state / q tiles of [q, block_d] (`_state_rows`, q = 4): the 4 rows that
+  one lane holds at 32 channels a warp (Triton repeats its [4, 32] lane grid down the rows), so y's
+  sum over states is an fma chain across the tiles plus the cross-lane sum of one tile, instead of
+  a product and an add a state (offline SASS at (8, 2048, 5120, 16): 1632 -> 1528 instructions a
+  chunk, the same registers, shuffles and barriers; H100 2026-12-07: fwd+bwd 4% faster than one
+  [d_state, block_d] tile at three benchmark shapes, 30% at (1, 65536, 2048, 16);
+  results/scan_knobs_ab.md). The backward holds its adjoint and dA the same way.
   """
   r, ck_ref = _fwd_refs(refs, st, mode)
   interp = st.interpret
@@ -159,7 +160,7 @@ def _fwd6_kernel(*refs, st: _Static, mode: str):
 
 def _adjoint6_kernel(*refs, st: _Static):
   """The segment adjoint pass (as `v4._bwd4_kernel` mode "adjoint") on the v6 tiles."""
-  r, _ = _refs(refs, st, "dl z cc a bias dy gloc dts")      # cc: the packed B/C array, or C
+  r, _ = _refs(refs, st, "dl z c a bias dy gloc dts")
   interp = st.interpret
   T, S = st.cfg.chunk, st.seg_len
   n_chunks = S // T
@@ -167,7 +168,7 @@ def _adjoint6_kernel(*refs, st: _Static):
   a2 = r["a"][...] * LOG2E
   bias = r["bias"][...]
 
-  names = ("dl", "dy", "cc") + (("z",) if st.has_z else ())
+  names = ("dl", "dy", "c") + (("z",) if st.has_z else ())
 
   def load_chunk(k):
     return [_load_rows(r, (n_chunks - 1 - k) * T + i, names) for i in range(T)]
@@ -201,7 +202,7 @@ def _bwd6_kernel(*refs, st: _Static):
   U = min(_V6_SUB, T)
   n_chunks = S // T
   t_base = pl.program_id(1) * S
-  # State, adjoint and dA as nb tiles of q states (one tile by default; `_fwd6_kernel`).
+  # State, adjoint and dA as nb tiles of q states (`_fwd6_kernel`).
   q = _state_rows(st)
   nb = st.n_pad // q
   a2 = tuple(x * LOG2E for x in _row_blocks(r["a"], q, nb))   # nb x [q, bd]

@@ -14,8 +14,7 @@ from jax.experimental.pallas import triton as plt
 
 from ssm_lab.ops.pallas import interpret_mode
 from ssm_lab.ops.pallas.scan_primitive import linear_recurrence
-from ssm_lab.ops.pallas.selective_scan.common import (F32, Config, _pack_bc, _padded_d_state, _Static,
-                                                      default_config)
+from ssm_lab.ops.pallas.selective_scan.common import F32, Config, _padded_d_state, _Static, default_config
 from ssm_lab.ops.pallas.selective_scan.v4 import _bwd4_kernel, _fwd4_kernel
 from ssm_lab.ops.pallas.selective_scan.v6 import _adjoint6_kernel, _bwd6_kernel, _fwd6_kernel
 
@@ -65,7 +64,7 @@ def _fwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, h0seg, save_ck: bool)
       name="selective_scan_fwd")(*args)
 
 
-def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
+def _state_call(st: _Static, u, dl, bm, a, bias):
   bd = st.cfg.block_d
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, seg_tile, seg_chan = _specs(st, bd)
@@ -75,17 +74,17 @@ def _state_call(st: _Static, u, dl, b_or_packed, a, bias):
                  jax.ShapeDtypeStruct((b, P - 1, dp), F32)],
       grid=(dp // bd, P - 1, b), in_specs=[tok, tok, grp, tile, chan],
       out_specs=[seg_tile, seg_chan], compiler_params=_params(st, st.cfg.num_warps),
-      interpret=st.interpret, name="selective_scan_state")(u, dl, b_or_packed, a, bias)
+      interpret=st.interpret, name="selective_scan_state")(u, dl, bm, a, bias)
 
 
-def _adjoint_call(st: _Static, dl, z, c_or_packed, a, bias, dy):
+def _adjoint_call(st: _Static, dl, z, cm, a, bias, dy):
   bd = st.cfg.block_d
   b, dp, n, P = st.batch, st.d_pad, st.n_pad, st.cfg.segments
   tok, grp, chan, tile, _, _ = _specs(st, bd, seg_offset=1)
   seg_tile = pl.BlockSpec((None, None, n, bd), lambda j, p, b: (b, p, 0, j))
   seg_chan = pl.BlockSpec((None, None, bd), lambda j, p, b: (b, p, j))
   in_specs = [tok] + ([tok] if st.has_z else []) + [grp, tile, chan, tok]
-  args = [dl] + ([z] if st.has_z else []) + [c_or_packed, a, bias, dy]
+  args = [dl] + ([z] if st.has_z else []) + [cm, a, bias, dy]
   return pl.pallas_call(
       (functools.partial(_adjoint6_kernel, st=st) if _v6(st)
        else functools.partial(_bwd4_kernel, st=st, mode="adjoint")),
@@ -130,8 +129,9 @@ def _bwd_call(st: _Static, u, dl, z, bcs, a, d_skip, bias, ck, dy, gend):
 
 
 def _bcs(st: _Static, bm, cm):
-  """The B/C arrays the kernels read: one packed uint32 array for bf16, else B and C."""
-  return [_pack_bc(bm, cm)] if st.packed_bc else [bm, cm]
+  """The B/C arrays the kernels read."""
+  del st
+  return [bm, cm]
 
 
 def _segment_starts(st: _Static, u, dl, bcs, a, bias, h0):
@@ -265,7 +265,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
   st = _Static(batch=batch, length=length, padded_length=padded_length,
                d_pad=groups * d_group_pad, d_group_pad=d_group_pad, n_pad=n_pad, n_groups=groups,
                has_z=z is not None, softplus=bool(delta_softplus),
-               packed_bc=cfg.pack_bc and B.dtype == jnp.bfloat16 and C.dtype == jnp.bfloat16, cfg=cfg,
+               cfg=cfg,
                interpret=interpret_mode())
 
   def tokens(x):                                            # [b, L, D] -> [b, Lp, Dp]
