@@ -1,7 +1,7 @@
 """Attention on the GPU: correctness at realistic shapes, tile tuning, and the benchmark table.
 
 Run on the device machine (H100):
-  PYTHONUNBUFFERED=1 python benchmarks/attention.py --out $OUT [--phases check,tune,bench]
+  PYTHONUNBUFFERED=1 python -m benchmarks.attention --out $OUT [--phases check,tune,bench]
 
   check  pallas / cudnn / JAX's deprecated Pallas mha / decode-xla against the float32 reference
          (highest matmul precision) at realistic shapes: values and gradients (rel. L2 error).
@@ -35,11 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 
 PEAK_TFLOPS = 736.0  # measured bf16 matmul ceiling of the chip: set in main() from ceilings.py
 TOKENS = 32768

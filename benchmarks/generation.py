@@ -20,10 +20,10 @@ Writes generation.json and generation.md under --out and prints the tables last.
 (8 models x 4 batch sizes, each a separate compile of a 12-48 layer decode loop) likely needs more than
 one 5-minute call: cases past --budget_s (default 230 s) are listed as skipped; rerun with --models.
 
-  python benchmarks/generation.py --out /tmp/gen                    # on the GPU, stops at --budget_s
-  python benchmarks/generation.py --out /tmp/gen --models transformer-1.3b,mamba-1.3b  # a subset
-  python benchmarks/generation.py --out /tmp/gen --smoke            # tiny models, runs anywhere
-  python benchmarks/generation.py --out DIR --memory_model_only     # the closed-form table alone
+  python -m benchmarks.generation --out /tmp/gen                    # on the GPU, stops at --budget_s
+  python -m benchmarks.generation --out /tmp/gen --models transformer-1.3b,mamba-1.3b  # a subset
+  python -m benchmarks.generation --out /tmp/gen --smoke            # tiny models, runs anywhere
+  python -m benchmarks.generation --out DIR --memory_model_only     # the closed-form table alone
 
 Imports only jax, numpy and ssm_lab's model, layer and generate modules (no ml-collections).
 """
@@ -35,7 +35,6 @@ import datetime
 import functools
 import json
 import os
-import pathlib
 import statistics
 import sys
 import time
@@ -46,8 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from ssm_lab import generate as gen  # noqa: E402
 from ssm_lab.models import cache_memory  # noqa: E402
@@ -55,8 +52,7 @@ from ssm_lab.models.flops import param_count  # noqa: E402
 from ssm_lab.models.lm import LanguageModel, ModelArgs  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 
 HBM_TBS = 2.46      # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 MATMUL_TFS = 736.0
@@ -420,7 +416,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Generation benchmark: closed-form cache memory only ({env['date']}, commit "
              f"{env['commit']}, jax {env['jax']}, computed on {env['device']})", "",
              "The GPU sections (device cache memory, decode and prefill throughput, decode memory "
-             "against context) have not been run: `python benchmarks/generation.py --out DIR` on "
+             "against context) have not been run: `python -m benchmarks.generation --out DIR` on "
              "a GPU fills them in.", ""]
   else:
     lines = [f"# Generation benchmark ({env['device']}, {env['date']}, commit {env['commit']}, "

@@ -4,9 +4,9 @@ Measures `LMTask.train_batch(step, batch_size)` (shuffled windows read from the 
 document separators inserted, segment ids / positions / loss masks computed) for consecutive steps,
 as the training loop calls it. The process is pinned to `--cores` cores (default 2, the CI machine).
 
-  python benchmarks/input_pipeline.py                       # gutenberg, bytes, 2048 x 64
-  python benchmarks/input_pipeline.py --tokenizer bpe:8192 --seq_len 1024 --train_tokens 16000000
-  python benchmarks/input_pipeline.py --synthetic           # no dataset needed: a random cache
+  python -m benchmarks.input_pipeline                       # gutenberg, bytes, 2048 x 64
+  python -m benchmarks.input_pipeline --tokenizer bpe:8192 --seq_len 1024 --train_tokens 16000000
+  python -m benchmarks.input_pipeline --synthetic           # no dataset needed: a random cache
 
 Prints one line per configuration and, with --json, writes the numbers there.
 """
@@ -18,14 +18,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssm_lab.data import lm, token_cache  # noqa: E402
 from ssm_lab.data.tokenizer import ByteTokenizer  # noqa: E402

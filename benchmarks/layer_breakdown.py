@@ -24,8 +24,8 @@ measured H100 ceilings. The markdown ends with a per-model projection (layers x 
 against the measured train_throughput step times. Writes layer_breakdown.json and layer_breakdown.md
 under --out after every row.
 
-  python benchmarks/layer_breakdown.py --out /tmp/lb            # on a GPU (~2-3 minutes)
-  python benchmarks/layer_breakdown.py --out /tmp/lb --smoke    # tiny shapes, any backend
+  python -m benchmarks.layer_breakdown --out /tmp/lb            # on a GPU (~2-3 minutes)
+  python -m benchmarks.layer_breakdown --out /tmp/lb --smoke    # tiny shapes, any backend
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -49,8 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from ssm_lab import ops  # noqa: E402
 from ssm_lab.layers import mamba as mamba_mod  # noqa: E402
 from ssm_lab.layers.attention import CausalSelfAttention, apply_rope  # noqa: E402
@@ -60,8 +57,7 @@ from ssm_lab.layers.mlp import SwiGLU, default_d_ff  # noqa: E402
 from ssm_lab.layers.norm import RMSNorm  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 
 HBM_TBS = 2.46        # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 MATMUL_TFS = 736.0

@@ -20,8 +20,8 @@ NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set for ev
 device notes require. A CPU dry run of the whole flow: `--cpu_devices 2` (simulated devices, toy
 sizes). On the device machine, ml-collections must travel as a wheel (see train_throughput.py).
 
-  python benchmarks/multi_gpu.py --out $OUT
-  python benchmarks/multi_gpu.py --cpu_devices 2 --out /tmp/multi_gpu   # dry run on CPU
+  python -m benchmarks.multi_gpu --out $OUT
+  python -m benchmarks.multi_gpu --cpu_devices 2 --out /tmp/multi_gpu   # dry run on CPU
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 from ssm_lab.provenance import git_commit  # noqa: E402
 
 # Keep NVLink multicast off everywhere (a program that uses it can take a shared host's GPUs down).
@@ -199,7 +198,7 @@ def part_scaling(work: str, a: argparse.Namespace, n_devices: int) -> dict[str, 
   # As in train_throughput.py: compile every run at once into a persistent compilation cache (a
   # 350M train step took 138 s to compile on one H100; six of them in series would fill the call),
   # then time them one at a time from the cache.
-  import train_throughput as tt  # noqa: PLC0415
+  from benchmarks import train_throughput as tt  # noqa: PLC0415
   env = _env(tt.cache_env(tempfile.mkdtemp(prefix="multi_gpu_cache_")), cpu_devices=a.cpu_devices)
   precompile = tt.precompile({"/".join(map(str, run)): cmd(*run, compile_only=True)
                               for run in runs}, env, a.precompile_timeout_s)
@@ -275,8 +274,7 @@ def main() -> None:
     _parity_child(a._parity, a.small)
     return
   if a._scaling:
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import train_throughput as tt  # noqa: PLC0415
+    from benchmarks import train_throughput as tt  # noqa: PLC0415
     table = tt.TINY if a.preset == "tiny" else tt.CASES
     record = tt.run_case(a._scaling, table[a._scaling], a.seq_len, steps=5, rounds=3,
                          devices=a.devices, parallelism=a.parallelism,

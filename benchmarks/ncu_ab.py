@@ -1,7 +1,7 @@
 """Summarise benchmarks/ncu_ab.sh's CSVs: per tree and shape, the median over repetitions of each
 kernel's duration (the scan's Pallas kernels by name, XLA's fusions summed as "xla"), and new/old.
 
-    python benchmarks/ncu_ab.py DIR [--json OUT.json] > table.md
+    python -m benchmarks.ncu_ab DIR [--json OUT.json] > table.md
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import json
 import pathlib
 import re
 import statistics
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ncu_summary  # noqa: E402
+from benchmarks import ncu_summary  # noqa: E402
 
 UNIT_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 KERNELS = ("state", "adjoint", "fwd", "bwd", "xla")

@@ -1,6 +1,6 @@
 """Summarise Nsight Compute CSVs written by benchmarks/ncu_profile.sh into a markdown table.
 
-    python benchmarks/ncu_summary.py DIR [--title T] > out.md
+    python -m benchmarks.ncu_summary DIR [--title T] > out.md
 
 For every `<name>.csv` / `<name>_full.csv` (ncu --page details): one row per kernel with duration,
 registers, occupancy, issue activity, executed instructions and spill requests. For every

@@ -48,11 +48,8 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------ cubins out of XLA
@@ -232,9 +229,9 @@ def opcode_mix(sass: str) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 def compile_op(op: str, shape: tuple[int, ...], mode: str, config: dict, gpu: str):
-  import profile_kernels as PK  # noqa: PLC0415
+  from benchmarks import profile_kernels as PK  # noqa: PLC0415
   from ssm_lab.ops.pallas import lowering  # noqa: PLC0415
-  from ssm_lab.ops.pallas import selective_scan as PSS  # noqa: PLC0415
+  from ssm_lab.ops.pallas.selective_scan import wrapper as PSS  # noqa: PLC0415
   from ssm_lab.ops.pallas import ssd as PAL  # noqa: PLC0415
   # On this CPU machine the ops would pick interpret mode: build the GPU kernels instead.
   PSS.interpret_mode = PAL.interpret_mode = lambda: False
@@ -261,7 +258,7 @@ def main() -> None:
     paths = sorted(pathlib.Path(opts.cubins).glob("*.cubin"))
     meta = dict(source=opts.cubins)
   else:
-    import profile_kernels  # noqa: PLC0415
+    from benchmarks import profile_kernels  # noqa: PLC0415
     shape, config = profile_kernels.parse_call(opts.op, opts.shape, opts.config)
     compiled = compile_op(opts.op, shape, opts.mode, config, opts.gpu)
     cubins = cubins_of(compiled)

@@ -1,7 +1,7 @@
 """Run one op's forward or forward+backward once between cudaProfilerStart/Stop, for Nsight Compute.
 
     ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
-        python3 benchmarks/profile_kernels.py --op scan --shape 8x2048x1536x16 --mode fwdbwd
+        python -m benchmarks.profile_kernels --op scan --shape 8x2048x1536x16 --mode fwdbwd
 
 The program is compiled and run twice (warm-up) before the profiled range, so ncu sees only the
 kernels of one call: Pallas kernels keep their `name=` (e.g. `selective_scan_bwd`), XLA's fusions
@@ -23,11 +23,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import selective_scan as scan_bench  # noqa: E402
-import ssd as ssd_bench  # noqa: E402
+from benchmarks import selective_scan as scan_bench  # noqa: E402
+from benchmarks import ssd as ssd_bench  # noqa: E402
 from ssm_lab.ops.pallas import selective_scan as PSS  # noqa: E402
 
 

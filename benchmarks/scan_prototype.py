@@ -26,8 +26,8 @@ What it measures: the time of these two kernels at the issue's first shape, agai
 (v4) and jax-linear-attention in the same run. If they are far below v4's time, the design is worth
 finishing (segments, z, D, softplus, groups, padding), knowing the missing parts add some time.
 
-  python benchmarks/scan_prototype.py --check        # interpret mode, small shape, vs lax.scan
-  python benchmarks/scan_prototype.py --out DIR      # on a GPU: timings (JSON + markdown)
+  python -m benchmarks.scan_prototype --check        # interpret mode, small shape, vs lax.scan
+  python -m benchmarks.scan_prototype --out DIR      # on a GPU: timings (JSON + markdown)
 """
 
 from __future__ import annotations
@@ -35,18 +35,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ssm_lab import timing  # noqa: E402
 import ssm_lab.ops.pallas.selective_scan as PSS  # noqa: E402

@@ -2,15 +2,15 @@
 
 Run on the device machine (see benchmarks/NOTES_selective_scan.md for the numbers and their meaning):
 
-  python benchmarks/selective_scan.py --out DIR              # checks, benchmark table, results files
-  python benchmarks/selective_scan.py --out DIR --check-only # correctness only
-  python benchmarks/selective_scan.py --out DIR --quick      # one benchmark shape, fewer repetitions
-  python benchmarks/selective_scan.py --out DIR --sweep      # also time Pallas tiling variants
+  python -m benchmarks.selective_scan --out DIR              # checks, benchmark table, results files
+  python -m benchmarks.selective_scan --out DIR --check-only # correctness only
+  python -m benchmarks.selective_scan --out DIR --quick      # one benchmark shape, fewer repetitions
+  python -m benchmarks.selective_scan --out DIR --sweep      # also time Pallas tiling variants
                                                              # (--variants is the same flag)
 
 Impls: "reference" (lax.scan; timed only with --time-reference, always the correctness oracle),
-"associative", "pallas" (ssm_lab.ops.pallas.selective_scan, default config: the v4 time-parallel
-kernels), "pallas:v3" (the v3 token-by-token kernels, `Config(variant="v3")`, timed side by side) and,
+"associative", "pallas" (ssm_lab.ops.pallas.selective_scan, default config: v6 at d_state <= 16),
+"pallas:v4" (the time-parallel v4 kernels, `Config(kernels="v4")`, timed side by side) and,
 when importable, jax-linear-attention 0.1.0's Mosaic GPU kernel ("jla"). Every call is the typical Mamba
 block call: D skip, z gate, delta_bias and softplus, bf16 activations, n_groups 1. Timings are medians
 of repeated runs after warm-up (jax.block_until_ready around each), on random inputs. Achieved HBM
@@ -41,14 +41,12 @@ import json
 import os
 import signal
 import re
-import sys
 import time
 import traceback
 from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -61,8 +59,7 @@ import ssm_lab.ops.pallas.selective_scan as PSS  # noqa: E402
 from ssm_lab.ops import selective_scan as selective_scan_op  # noqa: E402  (the function)
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 from ssm_lab import timing  # noqa: E402
 
 
@@ -135,8 +132,8 @@ def op_fn(impl: str, softplus: bool = True, final_state: bool = False,
                                   dt_bias=delta_bias, dt_softplus=softplus, initial_state=initial_state,
                                   output_final_state=final_state, impl="mosaic_gpu")
       return (o, h) if final_state else o
-    if impl == "pallas:v3" and config is None:
-      return PSS.selective_scan_pallas(u, delta, A, B, C, config=PSS.Config(variant="v3"), **kw)
+    if impl == "pallas:v4" and config is None:
+      return PSS.selective_scan_pallas(u, delta, A, B, C, config=PSS.Config(kernels="v4"), **kw)
     if impl.startswith("pallas") and config is not None:
       return PSS.selective_scan_pallas(u, delta, A, B, C, config=config, **kw)
     return selective_scan_op(u, delta, A, B, C, impl=impl.split(":")[0], **kw)
@@ -379,7 +376,7 @@ def main() -> None:
                   help="time only the sweep configs whose JSON matches this regular expression")
   ap.add_argument("--time-reference", action="store_true", help="also time the lax.scan oracle")
   ap.add_argument("--impls", default=None,
-                  help="comma-separated impls to time (default: associative,pallas,pallas:v3,jla)")
+                  help="comma-separated impls to time (default: associative,pallas,pallas:v4,jla)")
   ap.add_argument("--no-jla", action="store_true")
   ap.add_argument("--no-shape-checks", action="store_true",
                   help="skip the (long) checks at the benchmark shapes")
@@ -400,7 +397,7 @@ def main() -> None:
     CHECKS = [(n, (s[0], min(s[1], 50), min(s[2], 40), min(s[3], 5), 1 if s[4] == 1 else 2), *rest)
               for n, s, *rest in CHECKS[:2]]
     SWEEP = [((2, 64, 64, 4), dict(segments=2, chunk=8)),
-             ((2, 64, 64, 4), dict(variant="v3", segments=2, chunk=2, unroll=4))]
+             ((2, 64, 64, 4), dict(kernels="v4", segments=2, chunk=8))]
     SWEEP += [((2, 64, 64, 4), dict(bwd_num_warps=16, bwd_block_d=16))]   # a backward-only knob
     ORACLE_BYTES = 1e5                      # the second smoke shape takes the piecewise oracle
   os.makedirs(opts.out, exist_ok=True)
@@ -438,7 +435,7 @@ def main() -> None:
   log("check inputs ready")
 
   # Benchmark programs: forward and forward+backward per impl and shape.
-  impls = ((["reference"] if opts.time_reference else []) + ["associative", "pallas", "pallas:v3"]
+  impls = ((["reference"] if opts.time_reference else []) + ["associative", "pallas", "pallas:v4"]
            + (["jla"] if use_jla else []))
   if opts.impls:
     impls = [i for i in opts.impls.split(",") if i != "jla" or use_jla]
@@ -559,144 +556,15 @@ def main() -> None:
   _report(results, opts.out)
 
 
-# Tiling variants timed with --sweep (shape -> Config fields; the default at d_state 16 is v6:
-# chunk 8, block_d 32, one warp, segments for ~2048 programs and a full last backward wave). Fields
-# not given take default_config's choice for the named kernels (v4 rows: chunk 16, 4 warps). Variants
-# that set only bwd_* fields are timed fwd+bwd only (their forward is the default's). Predictions and
-# outcomes: benchmarks/NOTES_selective_scan.md.
+# Tiling variants timed with --sweep (shape -> Config fields). The knobs measured before and lost
+# (v3, v5, v7, prefetch, bwd_prefetch, pack_bc) are gone from the kernels: tag kernel-lab-history.
 SWEEP = [
-    # 2026-12-05 (fourth session): pack_bc with the state in tiles of 4 states (`split_states`: the
-    # sums over states as fma chains across them). Offline SASS at (8, 2048, 5120, 16), a chunk:
-    # forward 1576 -> 1488 instructions with pack_bc (1632 -> 1528 without), 124 registers; backward
-    # 5048 -> 4912 (5112 -> 4984); the passes unchanged. Not yet timed (`--sweep-match pack_bc`
-    # runs these rows too).
-    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True)),
-    ((2, 8192, 1536, 16), dict(pack_bc=True, split_states=True)),
-    ((1, 65536, 2048, 16), dict(pack_bc=True, split_states=True)),
-    # All three at chunk 4: forward 96 registers (124 with prefetch), 816 instructions a 4-token
-    # chunk; backward 2392 (4784 a 8 tokens against the default's 5112), no spill.
-    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True, chunk=4)),
-    ((8, 2048, 5120, 16), dict(pack_bc=True, split_states=True, chunk=4, prefetch=True)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True, chunk=4)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, split_states=True, chunk=4, prefetch=True)),
-    # 2026-12-05 (fourth session): bf16 B and C packed into one uint32 array for the v6 kernels
-    # (`pack_bc`). Offline SASS at (8, 2048, 5120, 16): the forward drops from 164 to 128 registers
-    # (16 one-warp programs an SM instead of 12) and from 1632 to 1576 instructions a chunk (LDG 98
-    # -> 66); the backward 5112 -> 5048 instructions (24 B of stack against 16); the passes are
-    # unchanged. With `prefetch` the forward holds 205 registers (252 unpacked). Not yet timed (the
-    # one call that came lost its timings to the budget; run with --impls pallas).
-    ((8, 2048, 5120, 16), dict(pack_bc=True)),
-    ((8, 2048, 5120, 16), dict(pack_bc=True, prefetch=True)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, prefetch=True)),
-    ((2, 8192, 1536, 16), dict(pack_bc=True)),
-    ((1, 65536, 2048, 16), dict(pack_bc=True)),
-    # Checkpoints every 4 tokens with pack_bc: forward 96 registers (128 with prefetch), passes 80
-    # (125-128 with prefetch), backward 2472 instructions a 4-token chunk (4944 a token pair of
-    # chunks against 5048 at chunk 8: the recompute steps 12 tokens a 8 instead of 14), no spill.
-    # Twice the checkpoint traffic (671 MB -> 1.34 GB each way at (8, 2048, 5120, 16)).
-    ((8, 2048, 5120, 16), dict(pack_bc=True, chunk=4)),
-    ((8, 2048, 5120, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, chunk=4)),
-    ((8, 2048, 1536, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
-    ((2, 8192, 1536, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
-    ((1, 65536, 2048, 16), dict(pack_bc=True, chunk=4, prefetch=True)),
-    # 2026-12-05 (third session): the v6 kernels with their loads one step ahead, after the
-    # loads-first change (48bc0d2: Nsight Compute kernel sum 6.20 -> 5.33 ms at (8, 2048, 5120, 16),
-    # 1.94 -> 1.75 at (8, 2048, 1536, 16)). `prefetch` (forward, state and adjoint passes: the next
-    # chunk's loads through the loop carry; 164 -> 252 registers in the forward, 128 -> 166-168 in
-    # the passes) and `bwd_prefetch` (backward: the next sub-chunk's C, dy, z; 96 B of stack against
-    # 16). Outcome (results/selective_scan_h100_bf69576.md): both slower, fwd+bwd pipelined 5.49 /
-    # 5.56 / 5.69 ms (prefetch / bwd_prefetch / both) against the default's 5.37 at 5120 channels,
-    # 1.82 / 1.83 / 1.88 against 1.77 at (8, 2048, 1536, 16).
-    ((8, 2048, 5120, 16), dict(prefetch=True)),
-    ((8, 2048, 5120, 16), dict(bwd_prefetch=True)),
-    ((8, 2048, 5120, 16), dict(prefetch=True, bwd_prefetch=True)),
-    ((8, 2048, 1536, 16), dict(prefetch=True)),
-    ((8, 2048, 1536, 16), dict(bwd_prefetch=True)),
-    ((8, 2048, 1536, 16), dict(prefetch=True, bwd_prefetch=True)),
-    ((2, 8192, 1536, 16), dict(prefetch=True, bwd_prefetch=True)),
-    ((1, 65536, 2048, 16), dict(prefetch=True, bwd_prefetch=True)),
-    # 2026-12-05 (second session, second call): the v7 forward-direction kernels (per-state channel
-    # vectors: no shuffles, barriers or shared memory; offline SASS at (8, 2048, 1536, 16): 1520
-    # instructions per 8-token chunk against v6's 1632, 128 registers against 168) at every shape,
-    # with the default segments and with the segment counts the first call favoured. Outcome
-    # (results/selective_scan_h100_log1p_v7.md): v7 is slower (forward 0.99 / 0.90 / 3.23 / 2.23 ms
-    # against v6's 0.67 / 0.92 / 3.23 / 1.81); the segment rows moved within about 3% of the
-    # defaults, in opposite directions in the two calls, so the defaults stay.
-    ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6")),
-    ((8, 2048, 1536, 16), dict(fwd="v7", bwd="v6", segments=16)),
-    ((2, 8192, 1536, 16), dict(fwd="v7", bwd="v6")),
-    ((2, 8192, 1536, 16), dict(fwd="v7", bwd="v6", segments=64)),
-    ((1, 65536, 2048, 16), dict(fwd="v7", bwd="v6")),
-    ((1, 65536, 2048, 16), dict(fwd="v7", bwd="v6", segments=64)),
-    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=128)),
-    ((8, 2048, 5120, 16), dict(fwd="v7", bwd="v6")),
-    ((8, 2048, 5120, 16), dict(fwd="v7", bwd="v6", segments=8)),
-    # 2026-12-05 (second session): the hand-over between segments is now one XLA fusion instead of a
-    # while loop of P - 1 steps (each step's kernels and a predicate read back to the host), so more
-    # segments may now pay: v6 segments around the default (8 / 32 / 32 / 4) at every shape.
-    # Outcome (results/selective_scan_h100_hand_over.md): 16 at the first shape 2.197 ms against
-    # 2.309, 64 at the long ones 2.231 / 14.70 against 2.277 / 15.07, 8 at 5120 channels 6.586
-    # against 6.712; the next call (log1p_v7) reversed the first two, so no default changed.
-    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
-    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=32)),
-    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=8)),
-    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6", segments=64)),
-    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=16)),
-    ((1, 65536, 2048, 16), dict(fwd="v6", bwd="v6", segments=64)),
-    # 2026-12-05: v6 is the default at d_state 16 (H100: fwd+bwd 1.3-1.5x faster than v4 at every
-    # shape). v4, the previous default, beside it at every shape; then v6's time segments around
-    # the default (8 / 32 / 32 / 2 at the four shapes), where its ratio to jla is worst.
-    ((8, 2048, 1536, 16), dict(fwd="v4", bwd="v4")),
-    ((2, 8192, 1536, 16), dict(fwd="v4", bwd="v4")),
-    ((1, 65536, 2048, 16), dict(fwd="v4", bwd="v4")),
-    ((8, 2048, 5120, 16), dict(fwd="v4", bwd="v4")),
-    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=1)),
-    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=2)),     # the default before _v6_full_waves
-    ((8, 2048, 5120, 16), dict(fwd="v6", bwd="v6", segments=4)),
-    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=4)),
-    ((8, 2048, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
-    ((2, 8192, 1536, 16), dict(fwd="v6", bwd="v6", segments=16)),
-    # 2026-12-04 (second session): the v6 backward alone after the v4 forward (H100 2026-12-05:
-    # 3.35 / 3.95 ms at the first two shapes, against 2.75 / 3.29 with the v6 forward too).
-    ((8, 2048, 1536, 16), dict(bwd="v6")),
-    # Session 12: the v5 kernels (Config.fwd / bwd = "v5"; by default state tiles of 4, chunk 8),
-    # first so that the time budget reaches them at every shape: both v5 at chunk 8 (the lead
-    # candidate), the v5 backward alone after the v4 forward, and both v5 at chunk 16. Offline SASS
-    # and predictions: benchmarks/NOTES_selective_scan.md, "v5".
-    ((8, 2048, 1536, 16), dict(fwd="v5", bwd="v5", chunk=8)),
-    ((8, 2048, 1536, 16), dict(bwd="v5", chunk=8)),
-    ((8, 2048, 1536, 16), dict(fwd="v5", bwd="v5", chunk=16)),
-    ((2, 8192, 1536, 16), dict(fwd="v5", bwd="v5", chunk=8)),
-    ((2, 8192, 1536, 16), dict(bwd="v5", chunk=8)),
-    ((1, 65536, 2048, 16), dict(fwd="v5", bwd="v5", chunk=8)),
-    ((1, 65536, 2048, 16), dict(bwd="v5", chunk=8)),
-    ((8, 2048, 5120, 16), dict(fwd="v5", bwd="v5", chunk=8)),
-    ((8, 2048, 5120, 16), dict(bwd="v5", chunk=8)),
-    # v5's segment passes cost about half of v4's a token: does the split still pay (shape 1), or
-    # pay more (the long single sequence)?
-    ((8, 2048, 1536, 16), dict(fwd="v5", bwd="v5", chunk=8, segments=1)),
-    ((1, 65536, 2048, 16), dict(fwd="v5", bwd="v5", chunk=8, segments=16)),
-    # Run 3 (H100, 91f8ac3): the register candidates above 8 warps all lost (bwd_num_warps 16:
-    # 6.25 ms vs 4.1-4.6); fewer segments and 4 warps won at (8, 2048, 1536, 16). This sweep checks
-    # whether those two generalise before they become the defaults.
-    ((8, 2048, 1536, 16), dict(segments=1)),
-    ((8, 2048, 1536, 16), dict(num_warps=4)),
-    ((8, 2048, 1536, 16), dict(segments=1, num_warps=4)),
-    ((8, 2048, 1536, 16), dict(segments=1, num_warps=4, block_d=16, bwd_block_d=32)),
-    ((8, 2048, 1536, 16), dict(segments=1, bwd_state_block=16)),
-    ((2, 8192, 1536, 16), dict(segments=4)),
-    ((2, 8192, 1536, 16), dict(segments=16)),
-    ((2, 8192, 1536, 16), dict(num_warps=4)),
-    ((2, 8192, 1536, 16), dict(segments=4, num_warps=4)),
-    ((1, 65536, 2048, 16), dict(segments=4)),
-    ((1, 65536, 2048, 16), dict(segments=16)),
-    ((1, 65536, 2048, 16), dict(segments=32)),
-    ((1, 65536, 2048, 16), dict(num_warps=4)),
-    ((8, 2048, 5120, 16), dict(segments=2)),
-    ((8, 2048, 5120, 16), dict(num_warps=4)),
+    # The other kernel family at d_state 16 (the default there is v6).
+    ((8, 2048, 1536, 16), dict(kernels="v4")),
+    ((8, 2048, 5120, 16), dict(kernels="v4")),
+    # v6 checkpoints every 4 tokens instead of 8 (fewer registers, twice the checkpoint traffic).
+    ((8, 2048, 5120, 16), dict(chunk=4)),
+    ((8, 2048, 1536, 16), dict(chunk=4)),
 ]
 
 

@@ -21,8 +21,8 @@ row after it; skipped rows are recorded). Each pallas-family fwd+bwd program is 
 the float32 chunked op at its shape. Writes ssd.json and ssd.md under --out after every row (a run
 cut short keeps what it finished) and prints the table last.
 
-  python benchmarks/ssd.py --out /tmp/ssd            # on a GPU
-  python benchmarks/ssd.py --out /tmp/ssd --smoke    # tiny shapes, runs anywhere (interpret mode)
+  python -m benchmarks.ssd --out /tmp/ssd            # on a GPU
+  python -m benchmarks.ssd --out /tmp/ssd --smoke    # tiny shapes, runs anywhere (interpret mode)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import json
 import pathlib
 import re
 import statistics
-import sys
 import time
 import traceback
 
@@ -46,16 +45,13 @@ import numpy as np
 HBM_TBS = 2.46      # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}   # relative Frobenius error vs the float32 oracle
 MATMUL_TFS = 736.0
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-sys.path.insert(0, str(ROOT))
 import ssm_lab.ops.pallas.ssd as PAL  # noqa: E402
 from ssm_lab.ops import ssd  # noqa: E402
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 from ssm_lab import timing  # noqa: E402
 
 ssd_pallas = PAL.ssd_pallas

@@ -13,9 +13,9 @@ tokens/s over a peak: both the datasheet dense bf16 peak the training loop uses 
 H100 or H200) and the measured bf16 matmul ceiling of the chip that ran (benchmarks/ceilings.py:
 736 TFLOP/s on this workplace's H100, 790 on its H200).
 
-  python benchmarks/train_throughput.py --out benchmarks/results            # all cases
-  python benchmarks/train_throughput.py --cases transformer-350m --steps 5
-  python benchmarks/train_throughput.py --preset tiny --out /tmp/x          # CPU dry run
+  python -m benchmarks.train_throughput --out benchmarks/results            # all cases
+  python -m benchmarks.train_throughput --cases transformer-350m --steps 5
+  python -m benchmarks.train_throughput --preset tiny --out /tmp/x          # CPU dry run
 
 Writes train_throughput.json and train_throughput.md under --out and prints the table last.
 Needs ssm_lab's dependencies, ml-collections included (ssm_lab.train imports it). The device
@@ -24,7 +24,7 @@ ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .carry/h6/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;
-  PYTHONUNBUFFERED=1 python3 benchmarks/train_throughput.py --out $OUT --budget_s 400 \
+  PYTHONUNBUFFERED=1 python -m benchmarks.train_throughput --out $OUT --budget_s 400 \
       --case_timeout_s 240 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
 
 Measured on 2026-11-23 (H100, commit 91f8ac3, results/train_throughput.md) with carry
@@ -54,11 +54,9 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 from ssm_lab.provenance import git_commit  # noqa: E402
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import ceilings  # noqa: E402
+from benchmarks import ceilings  # noqa: E402
 
 DATASHEET_PEAK = 989e12  # H100/H200 SXM dense bf16 (what ssm_lab.train.PEAK_FLOPS uses)
 VOCAB = 50304            # GPT-NeoX's 50277 tokens padded to a multiple of 128

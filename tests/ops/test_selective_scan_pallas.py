@@ -2,10 +2,10 @@
 
 On CPU the kernels run in Pallas interpret mode (small shapes; each case compiles a few interpreted
 kernels, so the cases are chosen to cover the kernel's branches once each: groups, channel and time
-padding, d_state padding, time segments, no z / no initial state, softplus off, bf16), for the default
-v4 kernels (time-parallel chunks), the v5 backward (Config.bwd="v5") and the v3 kernels (token by
-token). Also: the scan primitive the v4 kernels use, against a sequential loop, and that the
-variants lower to Triton for an H100. The GPU
+padding, d_state padding, time segments, no z / no initial state, softplus off, bf16), for both kernel
+families: v6 (token by token, the default up to d_state 16) and v4 (time-parallel chunks). Also: the
+scan primitive the v4 kernels use, against a sequential loop, and that the kernels lower to Triton
+for an H100. The GPU
 case is marked `gpu` and runs through the device tool (benchmarks/selective_scan.py checks realistic
 shapes).
 """
@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from ssm_lab.ops import selective_scan
 from ssm_lab.ops.pallas import scan_primitive
 from ssm_lab.ops.pallas import selective_scan as pss
+from ssm_lab.ops.pallas.selective_scan import wrapper as pss_wrapper
 from ssm_lab.ops.pallas.scan_primitive import linear_recurrence
 from ssm_lab.ops.selective_scan import REGISTRY
 from ssm_lab.ops.pallas.lowering import lower_for_gpu
@@ -99,13 +100,14 @@ def check_matches_reference(inp, softplus, config, tol):
 
 # Each case: (b, L, d_inner, d_state, n_groups), dtype, options, Config, tolerance. Interpret mode
 # is slow, so few cases cover the branches between them; wider ones run nightly.
-V4 = dict(fwd="v4", bwd="v4")      # the v4 kernels (the default is v6 up to d_state 16)
+V4 = dict(kernels="v4")      # the v4 kernels (the default is v6 up to d_state 16)
+V6 = dict(kernels="v6")
 CASES = {
     # v4 (time-parallel chunks). Two groups of 12 channels, each padded to 16: one forward block
-    # of 16 per group, two backward blocks of 8 (bwd_block_d below block_d, as in the sweep's
-    # register-cutting candidates); d_state 5 padded to 8 (one state tile of 8); length 21 padded to
-    # 24 = 3 segments of 8 tokens = 2 chunks of 4, the padded tail inside the last one (masked
-    # tokens); float32 B/C; no z, no initial state, no softplus.
+    # of 16 per group, two backward blocks of 8 (bwd_block_d below block_d); d_state 5 padded to 8
+    # (one state tile of 8); length 21 padded to 24 = 3 segments of 8 tokens = 2 chunks of 4, the
+    # padded tail inside the last one (masked tokens); float32 B/C; no z, no initial state, no
+    # softplus.
     "v4_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
                                pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
@@ -120,89 +122,33 @@ CASES = {
     "v4_f32_dstate64": ((1, 16, 8, 64, 1), jnp.float32, {},
                         pss.Config(block_d=8, chunk=8, segments=2, state_block=64,
                                    bwd_state_block=64, **V4), 1e-5),
-    # v5 kernels (Config.fwd/bwd="v5": explicit in-register recurrences, one tile layout, pre-gate
-    # y from the forward): bf16, z, initial state, softplus, groups; length 13 padded to 16 = 2
-    # segments of 2 chunks (masked tail; all four kernels); d_state 6 padded to 8 in two backward
-    # state tiles of 4 and one forward tile of 8.
-    "v5_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
-                              pss.Config(block_d=8, chunk=4, segments=2, state_block=8,
-                                         bwd_state_block=4, bwd="v5", fwd="v5"), 2e-2),
-    # The v6 backward (one channel per lane, states in the lane) after the v4 forward: bf16, z,
-    # initial state, softplus, groups; length 13 padded to 16 = 2 segments of one chunk of 8 (two
-    # sub-chunks of 4 recomputed from the checkpoint; masked tail).
+    # v6 (forward, state pass, adjoint pass, backward): bf16, z, initial state, softplus, groups;
+    # d_state 6 padded to 8 = 2 state tiles of 4; length 13 padded to 16 = 2 segments of 2 chunks of 4
+    # (one sub-chunk pair each), masked tail.
     "v6_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
-                              pss.Config(block_d=8, chunk=8, segments=2, state_block=8, bwd="v6"),
-                              2e-2),
-    # The v6 forward, state pass, adjoint pass and backward together: bf16, z, initial state,
-    # softplus, groups, 2 segments with a masked tail.
-    "v6_all_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
-                                  pss.Config(block_d=8, chunk=4, segments=2, fwd="v6", bwd="v6"),
-                                  2e-2),
-    # All v6 kernels in float32 (z, initial state, softplus), 3 segments of 2 chunks, masked tail.
-    "v6_all_f32_segments": ((1, 21, 24, 5, 2), jnp.float32, {},
-                            pss.Config(block_d=8, chunk=4, segments=3, fwd="v6", bwd="v6"), 1e-5),
-    # v6 in float32 without z, initial state or softplus; backward blocks narrower than the
-    # forward's; 3 segments of 2 chunks of 4 (one sub-chunk each).
-    "v6_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
+                              pss.Config(block_d=8, chunk=4, segments=2, **V6), 2e-2),
+    # v6 in float32 (z, initial state, softplus), d_state 5 padded to 8; length 37 padded to 48 = 2
+    # segments of 3 chunks of 8 (4 sub-chunks each), masked tail.
+    "v6_f32_segments": ((1, 37, 16, 5, 2), jnp.float32, {},
+                        pss.Config(block_d=8, chunk=8, segments=2, **V6), 1e-5),
+    # v6 without z, initial state or softplus; backward blocks narrower than the forward's; d_state 4
+    # (one state tile); 3 segments of 2 chunks of 4.
+    "v6_f32_groups_segments": ((1, 21, 24, 4, 2), jnp.float32,
                                dict(z=False, init=False, softplus=False),
-                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
-                                          state_block=8, bwd="v6"), 1e-5),
-    # The v6 kernels with their loads one step ahead (Config.prefetch: the next chunk's in the
-    # forward, state and adjoint passes; bwd_prefetch: the next sub-chunk's C, dy, z in the
-    # backward): float32, z, initial state, softplus, groups; length 37 padded to 48 = 2 segments
-    # of 3 chunks of 8 (4 sub-chunks each; the last chunk's clamped load and the masked tail).
-    "v6_prefetch_f32_segments": ((1, 37, 16, 5, 2), jnp.float32, {},
-                                 pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
-                                            prefetch=True, bwd_prefetch=True), 1e-5),
-    # The v6 kernels with the state split into tiles of 4 states (Config.split_states: the sums
-    # over states as fma chains across them): d_state 6 padded to 8 = 2 tiles; float32
-    # with z, initial state, softplus, groups, 2 segments and a masked tail; with prefetch.
-    "v6_split_states_f32": ((1, 37, 16, 6, 2), jnp.float32, {},
-                            pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6",
-                                       split_states=True, prefetch=True), 1e-5),
-    # The same in bf16 with packed B/C and the backward's sub-chunk prefetch; chunk 4.
-    "v6_split_states_pack_bc_bf16": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
-                                     pss.Config(block_d=8, chunk=4, segments=2, fwd="v6", bwd="v6",
-                                                split_states=True, pack_bc=True, bwd_prefetch=True),
-                                     2e-2),
-    # The v7 forward and state pass (per-state channel vectors, B and C as scalars) with the v6
-    # backward: bf16, z, initial state, softplus, groups, 2 segments with a masked tail; and float32
-    # without z, initial state or softplus, 3 segments.
-    "v7_bf16_z_init_groups": ((1, 13, 16, 6, 2), jnp.bfloat16, {},
-                              pss.Config(block_d=8, chunk=4, segments=2, fwd="v7", bwd="v6"),
-                              2e-2),
-    "v7_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
-                               dict(z=False, init=False, softplus=False),
-                               pss.Config(block_d=8, chunk=4, segments=3, fwd="v7", bwd="v6"), 1e-5),
-    # v3 (token by token; kept for comparison): packed bf16 B/C, z, initial state, one segment.
-    "v3_bf16_z_init": ((2, 7, 12, 4, 1), jnp.bfloat16, dict(grouped_bc=False),
-                       pss.Config(block_d=8, chunk=2, unroll=2, segments=1, variant="v3"), 2e-2),
+                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3, **V6), 1e-5),
 }
 SLOW_CASES = {
     # v4 with the backward on narrower blocks, with z and initial state, two segments of 3 chunks.
     "v4_f32_bwd_narrower": ((1, 20, 24, 4, 1), jnp.float32, {},
                             pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
                                        state_block=4, bwd_state_block=2, **V4), 1e-5),
-    # v5 kernels in float32 without z, initial state or softplus, the backward on narrower blocks.
-    "v5_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
-                               dict(z=False, init=False, softplus=False),
-                               pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=3,
-                                          state_block=2, bwd_state_block=2, bwd="v5", fwd="v5"),
-                               1e-5),
-    # The v5 backward after the v4 forward (which then also saves the pre-gate y), float32, z.
-    "v5_bwd_after_v4_fwd": ((1, 20, 24, 4, 1), jnp.float32, {},
-                            pss.Config(block_d=16, bwd_block_d=8, chunk=4, segments=2,
-                                       state_block=4, bwd_state_block=2, bwd="v5"), 1e-5),
-    "v3_f32_groups_segments": ((1, 21, 24, 5, 2), jnp.float32,
-                               dict(z=False, init=False, softplus=False),
-                               pss.Config(block_d=8, chunk=2, unroll=2, segments=3, variant="v3"),
-                               1e-5),
-    "v3_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
-                    pss.Config(block_d=8, chunk=2, unroll=4, segments=2, variant="v3"), 1e-5),
     # v4 with one state per tile (2-D tiles), several chunks per segment and channel blocks.
     "v4_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {},
                     pss.Config(block_d=8, chunk=4, segments=2, state_block=1, bwd_state_block=2,
                                **V4), 1e-5),
+    # v6 at d_state 16 (4 state tiles), several chunks per segment and channel blocks.
+    "v6_f32_wide": ((2, 37, 24, 16, 2), jnp.float32, {}, pss.Config(block_d=8, chunk=4, segments=2, **V6),
+                    1e-5),
 }
 
 
@@ -236,43 +182,23 @@ def test_public_op_by_name_with_default_tiling():
   assert _rel(y, y_r) < 1e-5 and _rel(h, h_r) < 1e-5
 
 
-def test_default_config_fills_the_gpu_and_respects_limits():
-  v3 = pss.Config(variant="v3")
-  cfg = pss.default_config(8, 2048, 1536, 16, config=v3)
-  assert cfg.block_d == 32 and cfg.unroll % cfg.chunk == 0
-  # Long sequences with few channels are split into more time segments than wide calls, and
-  # segments keep at least 256 tokens.
-  long_narrow = pss.default_config(1, 65536, 2048, 16, config=v3).segments
-  assert long_narrow > pss.default_config(8, 2048, 5120, 16, config=v3).segments >= 1
-  assert 65536 // long_narrow >= 256 and pss.default_config(1, 300, 64, 16, config=v3).segments == 1
-  # Large d_state: lanes share a channel's states so that a lane keeps at most 16 of them.
-  assert pss.default_config(2, 1024, 256, 64, config=v3).block_d * 64 <= 512
-  with pytest.raises(ValueError, match="multiple of Config.chunk"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=4, unroll=6, variant="v3"))
-
-
 def test_default_config_picks_v6_up_to_d_state_16():
   cfg = pss.default_config(8, 2048, 1536, 16)
-  assert (cfg.fwd, cfg.bwd, cfg.chunk, cfg.block_d, cfg.num_warps, cfg.bwd_num_warps) == (
-      "v6", "v6", 8, 32, 1, 1)
+  assert (cfg.kernels, cfg.chunk, cfg.block_d, cfg.num_warps, cfg.bwd_num_warps) == ("v6", 8, 32, 1, 1)
   # ~2048 one-warp programs: 8 x 48 channel blocks x 8 segments.
   assert cfg.segments == 8 and pss.default_config(1, 65536, 2048, 16).segments == 32
   # 1280 programs at (8, 2048, 5120): 2 segments leave the backward's last wave 40% full, 4 do not.
   assert pss.default_config(8, 2048, 5120, 16).segments == 4
   assert pss._v6_full_waves(3 * pss.V6_BWD_WAVE) and not pss._v6_full_waves(pss.V6_BWD_WAVE + 1)
-  assert pss.default_config(1, 5, 8, 1).fwd == "v6"                # d_state 1 (padded to 2)
+  assert pss.default_config(1, 5, 8, 1).kernels == "v6"            # d_state 1 (padded to 2)
   for d_state in (17, 32, 64):
-    big = pss.default_config(2, 1024, 256, d_state)
-    assert (big.fwd, big.bwd) == ("v4", "v4"), d_state
-  # One kernel family named: the other stays v4 (v5's backward needs the v4 forward's pre-gate y).
-  assert (pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd="v5")).fwd,
-          pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6")).bwd) == ("v4", "v4")
+    assert pss.default_config(2, 1024, 256, d_state).kernels == "v4", d_state
 
 
 def test_default_config_v4():
-  v4 = pss.Config(fwd="v4", bwd="v4")
+  v4 = pss.Config(kernels="v4")
   cfg = pss.default_config(8, 2048, 1536, 16, config=v4)
-  assert cfg.variant == "v4" and cfg.unroll == cfg.chunk
+  assert cfg.kernels == "v4" and cfg.chunk == 16 and cfg.num_warps == 4
   assert cfg.state_block <= 16 and 16 % cfg.state_block == 0 and 16 % cfg.bwd_state_block == 0
   # Few (batch, channel block) programs: split time; many: do not; segments keep 8 chunks.
   long_narrow = pss.default_config(1, 65536, 2048, 16, config=v4).segments
@@ -281,20 +207,10 @@ def test_default_config_v4():
   assert pss.default_config(1, 5, 8, 1, config=v4).state_block == 2   # d_state 1 is padded to 2
   with pytest.raises(ValueError, match="state_block=3"):
     pss.default_config(1, 64, 32, 16, config=pss.Config(state_block=3))
-  with pytest.raises(ValueError, match="must equal Config.chunk"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=8, unroll=16))
-  with pytest.raises(ValueError, match="variant"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v5"))
-  assert cfg.bwd == "v4" and pss.default_config(8, 2048, 1536, 16,
-                                                config=pss.Config(bwd="v5")).bwd_state_block == 4
-  with pytest.raises(ValueError, match="Config.bwd"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(bwd="v7"))
-  v5 = pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v5"))
-  assert v5.state_block == 4 and v5.chunk == 8 and cfg.chunk == 16 and v5.bwd == "v4"
-  with pytest.raises(ValueError, match="Config.fwd"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(fwd="v3"))
-  with pytest.raises(ValueError, match="need variant 'v4'"):
-    pss.default_config(1, 64, 32, 16, config=pss.Config(variant="v3", bwd="v5"))
+  with pytest.raises(ValueError, match="chunk=6 must be a power of two"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(chunk=6))
+  with pytest.raises(ValueError, match="Config.kernels"):
+    pss.default_config(1, 64, 32, 16, config=pss.Config(kernels="v5"))
 
 
 def test_unsupported_calls_raise_by_name_and_fall_back_under_auto():
@@ -328,78 +244,6 @@ def test_gpu_realistic_shape():
   inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
   check_matches_reference(inp, True, None, 1e-2)
   check_matches_reference(inp, True, pss.Config(**V4), 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_realistic_shape_v5_backward():
-  """The same with the v5 kernels (Config.fwd/bwd="v5", chunk 8: the sweep's lead candidate)."""
-  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  check_matches_reference(inp, True, pss.Config(bwd="v5", fwd="v5", chunk=8), 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_realistic_shape_v6_backward():
-  """The same with the v6 backward (Config.bwd="v6": one channel a lane, states in the lane), alone
-  and with the v6 forward."""
-  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  check_matches_reference(inp, True, pss.Config(bwd="v6"), 1e-2)
-  check_matches_reference(inp, True, pss.Config(fwd="v6", bwd="v6"), 1e-2)
-
-
-def test_v6_load_knobs_change_no_value():
-  """Config.prefetch / bwd_prefetch only move loads earlier, and Config.pack_bc only reads B and C
-  from one packed array: every output and gradient is bitwise the same as without them (bf16, z,
-  initial state, softplus, groups, segments, masked tail)."""
-  inp = _inputs(3, 1, 37, 16, 5, 2, jnp.bfloat16)
-  base = pss.Config(block_d=8, chunk=8, segments=2, fwd="v6", bwd="v6")
-  _, *want = _outputs_and_grads(inp, True, impl="pallas", config=base)
-  for knobs in (dict(prefetch=True), dict(bwd_prefetch=True), dict(pack_bc=True),
-                dict(pack_bc=True, prefetch=True, bwd_prefetch=True)):
-    cfg = dataclasses.replace(base, **knobs)
-    _, *got = _outputs_and_grads(inp, True, impl="pallas", config=cfg)
-    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
-                                    np.asarray(w.astype(jnp.float32)), err_msg=str(knobs))
-
-
-def test_v6_knobs_name_the_kernels_they_need():
-  with pytest.raises(ValueError, match="Config.prefetch=True needs the v6"):
-    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", prefetch=True))
-  with pytest.raises(ValueError, match="Config.bwd_prefetch=True needs Config.bwd='v6'"):
-    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v6", bwd="v4", bwd_prefetch=True))
-  assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(bwd_prefetch=True)).bwd_prefetch
-  with pytest.raises(ValueError, match="Config.split_states=True needs the v6"):
-    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v4", bwd="v4", split_states=True))
-  with pytest.raises(ValueError, match="Config.pack_bc=True needs Config.fwd='v6' and bwd='v6'"):
-    pss.default_config(8, 2048, 1536, 16, config=pss.Config(fwd="v7", bwd="v6", pack_bc=True))
-  assert pss.default_config(8, 2048, 1536, 16, config=pss.Config(pack_bc=True)).pack_bc
-
-
-@pytest.mark.gpu
-def test_gpu_realistic_shape_v6_prefetch():
-  """The v6 kernels with Config.prefetch and bwd_prefetch (loads one step ahead) on the GPU."""
-  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  check_matches_reference(inp, True, pss.Config(prefetch=True, bwd_prefetch=True), 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_realistic_shape_v6_pack_bc():
-  """The v6 kernels reading bf16 B and C from one packed uint32 array (Config.pack_bc), alone and
-  with the prefetch knobs, on the GPU."""
-  inp = _inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16)
-  check_matches_reference(inp, True, pss.Config(pack_bc=True), 1e-2)
-  check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True), 1e-2)
-  check_matches_reference(inp, True, pss.Config(pack_bc=True, prefetch=True, chunk=4), 1e-2)
-  check_matches_reference(inp, True, pss.Config(pack_bc=True, split_states=True), 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_realistic_shape_v7_forward():
-  """The v7 forward-direction kernels (per-state channel vectors) with the v6 backward, bf16 and
-  float32 (the issue's tolerances: 1e-2 and 1e-4)."""
-  cfg = pss.Config(fwd="v7", bwd="v6")
-  check_matches_reference(_inputs(5, 2, 4096, 768, 16, 1, jnp.bfloat16), True, cfg, 1e-2)
-  check_matches_reference(_inputs(6, 2, 2048, 256, 16, 2, jnp.float32), True, cfg, 1e-4)
 
 
 def test_log1p_formula_is_accurate_over_softplus_range():
@@ -443,14 +287,14 @@ def test_linear_recurrence_matches_a_sequential_loop(axis, reverse):
 @pytest.mark.parametrize("unroll", [64, 2])
 def test_segment_hand_over_matches_a_sequential_loop(reverse, unroll, monkeypatch):
   # unroll 64: one unrolled XLA expression; 2: fewer than the 6 segments, so the associative scan.
-  monkeypatch.setattr(pss, "_UNROLL_SEGMENTS", unroll)
+  monkeypatch.setattr(pss_wrapper, "_UNROLL_SEGMENTS", unroll)
   b, P, n, d = 2, 6, 3, 5
   ka, kl, kd, ke = jax.random.split(jax.random.PRNGKey(7 + reverse), 4)
   a = -jax.random.uniform(ka, (n, d), minval=0.1, maxval=2.0)
   loc = jax.random.normal(kl, (b, P - 1, n, d))
   dts = jax.random.uniform(kd, (b, P - 1, d), maxval=1.5)
   edge = jax.random.normal(ke, (b, n, d))
-  x = jax.jit(lambda *args: pss._hand_over(*args, reverse=reverse))(a, loc, dts, edge)
+  x = jax.jit(lambda *args: pss_wrapper._hand_over(*args, reverse=reverse))(a, loc, dts, edge)
   decay = np.exp(np.asarray(a)[None, None] * np.asarray(dts)[:, :, None, :])
   want = np.zeros((b, P, n, d))
   if reverse:
@@ -487,28 +331,19 @@ def _lower_for_h100(fn, *args) -> str:
   return lower_for_gpu(fn, *args, gpu="H100")
 
 
-@pytest.mark.parametrize("variant,extra,bwd_warps", [
-    ("v3", {}, 1), ("v4", dict(fwd="v4", bwd="v4"), 4),
-    # The default (v6 at d_state 16).
-    ("v4", {}, 1),
-    # The backward register-cutting candidates (sweep of benchmarks/selective_scan.py).
-    ("v4", dict(chunk=8, bwd_block_d=16, bwd_num_warps=16, fwd="v4", bwd="v4"), 16),
-    # The v5 kernels (Config.fwd/bwd="v5"), the sweep's lead candidate.
-    ("v4", dict(bwd="v5", fwd="v5", chunk=8), 4),
-    # The v6 backward after the v4 forward.
-    ("v4", dict(bwd="v6"), 1),
-    # The v6 kernels with their loads one step ahead.
-    ("v4", dict(prefetch=True, bwd_prefetch=True), 1),
-    # The v6 kernels with packed B/C and the state in tiles of 4 states.
-    ("v4", dict(pack_bc=True, split_states=True), 1)])
-def test_kernels_lower_for_the_gpu(variant, extra, bwd_warps, monkeypatch):
+@pytest.mark.parametrize("extra,bwd_warps", [
+    ({}, 1),                                              # the default (v6 at d_state 16)
+    (dict(kernels="v4"), 4),
+    # v4 with the backward on wider blocks and more warps.
+    (dict(kernels="v4", chunk=8, bwd_block_d=16, bwd_num_warps=16), 16)])
+def test_kernels_lower_for_the_gpu(extra, bwd_warps, monkeypatch):
   """Forward and backward lower to Triton for an H100 (segments > 1: all four kernels)."""
-  monkeypatch.setattr(pss, "interpret_mode", lambda: False)
+  monkeypatch.setattr(pss_wrapper, "interpret_mode", lambda: False)
   b, L, d, n = 2, 512, 64, 16
   sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)   # noqa: E731
   args = (sds(b, L, d), sds(b, L, d), sds(d, n, dt=jnp.float32), sds(b, L, 1, n), sds(b, L, 1, n),
           sds(d, dt=jnp.float32), sds(b, L, d), sds(d, dt=jnp.float32))
-  cfg = pss.Config(variant=variant, segments=2, **extra)
+  cfg = pss.Config(segments=2, **extra)
 
   def loss(u, dl, A, B, C, D, z, bias):
     y = pss.selective_scan_pallas(u, dl, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
