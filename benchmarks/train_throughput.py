@@ -269,7 +269,8 @@ def _markdown(meta: dict, records: list[dict]) -> str:
 
 
 def _child_cmd(name: str, a: argparse.Namespace, compile_only: bool = False) -> list[str]:
-  return ([sys.executable, os.path.abspath(__file__), "--_child", name, "--preset", a.preset,
+  # As a module of the benchmarks package, run from the repository root (REPO on PYTHONPATH).
+  return ([sys.executable, "-m", "benchmarks.train_throughput", "--_child", name, "--preset", a.preset,
            "--seq_len", str(a.seq_len), "--steps", str(a.steps), "--rounds", str(a.rounds),
            "--batch", str(a.batch)] + (["--_compile_only"] if compile_only else []))
 
@@ -369,7 +370,8 @@ def main() -> None:
   os.makedirs(a.out, exist_ok=True)
   records: list[dict] = []
   start = time.time()
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   if a.precompile == "on":
     env.update(cache_env(a.cache_dir or tempfile.mkdtemp(prefix="ssm_lab_jax_cache_")))
     meta["precompile"] = precompile({n: _child_cmd(n, a, compile_only=True) for n in names}, env,
