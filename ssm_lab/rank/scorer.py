@@ -16,6 +16,7 @@ a 2-class head its log-odds. Sources:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -30,6 +31,12 @@ from ssm_lab.data.ranking.task import encode_pair, model_scores
 from ssm_lab.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_file
 
 
+@functools.lru_cache(maxsize=16)
+def _apply_fn(model: Any):
+  """One compiled forward per model, shared by every Scorer of it (fine-tuning sweeps make many)."""
+  return jax.jit(lambda p, x, m: model.apply({"params": p}, x, pad_mask=m))
+
+
 class Scorer:
   """Scores (query, document) pairs with a classifier-head LanguageModel (EOS pooling)."""
 
@@ -40,7 +47,7 @@ class Scorer:
                        f"{model.args.head!r}")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.seq_len, self.max_query_len, self.batch_size = seq_len, max_query_len, batch_size
-    self._apply = jax.jit(lambda p, x, m: model.apply({"params": p}, x, pad_mask=m))
+    self._apply = _apply_fn(model)
     self._memo: dict[str, np.ndarray] = {}
 
   def _tokens(self, texts: list[str]) -> list[np.ndarray]:

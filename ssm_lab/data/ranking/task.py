@@ -189,6 +189,11 @@ class RankingTask:
     for start in range(0, n, batch_size):
       yield {k: v[start:start + batch_size] for k, v in self._eval_data.items()}
 
+  @property
+  def first_stage(self) -> Run:
+    """The first-stage run (every query of the collection, at depth max(rerank, negatives))."""
+    return self._first_stage
+
   # --- ranking evaluation --------------------------------------------------------------------------
 
   def first_stage_metrics(self) -> dict[str, float]:
