@@ -47,8 +47,10 @@ def _loss(params: Any, batch: dict[str, jax.Array], *, model: LanguageModel, los
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model: LanguageModel, loss: str, group: int, weight_decay: float, clip: float):
-  """(params, opt_state, batch, lr) -> (params, opt_state, loss), compiled once per model/shape."""
+def _step_fn(args: Any, loss: str, group: int, weight_decay: float, clip: float):
+  """(params, opt_state, batch, lr) -> (params, opt_state, loss), compiled once per architecture
+  (keyed by its ModelArgs, so every seed, fold and learning rate reuses one compilation)."""
+  model = LanguageModel(args)
   tx = optax.chain(optax.clip_by_global_norm(clip),
                    optax.inject_hyperparams(optax.adamw, static_args=("mask",))(learning_rate=0.0,
                                                          weight_decay=weight_decay,
@@ -116,7 +118,7 @@ def finetune(task: RankingTask, config: ml_collections.ConfigDict, *, init: Any 
                       pad_mask=jnp.asarray(sample["pad_mask"]))["params"]
   if init is not None:
     params = merge_backbone(params, init)
-  tx, step_fn = _step_fn(model, task.loss, task.group_size, float(t.weight_decay),
+  tx, step_fn = _step_fn(model.args, task.loss, task.group_size, float(t.weight_decay),
                          float(t.grad_clip_norm))
   opt_state = tx.init(params)
   warmup = max(1, min(t.warmup_steps, t.num_steps // 10 if t.warmup_steps <= 0 else t.warmup_steps))

@@ -32,8 +32,10 @@ from ssm_lab.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_fil
 
 
 @functools.lru_cache(maxsize=16)
-def _apply_fn(model: Any):
-  """One compiled forward per model, shared by every Scorer of it (fine-tuning sweeps make many)."""
+def _apply_fn(args: Any):
+  """One compiled forward per architecture, shared by every Scorer of it (sweeps make many)."""
+  from ssm_lab.models import LanguageModel  # noqa: PLC0415
+  model = LanguageModel(args)
   return jax.jit(lambda p, x, m: model.apply({"params": p}, x, pad_mask=m))
 
 
@@ -47,7 +49,7 @@ class Scorer:
                        f"{model.args.head!r}")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.seq_len, self.max_query_len, self.batch_size = seq_len, max_query_len, batch_size
-    self._apply = _apply_fn(model)
+    self._apply = _apply_fn(model.args)
     self._memo: dict[str, np.ndarray] = {}
 
   def _tokens(self, texts: list[str]) -> list[np.ndarray]:
