@@ -65,7 +65,7 @@ class Budget(NamedTuple):
 FULL = Budget()
 SMOKE = Budget(d_model=16, tokenizer="bytes", pretrain_seq=64, pretrain_batch=4, pretrain_steps=2,
                train_tokens=20_000, eval_tokens=2_000, seq_len=48, max_query_len=16, group_size=4,
-               groups_per_batch=2, depth=5, lrs=(1e-3,), seeds=(0,), epochs=0.5, folds=2,
+               groups_per_batch=2, depth=5, lrs=(1e-3,), seeds=(0,), epochs=0.5, folds=3,
                bce_seeds=(0,), collections=("scifact", "vaswani"), throughput_lengths=(16,),
                throughput_batch=2, throughput_steps=1)
 # Collections by role; the smoke test points $SSM_LAB_RANKING_CARRY at tiny stand-ins of the same names.
