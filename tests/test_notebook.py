@@ -42,3 +42,22 @@ def test_scaling_notebook_executes_from_committed_results(monkeypatch):
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
   assert "results:" in outputs and "Edge" in outputs
+
+
+def test_ranking_notebook_executes_with_and_without_results(tmp_path, monkeypatch):
+  import json  # noqa: PLC0415
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  record = {"name": "mamba2", "status": "ok", "tags": {"kind": "reranker", "backbone": "mamba2"},
+            "metrics": {"params": 3e7, "scifact.lce.rerank_nDCG@10.mean": 0.5,
+                        "scifact.lce.rerank_nDCG@10.std": 0.01},
+            "device": {"kind": "cpu", "count": 1}}
+  for results, expected in ((tmp_path / "none", "not yet measured"), (tmp_path / "some", "| mamba2 |")):
+    results.mkdir()
+    if "some" in str(results):
+      (results / "mamba2.json").write_text(json.dumps(record))
+    monkeypatch.setenv("SSM_LAB_RANKING_RESULTS", str(results))
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "ranking.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": ROOT}}).execute()
+    outputs = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+    assert expected in outputs

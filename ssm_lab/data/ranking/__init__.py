@@ -20,10 +20,11 @@ def build_ranking_task(dataset: str, *, data_dir: str = "", cache_dir: str = "",
                        fold: int = 0, dev_fraction: float = 0.1, eval_split: str = "dev",
                        eval_queries: int = 0, num_eval_examples: int = 512,
                        score_batch_size: int = 64, run_dir: str = "", seed: int = 0,
-                       progress: bool = True) -> RankingTask:
+                       loss: str = "pointwise", progress: bool = True) -> RankingTask:
   """A `RankingTask` over `dataset` (see ssm_lab/data/ranking/task.py and README.md).
 
-  `first_stage` is "bm25" (bm25s over the whole collection, cached) or the name of a run file that
+  `loss` is "pointwise" (2-class rows, trained by ssm_lab.train), "lce" or "bce" (scalar scores,
+  trained by ssm_lab.rank.finetune). `first_stage` is "bm25" (bm25s over the whole collection, cached) or the name of a run file that
   comes with the collection (for example "bm25_top100" of msmarco-trec-dl20).
   """
   collection = load_collection(dataset, data_dir, layout, topic_field)
@@ -47,7 +48,7 @@ def build_ranking_task(dataset: str, *, data_dir: str = "", cache_dir: str = "",
                      negatives_depth=negatives_depth, group_size=group_size, rel=rel_threshold,
                      seed=seed, num_eval_examples=num_eval_examples, eval_queries=eval_queries,
                      score_batch_size=score_batch_size, run_dir=run_dir,
-                     first_stage_name=first_stage, name=f"ranking:{collection.name}")
+                     first_stage_name=first_stage, name=f"ranking:{collection.name}", loss=loss)
 
 
 __all__ = ["Collection", "RankingTask", "bm25", "build_ranking_task", "load_collection",

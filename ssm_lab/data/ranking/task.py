@@ -10,6 +10,14 @@ not judged relevant (random documents when a query has none). Inputs are
 `train_batch(step, b)` draws groups from (seed, step) until b rows are filled (the last group may be
 cut), so it is deterministic and resumes at the right place.
 
+`loss` says how groups are trained. "pointwise" (default) is a 2-class classifier per row, trained by
+`ssm_lab.train`'s cross-entropy. "lce" (localized contrastive estimation, RankMamba's recipe: softmax
+cross-entropy over each group of 1 positive + group_size - 1 negatives) and "bce" (sigmoid
+cross-entropy per row) score each row with one number (`num_classes` 1) and need the group-aware loop
+`ssm_lab.rank.finetune`: their `kind` is "group_ranking", which `ssm_lab.train` refuses with an error
+naming the head. Groups are consecutive rows, the positive first, so batch sizes must be multiples of
+group_size.
+
 `evaluate(score_fn)` re-ranks the first-stage top `rerank_depth` of every eval query by the model's
 score (log-odds of class 1 for a 2-class head) and returns MRR@10, nDCG@10, MAP and R@100, plus the
 same metrics of the first stage on the same queries; `run_dir` also writes each re-ranking as a TREC
@@ -49,18 +57,31 @@ def model_scores(out: np.ndarray) -> np.ndarray:
                    f"{out.shape}")
 
 
-class RankingTask:
-  """Pointwise cross-encoder re-ranking (kind "classification", 2 classes)."""
+LOSSES = ("pointwise", "lce", "bce")
 
-  kind = "classification"
-  num_classes = 2
+
+def encode_pair(query: np.ndarray, doc: np.ndarray, *, sep_id: int, eos_id: int, seq_len: int,
+                max_query_len: int) -> np.ndarray:
+  """`query[:max_query_len] <sep> document (cut to fit) <eos>`: at most seq_len token ids."""
+  query = query[:max_query_len]
+  doc = doc[:max(seq_len - len(query) - 2, 0)]
+  return np.concatenate([query, [sep_id], doc, [eos_id]]).astype(np.int32)
+
+
+class RankingTask:
+  """Cross-encoder re-ranking: pointwise 2-class ("classification") or grouped ("group_ranking")."""
 
   def __init__(self, collection: Collection, tokenizer: Tokenizer, splits: QuerySplits,
                first_stage: Run, *, seq_len: int = 256, max_query_len: int = 64,
                eval_split: str = "dev", rerank_depth: int = 100, negatives_depth: int = 100,
                group_size: int = 2, rel: int = 1, seed: int = 0, num_eval_examples: int = 512,
                eval_queries: int = 0, score_batch_size: int = 64, run_dir: str = "",
-               first_stage_name: str = "bm25", name: str = "ranking"):
+               first_stage_name: str = "bm25", name: str = "ranking", loss: str = "pointwise"):
+    if loss not in LOSSES:
+      raise ValueError(f"ranking: loss={loss!r} must be one of {list(LOSSES)}")
+    self.loss = loss
+    self.kind = "classification" if loss == "pointwise" else "group_ranking"
+    self.num_classes = 2 if loss == "pointwise" else 1
     if max_query_len < 1 or seq_len < max_query_len + 3:
       raise ValueError(f"ranking: need 1 <= max_query_len and seq_len >= max_query_len + 3 (sep, "
                        f"eos and one document token), got seq_len={seq_len}, "
@@ -125,9 +146,8 @@ class RankingTask:
     inputs = np.full((len(pairs), self.seq_len), tok.pad_id, np.int32)
     mask = np.zeros((len(pairs), self.seq_len), np.float32)
     for row, (q, d) in enumerate(zip(queries, docs, strict=True)):
-      q = q[: self.max_query_len]
-      d = d[: self.seq_len - len(q) - 2]
-      seq = np.concatenate([q, [tok.sep_id], d, [tok.eos_id]]).astype(np.int32)
+      seq = encode_pair(q, d, sep_id=tok.sep_id, eos_id=tok.eos_id, seq_len=self.seq_len,
+                        max_query_len=self.max_query_len)
       inputs[row, :len(seq)] = seq
       mask[row, :len(seq)] = 1.0
     return inputs, mask
@@ -154,6 +174,13 @@ class RankingTask:
     inputs, mask = self.encode_pairs(pairs)
     return {"inputs": inputs, "labels": np.asarray(labels, np.int32), "pad_mask": mask}
 
+  def save_artifacts(self, directory: str | Path) -> None:
+    """The tokenizer as `<directory>/tokenizer.json`, so `ssm_lab.rank` scores from the workdir alone."""
+    to_json = getattr(self.tokenizer, "to_json", None)
+    if callable(to_json):
+      Path(directory).mkdir(parents=True, exist_ok=True)
+      (Path(directory) / "tokenizer.json").write_text(to_json(), encoding="utf-8")
+
   def train_batch(self, step: int, batch_size: int) -> Batch:
     return self._examples(np.random.default_rng([self.seed, 21, step]), self.train_qids, batch_size)
 
@@ -161,6 +188,11 @@ class RankingTask:
     n = len(self._eval_data["labels"])
     for start in range(0, n, batch_size):
       yield {k: v[start:start + batch_size] for k, v in self._eval_data.items()}
+
+  @property
+  def first_stage(self) -> Run:
+    """The first-stage run (every query of the collection, at depth max(rerank, negatives))."""
+    return self._first_stage
 
   # --- ranking evaluation --------------------------------------------------------------------------
 
