@@ -3,6 +3,8 @@ a vocabulary of 16, 2-layer model with d_model 64, batch 8, fresh random data ev
 
 `eval_seq_len` evaluates at another length (the paper tests 2^6 .. 2^20); set it, e.g. 4096, to probe
 extrapolation.
+
+Sized for a CPU. Time per step: CPU: not measured; GPU: not measured.
 """
 
 import ml_collections

@@ -1,11 +1,14 @@
 """Byte-level language modelling on Project Gutenberg books (long documents, PG-19-like).
 
 The first run tokenises the capped train split and the valid split into a token cache (uint8, ~36 MB
-with these caps; `python -m ssm_lab.data prepare gutenberg --max_tokens 32000000 --eval_tokens
+with these caps; `.venv/bin/python -m ssm_lab.data prepare gutenberg --max_tokens 32000000 --eval_tokens
 4000000` does the same ahead of time). Eval reports loss, perplexity and bits per byte, which compare
 directly with configs/lm_gutenberg_bpe.py. For the GPU machine, prepare with
 `--cache_dir .carry/cache`, set `config.task.cache_dir = ".carry/cache"` and carry `.carry/cache`.
-`python -m ssm_lab.train --config configs/lm_gutenberg_bytes.py --workdir runs/lm_gutenberg_bytes`.
+`.venv/bin/python -m ssm_lab.train --config configs/lm_gutenberg_bytes.py --workdir runs/lm_gutenberg_bytes`.
+
+Sized for a GPU (its train step asks XLA for ~26.6 GB: more than a 23 GB CPU machine, where the
+memory check stops it before training). Time per step: CPU: not measured; GPU: not measured.
 """
 
 import ml_collections

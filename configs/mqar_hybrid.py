@@ -1,5 +1,9 @@
 """MQAR with a Jamba-like hybrid (Mamba, Mamba, attention, Mamba blocks, each with a SwiGLU MLP):
-quickstart's task and training settings, another model."""
+quickstart's task and training settings, another model.
+
+Sized for a CPU. Time per step: CPU (2 shared cores, 2026-12-07): ~4.4 s/step (1.2 GiB step); GPU:
+not measured.
+"""
 
 import os
 

@@ -1,5 +1,9 @@
 """MQAR with a 2-layer Mamba (Mamba-1 mixers, no MLP, as in the Mamba paper): quickstart's task and
-training settings, another model."""
+training settings, another model.
+
+Sized for a CPU. Time per step: CPU (2 shared cores, 2026-12-07): ~2.5 s/step (0.8 GiB step); GPU:
+not measured.
+"""
 
 import os
 

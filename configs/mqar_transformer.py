@@ -1,5 +1,9 @@
 """MQAR with a 2-layer LLaMA-style Transformer (attention + SwiGLU blocks): quickstart's task and
-training settings, another model."""
+training settings, another model.
+
+Sized for a CPU. Time per step: CPU (2 shared cores, 2026-12-07): ~0.4 s/step (0.07 GiB step); GPU:
+not measured.
+"""
 
 import os
 

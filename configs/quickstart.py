@@ -1,5 +1,10 @@
 """Quickstart: a small hybrid (Mamba + attention) learns multi-query associative recall on 2 CPU cores
-in a few minutes. `python -m ssm_lab.train --config configs/quickstart.py --workdir runs/quickstart`."""
+in a few minutes.
+`.venv/bin/python -m ssm_lab.train --config configs/quickstart.py --workdir runs/quickstart`.
+
+Sized for a CPU. Time per step: CPU (2 shared cores, 2026-12-07): ~2.1 s/step here (0.4 GiB step);
+GPU: not measured.
+"""
 
 import ml_collections
 

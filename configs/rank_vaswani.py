@@ -4,6 +4,8 @@ The collection has no training split: folds are fixed by query id (ssm_lab/data/
 run folds 0..4 and report the mean with the fold protocol. BM25 alone on all 93 queries is in
 ssm_lab/data/README.md. Same cross-encoder and schedule as configs/rank_wikiqa.py, batch 32 for
 2000 steps.
+
+Sized for a GPU. Time per step: CPU: not measured; GPU: not measured.
 """
 
 import os

@@ -1,6 +1,9 @@
 """S5 word problem (Merrill, Petty & Sabharwal 2024): predict the running product of random
 permutations of 5 items at every position; 120 tokens. Non-solvable: the hard case for constant-depth
 models. Compare with configs/a5.py and with a solvable control (`group="Z60"` or `"A4xZ5"`).
+
+Sized for a CPU. Time per step: CPU (2 shared cores, 2026-12-07): ~6.9 s/step (2.9 GiB step); GPU:
+not measured.
 """
 
 import ml_collections

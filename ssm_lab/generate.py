@@ -218,4 +218,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from ssm_lab import cli  # noqa: PLC0415 (one-line errors; --verbose for the traceback)
+  sys.exit(cli.run("ssm_lab.generate", lambda: main(cli.strip_verbose(sys.argv[1:]))))

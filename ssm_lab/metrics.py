@@ -16,14 +16,20 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 class SummaryWriter:
-  """Appends events to a TensorBoard event file in `logdir` (created if missing)."""
+  """Appends events to a TensorBoard event file in `logdir` (created if missing).
+
+  The file is opened at the first event, so that a run that logs nothing (a rerun of a finished run)
+  leaves no empty event file behind.
+  """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
     self.logdir = logdir
-    self._writer = EventFileWriter(logdir)
+    self._writer: EventFileWriter | None = None
 
   def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    if self._writer is None:
+      os.makedirs(self.logdir, exist_ok=True)
+      self._writer = EventFileWriter(self.logdir)
     event = event_pb2.Event(wall_time=time.time(), step=int(step),
                             summary=summary_pb2.Summary(value=values))
     self._writer.add_event(event)
@@ -64,10 +70,12 @@ class SummaryWriter:
                                                 tensor=hp_metadata.NULL_TENSOR)])
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

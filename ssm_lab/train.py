@@ -38,9 +38,10 @@ import numpy as np
 import optax
 import tqdm
 
+from ssm_lab import cli
 from ssm_lab import config as config_lib
 from ssm_lab import parallel
-from ssm_lab.checkpoint import Checkpointer
+from ssm_lab.checkpoint import Checkpointer, WorkdirBusy, WorkdirLock
 from ssm_lab.data import base as data_base
 from ssm_lab.data import make_task
 from ssm_lab.metrics import SummaryWriter
@@ -53,6 +54,26 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU
 
 # Parameters the Mamba recipe keeps out of weight decay (besides every 1-D parameter).
 _NO_DECAY = ("A_log", "D", "dt_bias")
+
+# A state is checkpointed only while its parameters' global norm stays within this factor of the
+# initial parameters' norm: healthy training moves it by a small factor, a run on its way to
+# diverging (too high a learning rate) by orders of magnitude before its loss turns non-finite.
+SANE_NORM_GROWTH = 100.0
+
+# Overrides the memory the train step may use (GiB), for tests and for sharing a machine.
+MEMORY_LIMIT_ENV = "SSM_LAB_MEMORY_LIMIT_GB"
+
+
+class RunError(Exception):
+  """A condition the user must act on (the command line prints the message as one line)."""
+
+
+class CheckpointsUnreadable(RunError):
+  """Every checkpoint of the workdir was set aside; starting over is the user's call."""
+
+
+class OutOfMemory(RunError):
+  """The compiled train step needs more memory than the device has."""
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -300,15 +321,136 @@ def _check_mesh_fits(t: ml_collections.ConfigDict, mesh: Mesh) -> None:
         f"micro-batch splits evenly over the devices")
 
 
+def _memory_limit() -> tuple[float, str] | None:
+  """(bytes one device may use, where that number comes from), or None when unknown."""
+  env = os.environ.get(MEMORY_LIMIT_ENV, "")
+  if env:
+    return float(env) * 2**30, f"${MEMORY_LIMIT_ENV}"
+  device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+      # Simulated CPU devices share the host's RAM.
+      return (float(info["MemAvailable"].split()[0]) * 1024 / jax.local_device_count(),
+              "available RAM")
+    except (OSError, KeyError, ValueError):
+      return None
+  stats = device.memory_stats() or {}
+  return (float(stats["bytes_limit"]), f"{device.device_kind} memory") if "bytes_limit" in stats \
+      else None
+
+
+def step_memory_bytes(compiled: Any) -> float | None:
+  """Peak bytes one device needs for a compiled step (arguments, outputs, temporaries; donated
+  buffers counted once), or None when XLA does not say."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if ma is None:
+    return None
+  return float(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+               - ma.alias_size_in_bytes + ma.generated_code_size_in_bytes)
+
+
+def check_step_memory(compiled: Any, config: ml_collections.ConfigDict) -> None:
+  """Raises OutOfMemory, naming the fields to change, when the step cannot fit the device."""
+  need, limit = step_memory_bytes(compiled), _memory_limit()
+  if need is None or limit is None or need <= limit[0]:
+    return
+  t, m = config.train, config.model
+  hints = [f"config.train.batch_size (now {t.batch_size})",
+           f"raise config.train.grad_accum_steps (now {t.grad_accum_steps}; smaller micro-batches)"]
+  if m.remat != "block":
+    hints.append(f"config.model.remat='block' (now {m.remat!r})")
+  if "seq_len" in config.task:
+    hints.append(f"config.task.seq_len (now {config.task.seq_len})")
+  hints.append(f"the model (config.model.d_model={m.d_model}, pattern {m.pattern!r})")
+  raise OutOfMemory(
+      f"the train step needs {need / 2**30:.2f} GiB per device but {limit[1]} is "
+      f"{limit[0] / 2**30:.2f} GiB; lower " + ", ".join(hints))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (value in the checkpoint's config, value now)} for the fields that differ."""
+  if not saved_json:
+    return {}
+  try:
+    old = _flat(json.loads(saved_json))
+  except ValueError:
+    return {}
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+@jax.jit
+def _param_health(params: Any) -> tuple[jax.Array, jax.Array]:
+  """(every parameter finite, global norm)."""
+  leaves = jax.tree.leaves(params)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return finite, optax.global_norm(params)
+
+
+def _last_logged(workdir: str) -> dict[str, float]:
+  """The newest eval metrics in the workdir's TensorBoard events, else the newest train loss and
+  accuracy (what a rerun of a finished or preempted run reports instead of nothing)."""
+  from ssm_lab.metrics import read_scalars  # noqa: PLC0415
+  for sub, keys, prefix in (("eval", None, ""), ("train", ("loss", "accuracy"), "train_")):
+    path = os.path.join(workdir, sub)
+    if not os.path.isdir(path):
+      continue
+    scalars = read_scalars(path)
+    if keys:
+      scalars = {k: v for k, v in scalars.items() if k in keys}
+    if scalars:
+      last = max(v[-1][0] for v in scalars.values())
+      return {prefix + k: float(v[-1][1]) for k, v in scalars.items() if v[-1][0] == last}
+  return {}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at: int | None = None, mesh: Mesh | None = None) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics.
+                       stop_at: int | None = None, mesh: Mesh | None = None,
+                       restart: bool = False) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics
+  (when this invocation evaluated nothing, the last ones logged in the workdir).
 
   `stop_at` ends this invocation after that step with a checkpoint, as a preemption would (the
   schedule still follows `config.train.num_steps`); rerunning resumes from there. `mesh` defaults to
-  every device of every process (`parallel.make_mesh()`).
+  every device of every process (`parallel.make_mesh()`). When every checkpoint of the workdir fails
+  to restore, the run stops with CheckpointsUnreadable unless `restart` allows starting from step 0.
+  The workdir is locked for the run (WorkdirBusy when another live run holds it).
   """
   config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  # The first process locks for all: the others share its workdir (and learn the outcome).
+  lock = WorkdirLock(workdir)
+  busy: WorkdirBusy | None = None
+  if parallel.is_primary():
+    try:
+      lock.acquire()
+    except WorkdirBusy as err:
+      busy = err
+  if parallel.any_process(busy is not None):
+    raise busy or WorkdirBusy(f"workdir {workdir} is in use by another run (see process 0)")
+  try:
+    return _train(config, workdir, stop_at=stop_at, mesh=mesh, restart=restart)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None,
+           mesh: Mesh | None, restart: bool) -> dict[str, float]:
   t = config.train
   mesh = parallel.make_mesh() if mesh is None else mesh
   _check_mesh_fits(t, mesh)
@@ -321,15 +463,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  f"{task.name!r} of kind {kind!r} (use 'classifier' for "
                                  f"classification tasks, 'lm' otherwise)")
   primary = parallel.is_primary()
-  os.makedirs(workdir, exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    # Tasks with artifacts a run needs later (a trained tokenizer, the data description) keep them
-    # with the run, so `ssm_lab.generate` and `runs.load_run` work from the workdir alone.
-    save_artifacts = getattr(task, "save_artifacts", None)
-    if callable(save_artifacts):
-      save_artifacts(workdir)
   say = print if primary else (lambda *a, **k: None)
 
   tx = make_optimizer(t)
@@ -339,19 +472,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shardings = parallel.state_shardings(abstract, mesh, t.parallelism)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
+
+  repl = parallel.replicated(mesh)
+  rows = parallel.batch_sharding(mesh)
+  param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
+  step_jit = jax.jit(functools.partial(train_step, model=model, kind=kind, tx=tx,
+                                       accum=t.grad_accum_steps, mesh=mesh,
+                                       param_shardings=param_sh),
+                     in_shardings=(shardings, rows), out_shardings=(shardings, repl),
+                     donate_argnums=0)
+  # Compile before allocating anything, and stop here if the step cannot fit the device (rather
+  # than dying with RESOURCE_EXHAUSTED after the data step and the restore).
+  sample = task.train_batch(0, t.batch_size)
+  batch_shape = {k: jax.ShapeDtypeStruct((t.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype,
+                                         sharding=rows)
+                 for k, v in sample.items()}
+  step_fn = step_jit.lower(abstract, batch_shape).compile()
+  check_step_memory(step_fn, config)
+
+  # The previous invocation's config, to log what a rerun changed (a lower learning rate after a
+  # divergence, say) before config.json records the new one.
+  previous_config = None
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json")) as f:
+      previous_config = f.read()
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    # Tasks with artifacts a run needs later (a trained tokenizer, the data description) keep them
+    # with the run, so `ssm_lab.generate` and `runs.load_run` work from the workdir alone.
+    save_artifacts = getattr(task, "save_artifacts", None)
+    if callable(save_artifacts):
+      save_artifacts(workdir)
+
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, save_every=t.checkpoint_every)
   restored = ckpt.restore_latest(abstract)
+  if restored is None and ckpt.set_aside and not restart:
+    ckpt.close()
+    listing = "; ".join(f"step {a.step} -> {a.path} ({a.reason})" for a in ckpt.set_aside)
+    raise CheckpointsUnreadable(
+        f"no checkpoint in {ckpt.directory} could be restored, so the run did not start over "
+        f"from step 0 on its own. Set aside: {listing}. To start fresh, rerun with --restart (or "
+        f"use a new --workdir)")
+  init_norm, changed = None, ""
   if restored is None:
     # Random draws do not depend on the sharding (partitionable threefry), so every mesh starts
     # from the same parameters.
     state = jax.jit(init_state, out_shardings=shardings)(rng)
     start = 0
+    if ckpt.set_aside:
+      say(f"--restart: starting from step 0; {len(ckpt.set_aside)} unreadable checkpoint(s) are "
+          f"in {ckpt.directory}_unreadable")
   else:
     start, state, meta = restored
     if meta.get("data_position", start) != start:
       raise RuntimeError(f"checkpoint {start} in {ckpt.directory} records data position "
                          f"{meta.get('data_position')}, not its step")
-    say(f"resumed from step {start} in {ckpt.directory}")
+    init_norm = meta.get("init_param_norm")
+    changes = config_changes(previous_config or meta.get("config"), config)
+    changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    say(f"resumed from step {start} in {ckpt.directory}"
+        + (f" with a changed config: {changed}" if changed else ""))
+  if init_norm is None:  # a fresh run, or a checkpoint from before the norm was recorded
+    init_norm = float(jax.device_get(_param_health(state.params)[1]))
 
   n_params = param_count(state.params)
   seq_len = task.seq_len
@@ -372,15 +555,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                "processes": jax.process_count()})
     train_writer.hparams(hp, ["eval/loss", "eval/accuracy", "train/loss"])
     train_writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
-
-  repl = parallel.replicated(mesh)
-  rows = parallel.batch_sharding(mesh)
-  param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
-  step_fn = jax.jit(functools.partial(train_step, model=model, kind=kind, tx=tx,
-                                      accum=t.grad_accum_steps, mesh=mesh,
-                                      param_shardings=param_sh),
-                    in_shardings=(shardings, rows), out_shardings=(shardings, repl),
-                    donate_argnums=0)
+  elif changed:
+    train_writer.text(start, "config_change", f"resumed from step {start} with {changed}")
 
   def eval_params(params, batch):
     if param_sh is not None:
@@ -395,12 +571,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tracing = False
 
   saved = {start}  # steps already on disk (a preemption can land on a regular checkpoint step)
+  last_good = start if restored is not None else None  # the newest checkpoint on disk
 
-  def save(step: int, force: bool = False) -> None:
-    if step not in saved and (force or step % t.checkpoint_every == 0):
-      ckpt.save(step, state, {"data_position": step, "config": config.to_json_best_effort()},
-                force=True)
-      saved.add(step)
+  def unhealthy() -> str | None:
+    """Why the current state must not be checkpointed (None: it may)."""
+    bad = int(jax.device_get(state.consecutive_bad))
+    if bad:
+      return f"its last {bad} step(s) had a non-finite loss or gradient"
+    finite, norm = (jax.device_get(x) for x in _param_health(state.params))
+    if not finite:
+      return "its parameters are not finite"
+    if norm > SANE_NORM_GROWTH * max(init_norm, 1e-12):
+      return (f"its parameters' norm {float(norm):.3g} is over {SANE_NORM_GROWTH:g} times the "
+              f"initial {init_norm:.3g} (diverging)")
+    return None
+
+  def save(step: int, force: bool = False) -> bool:
+    nonlocal last_good
+    if step in saved or not (force or step % t.checkpoint_every == 0):
+      return step in saved
+    # Never write a state on its way to divergence: the newest checkpoint stays one a rerun with a
+    # lower learning rate can resume from.
+    why = unhealthy()
+    if why is not None:
+      say(f"not checkpointing step {step}: {why}; the newest checkpoint stays "
+          + (f"step {last_good}" if last_good is not None else "none (step 0)"))
+      return False
+    ckpt.save(step, state, {"data_position": step, "config": config.to_json_best_effort(),
+                            "init_param_norm": init_norm}, force=True)
+    saved.add(step)
+    last_good = step
+    return True
 
   last_eval: dict[str, float] = {}
   pending: list[dict] = []
@@ -426,11 +627,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           tracing = False
         # Read the previous step's counter (one step behind) so the host never stalls the device.
         if lagged is not None and int(lagged) >= t.max_bad_steps:
-          save(step, force=True)
           ckpt.close()
+          resume = (f"resumes from step {last_good}, the last checkpoint whose loss was finite and "
+                    f"whose weights were sane" if last_good is not None else
+                    "starts from step 0 (no healthy checkpoint was written)")
           raise FloatingPointError(
               f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (by step "
-              f"{step}); stopping. Lower config.train.learning_rate or check the data.")
+              f"{step}); stopping without checkpointing the diverged state. Lower "
+              f"config.train.learning_rate (now {t.learning_rate:g}; e.g. "
+              f"--config.train.learning_rate={t.learning_rate / 10:g}) or check the data: "
+              f"rerunning with the same --workdir {resume}.")
         lagged = metrics["consecutive_bad"]
         if step % t.log_every == 0 or step == t.num_steps:
           fetched = jax.device_get(pending)
@@ -471,9 +677,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step == stop_at:
           break
         if preempted.reached(step):
-          save(step, force=True)
-          if primary:
+          if save(step, force=True) and primary:
             bar.write(f"SIGTERM: checkpointed step {step} in {ckpt.directory}; rerun to resume")
+          elif primary:
+            bar.write(f"SIGTERM: stopped at step {step} without a checkpoint; rerun to resume "
+                      f"from step {last_good if last_good is not None else 0}")
           break
   finally:
     if tracing:
@@ -482,6 +690,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_writer.close()
   eval_writer.close()
   ckpt.close()
+  if not last_eval and primary:
+    last_eval = _last_logged(workdir)
   return last_eval
 
 
@@ -517,6 +727,9 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run "
                      "(default: $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
                      "(default: $JAX_PROCESS_ID).")
+flags.DEFINE_bool("restart", False, "Start from step 0 when every checkpoint of --workdir is "
+                  "unreadable (they stay in <workdir>/checkpoints_unreadable).")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error, not just its one-line message.")
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -558,29 +771,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
       overrides = [a for a in argv if a.startswith("--config.")]
       message = (f"unknown config field {str(detail).splitlines()[0]} in one of {overrides}: "
                  + " ".join(str(detail).splitlines()[1:]))
-  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
-  sys.exit(1)
+  cli.fail("ssm_lab.train", f"flags parsing error: {message}")
 
 
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("--config and --workdir are required")
-  config = FLAGS.config
+    cli.fail("ssm_lab.train", f"unexpected arguments: {argv[1:]}")
+  cli.run("ssm_lab.train", _main, errors=cli.USER_ERRORS + (RunError, WorkdirBusy))
+
+
+def _main() -> None:
+  config = FLAGS.config  # a config file that failed to load raises OSError naming it here
+  if config is None or FLAGS.workdir is None:
+    raise ValueError("--config and --workdir are required")
   if FLAGS.profile_steps is not None:
     config.train.profile_steps = FLAGS.profile_steps
-  try:
-    config_lib.validate(config)  # before joining a multi-process run, and before compiling
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
-  except ValueError as err:  # ConfigError included
-    raise app.UsageError(str(err)) from err
-  try:
-    metrics = train_and_evaluate(config, FLAGS.workdir)
-  except config_lib.ConfigError as err:
-    raise app.UsageError(str(err)) from err
+  config_lib.validate(config)  # before joining a multi-process run, and before compiling
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  metrics = train_and_evaluate(config, FLAGS.workdir, restart=FLAGS.restart)
   if parallel.is_primary():
     print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
                       for k, v in metrics.items()}))

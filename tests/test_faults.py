@@ -7,6 +7,7 @@ tests/train_driver.py); the runs of a test session share a JAX compilation cache
 
 import glob
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -219,3 +220,284 @@ def _latest_params(workdir):
   step, state, _ = ckpt.restore_latest(None)
   ckpt.close()
   return step, state["params"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints damaged in place: every one is detected, set aside, and the previous one is used.
+
+def tiny_config(steps=6, **train_kw):
+  config = config_lib.base_config()
+  config.task = ml_collections.ConfigDict(TASK)
+  for k, v in MODEL.items():
+    config.model[k] = v
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps = 8, steps, 2
+  t.log_every, t.eval_every, t.checkpoint_every, t.progress_bar = 1, steps, 3, False
+  for k, v in train_kw.items():
+    t[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A workdir with checkpoints 3 and 6 (copied by each test before it damages one)."""
+  workdir = tmp_path_factory.mktemp("two_checkpoints") / "run"
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  assert _complete_steps(str(workdir)) == [3, 6]
+  return workdir
+
+
+def _array_file(step_dir):
+  """The largest file of a checkpoint's array data."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    chunk = f.read(64)
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _alter_metadata(step_dir):
+  path = os.path.join(step_dir, "meta", "metadata")
+  text = open(path).read()
+  open(path, "w").write(text.replace('"data_position": 6', '"data_position": 7'))
+  return path
+
+
+def _truncate(step_dir):
+  path = _array_file(step_dir)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+def _delete(step_dir):
+  path = os.path.join(step_dir, "state", "_METADATA")
+  os.remove(path)
+  return path
+
+
+def _flip_array_bytes(step_dir):
+  path = _array_file(step_dir)
+  _flip_bytes(path)
+  return path
+
+
+def _values_differ_without_manifest(step_dir):
+  """Values that decode but differ from those saved, in a checkpoint whose file manifest was never
+  written (a run killed between orbax finishing and the manifest): the array hashes in its JSON
+  record catch it. (Flipped bytes in orbax's files mostly fail to decode; changing the recorded hash
+  of one array makes a decodable mismatch every time.)"""
+  os.remove(os.path.join(step_dir, "integrity.json"))
+  path = os.path.join(step_dir, "meta", "metadata")
+  meta = json.loads(open(path).read())
+  name = "params/embed/embedding"
+  meta["integrity"]["arrays"][name] = "0" * 64
+  open(path, "w").write(json.dumps(meta))
+  return name
+
+
+@pytest.mark.parametrize("damage", [_flip_array_bytes, _alter_metadata, _truncate, _delete,
+                                    _values_differ_without_manifest])
+def test_checkpoint_damaged_in_place_is_set_aside(two_checkpoints, tmp_path, damage):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_checkpoints, workdir)
+  step_dir = str(workdir / "checkpoints" / "6")
+  damaged = damage(step_dir)
+  ckpt = train.Checkpointer(str(workdir), keep=3, save_every=3)
+  restored = ckpt.restore_latest(None)
+  ckpt.close()
+  assert restored is not None and restored[0] == 3
+  [aside] = ckpt.set_aside
+  assert aside.step == 6 and os.path.isdir(aside.path)
+  assert os.path.dirname(aside.path) == str(workdir / "checkpoints_unreadable")
+  # The warning names the file, or the array whose values changed.
+  if damage is _values_differ_without_manifest:
+    assert f"array '{damaged}'" in aside.reason, aside.reason
+  elif damage is not _truncate or "file" in aside.reason:
+    assert os.path.relpath(damaged, step_dir) in aside.reason, aside.reason
+
+
+def test_an_intact_checkpoint_verifies(two_checkpoints, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_checkpoints, workdir)
+  ckpt = train.Checkpointer(str(workdir), keep=3, save_every=3)
+  step, _, meta = ckpt.restore_latest(None)
+  ckpt.close()
+  assert step == 6 and not ckpt.set_aside and meta["integrity"]["arrays"]
+  assert os.path.exists(workdir / "checkpoints" / "6" / "integrity.json")
+
+
+def test_every_checkpoint_unreadable_stops_until_restart_is_asked_for(two_checkpoints, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_checkpoints, workdir)
+  for step in (3, 6):
+    _flip_array_bytes(str(workdir / "checkpoints" / str(step)))
+  with pytest.raises(train.CheckpointsUnreadable, match="--restart") as err:
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert "step 6" in str(err.value) and "step 3" in str(err.value)
+  assert "checkpoints_unreadable" in str(err.value)
+  assert len(os.listdir(workdir / "checkpoints_unreadable")) == 2
+  metrics = train.train_and_evaluate(tiny_config(), str(workdir), restart=True)
+  assert np.isfinite(metrics["loss"]) and _complete_steps(str(workdir)) == [3, 6]
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per workdir.
+
+def _env(**extra):
+  return dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              JAX_PLATFORMS="cpu", **extra)
+
+
+def _single_line_error(proc):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode != 0, proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  return lines[0]
+
+
+def test_a_second_run_on_a_held_workdir_stops_with_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  holder = train.WorkdirLock(str(workdir))
+  holder.acquire()  # this test process is the first run
+  try:
+    proc = subprocess.run([sys.executable, "-m", "ssm_lab.train", "--config=configs/quickstart.py",
+                           f"--workdir={workdir}"], cwd=_REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+  finally:
+    holder.release()
+  line = _single_line_error(proc)
+  assert f"pid {os.getpid()}" in line and "in use" in line, line
+  assert not (workdir / "checkpoints").exists() and not (workdir / "lock").exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  import socket
+  (workdir / "lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}}}')
+  metrics = train.train_and_evaluate(tiny_config(steps=2, checkpoint_every=2), str(workdir))
+  assert np.isfinite(metrics["loss"]) and _complete_steps(str(workdir)) == [2]
+  assert not (workdir / "lock").exists()  # released on exit
+
+
+# ------------------------------------------------------------------------------------------------
+# Divergence, and the way back.
+
+def test_divergence_keeps_the_last_good_checkpoint_and_a_lower_lr_resumes(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  good = dict(steps=12, checkpoint_every=2, max_bad_steps=3, log_every=1)
+  train.train_and_evaluate(tiny_config(**good), workdir, stop_at=4)
+  assert _complete_steps(workdir) == [2, 4]
+  huge = tiny_config(**good, learning_rate=1e30, grad_clip_norm=1e30)
+  with pytest.raises(FloatingPointError, match="resumes from step 4") as err:
+    train.train_and_evaluate(huge, workdir)
+  assert "--config.train.learning_rate=" in str(err.value)
+  assert _complete_steps(workdir) == [2, 4]  # no diverged state was written
+  capsys.readouterr()
+  metrics = train.train_and_evaluate(tiny_config(**good, learning_rate=5e-4), workdir)
+  out = capsys.readouterr().out
+  assert "resumed from step 4" in out and "train.learning_rate 1e+30 -> 0.0005" in out, out
+  assert np.isfinite(metrics["loss"]) and _complete_steps(workdir)[-1] == 12
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert '"learning_rate": 0.0005' in f.read()
+  step, params = _latest_params(workdir)
+  assert step == 12 and max(float(np.abs(x).max()) for x in jax.tree.leaves(params)) < 100
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a user reads: one line naming the field or file, a non-zero exit.
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.train.batch_size=0", "config.train.batch_size"),
+    ("--config.model.pattern=MQ", "config.model.pattern"),
+    ("--config.train.learning_rate=-0.1", "config.train.learning_rate"),
+])
+def test_train_config_errors_are_one_line(tmp_path, override, field):
+  proc = subprocess.run([sys.executable, "-m", "ssm_lab.train", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path / 'run'}", override], cwd=_REPO, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert field in _single_line_error(proc)
+
+
+def test_missing_config_file_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+  cmd = [sys.executable, "-m", "ssm_lab.train", "--config=configs/no_such.py",
+         f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.run(cmd, cwd=_REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert "configs/no_such.py" in _single_line_error(proc)
+  proc = subprocess.run(cmd + ["--verbose"], cwd=_REPO, env=_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_generate_errors_are_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "ssm_lab.generate", f"--workdir={tmp_path}",
+                         "--prompt=1,2"], cwd=_REPO, env=_env(), capture_output=True, text=True,
+                        timeout=120)
+  assert str(tmp_path) in _single_line_error(proc)
+
+
+def test_prepare_names_an_undecodable_jsonl_file(tmp_path):
+  data = tmp_path / "data" / "broken"
+  data.mkdir(parents=True)
+  (data / "train.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "\xff\xfe bad"}\n')
+  proc = subprocess.run([sys.executable, "-m", "ssm_lab.data", "prepare", "broken",
+                         f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}"],
+                        cwd=_REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert "train.jsonl" in _single_line_error(proc)
+  # The failed build left no temporary folder behind.
+  assert not glob.glob(str(tmp_path / "cache" / "**" / "*.tmp-*"), recursive=True)
+
+
+def test_from_pretrained_names_a_non_json_config(tmp_path):
+  from ssm_lab.models import from_pretrained
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: checked before anything runs.
+
+def test_a_step_that_cannot_fit_stops_before_running(tmp_path, monkeypatch):
+  monkeypatch.setenv(train.MEMORY_LIMIT_ENV, "0.0001")  # 100 KiB: far below the tiny model's step
+  with pytest.raises(train.OutOfMemory, match="config.train.batch_size") as err:
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert "GiB per device" in str(err.value) and train.MEMORY_LIMIT_ENV in str(err.value)
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train").exists()
+  monkeypatch.setenv(train.MEMORY_LIMIT_ENV, "100")
+  train.train_and_evaluate(tiny_config(steps=1, checkpoint_every=1), str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Small things.
+
+def test_rerunning_a_finished_run_reports_its_metrics_and_adds_no_event_files(two_checkpoints,
+                                                                              tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_checkpoints, workdir)
+  before = {d: sorted(os.listdir(workdir / d)) for d in ("train", "eval")}
+  metrics = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert set(metrics) >= {"loss", "accuracy"} and np.isfinite(metrics["loss"])
+  assert {d: sorted(os.listdir(workdir / d)) for d in ("train", "eval")} == before
+
+
+def test_stale_token_cache_temporaries_are_removed(tmp_path):
+  from ssm_lab.data import token_cache
+  out = tmp_path / "cache" / "train"
+  out.parent.mkdir(parents=True)
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  stale = out.with_name(f"train.tmp-{dead.pid}")
+  stale.mkdir()
+  (stale / "tokens.bin").write_bytes(b"\0" * 10)
+  token_cache.remove_stale_tmp(out)
+  assert not stale.exists()

@@ -213,12 +213,11 @@ def main(argv: list[str] | None = None) -> None:
       p.add_argument("--rel", type=int, default=1, help="lowest relevant grade (TREC DL: 2)")
       p.add_argument("--out", default="", help="write the run as a TREC file")
     p.set_defaults(fn=fn)
-  args = parser.parse_args(argv)
-  try:
-    args.fn(args)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from ssm_lab import cli
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parser.parse_args(cli.strip_verbose(argv))
+  # One line naming the file or field; the traceback only with --verbose.
+  cli.run("ssm_lab.data", lambda: args.fn(args), argv=argv)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,14 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     ValueError: a line that is not a JSON object with a string `text_field`; names file and line.
   """
   with open_text(path) as f:
-    for line_no, line in enumerate(f, 1):
+    lines = enumerate(f, 1)
+    while True:
+      try:
+        line_no, line = next(lines)
+      except StopIteration:
+        return
+      except UnicodeDecodeError as e:  # name the file: the codec's message does not
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
       if not line.strip():
         continue
       try:

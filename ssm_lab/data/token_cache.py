@@ -114,16 +114,48 @@ def build(docs: Iterable[str], out: Path, tokenizer: Tokenizer, *, max_tokens: i
     if num_docs_hint < 1:
       raise ValueError("cap_mode='spread' needs num_docs_hint >= 1")
     per_doc = max(1, max_tokens // num_docs_hint)
-  from tqdm.auto import tqdm
-  dtype = tokenizer.token_dtype()
-  token_bytes = tokenizer.token_bytes()
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  remove_stale_tmp(out)
   tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
+  try:
+    return _build_into(tmp, docs, out, tokenizer, max_tokens=max_tokens, cap_mode=cap_mode,
+                       per_doc=per_doc, meta=meta, progress=progress, desc=desc)
+  finally:
+    # A failed or interrupted build leaves no half-written folder (a finished one was renamed).
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_tmp(out: Path) -> None:
+  """Removes `<out>.tmp-PID` folders whose process is gone (a build killed before its cleanup ran);
+  a live process's folder is another build in progress and is left alone."""
+  for tmp in out.parent.glob(f"{out.name}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(tmp: Path, docs: Iterable[str], out: Path, tokenizer: Tokenizer, *,
+                max_tokens: int, cap_mode: str, per_doc: int, meta: dict | None, progress: bool,
+                desc: str) -> TokenCache:
+  from tqdm.auto import tqdm
+  dtype = tokenizer.token_dtype()
+  token_bytes = tokenizer.token_bytes()
   offsets, text_bytes, cut_docs, total = [0], 0, 0, 0
-  bar = tqdm(total=max_tokens or None, unit="tok", unit_scale=True, disable=not progress,
+  # disable=None: no bar when stderr is not a terminal (logs, subprocesses), so an error stays one line.
+  bar = tqdm(total=max_tokens or None, unit="tok", unit_scale=True, disable=None if progress else True,
              desc=desc or f"tokenising into {out.name}")
   t0 = time.perf_counter()
   with open(tmp / "tokens.bin", "wb") as f:

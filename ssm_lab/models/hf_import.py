@@ -85,7 +85,10 @@ def read_config(path: str) -> dict[str, Any]:
     raise ValueError(f"{path!r} is not a Hugging Face model directory: no config.json in it "
                      f"(from_pretrained reads local files only; download the model first)")
   with open(config_path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: say which file
+      raise ValueError(f"{config_path}: not valid JSON ({err})") from None
 
 
 def _float(v: Any) -> float:
