@@ -84,12 +84,17 @@ class TrainState(flax.struct.PyTreeNode):
   consecutive_bad: jax.Array  # non-finite steps in a row (reset by a good step)
 
 
-def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+def make_schedule(t: ml_collections.ConfigDict, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio.
+
+  `peak` replaces learning_rate (a population trains with peak 1.0 and scales each member's updates
+  by its own learning rate: the schedule is linear in its peak).
+  """
+  peak = t.learning_rate if peak is None else peak
   warmup = min(t.warmup_steps, max(t.num_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=warmup,
-      decay_steps=max(t.num_steps, warmup + 1), end_value=t.learning_rate * t.min_lr_ratio)
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(t.num_steps, warmup + 1), end_value=peak * t.min_lr_ratio)
 
 
 def decay_mask(params: Any) -> Any:
@@ -99,12 +104,16 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping; its moments take the parameters' dtype (float32 masters)."""
+def make_optimizer(t: ml_collections.ConfigDict, unit_lr: bool = False) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; its moments take the parameters' dtype (float32 masters).
+
+  `unit_lr`: the schedule peaks at 1.0 instead of t.learning_rate, for `train_step(lr_scale=...)`
+  (AdamW's update is -lr(t) * (adam + wd * p), so scaling it by the peak gives the same update).
+  """
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip_norm),
-      optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                  mask=decay_mask))
+      optax.adamw(make_schedule(t, 1.0 if unit_lr else None), b1=t.b1, b2=t.b2,
+                  weight_decay=t.weight_decay, mask=decay_mask))
 
 
 def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -139,8 +148,12 @@ def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageMo
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str,
                tx: optax.GradientTransformation, accum: int, mesh: Mesh | None = None,
-               param_shardings: Any = None) -> tuple[TrainState, dict]:
+               param_shardings: Any = None, lr_scale: jax.Array | None = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer update (over `accum` micro-batches); non-finite updates are skipped.
+
+  `lr_scale` multiplies the optimizer's updates: the peak learning rate of a `tx` built with
+  `make_optimizer(t, unit_lr=True)` (one per member of a vmapped population).
 
   batch: {name: [batch, ...]}. Micro-batch j holds rows j, j + accum, j + 2 accum, ... so that each
   one stays spread over every device of a batch-sharded mesh. With `param_shardings` (FSDP), the
@@ -179,6 +192,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Languag
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
   new_params = optax.apply_updates(state.params, updates)
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   bad = (~finite).astype(jnp.int32)
@@ -224,14 +239,25 @@ def _sharded(batch: data_base.Batch, mesh: Mesh) -> tuple[dict[str, jax.Array], 
   return parallel.shard_batch(padded, mesh), real
 
 
-def evaluate(params: Any, task: Any, eval_fn: Any, batch_size: int,
-             mesh: Mesh | None = None) -> dict[str, float]:
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+def _eval_totals(params: Any, task: Any, eval_fn: Any, batch_size: int,
+                 mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+  """{loss_sum, correct, count} over the eval set, float64 ([members] for a population's eval_fn)."""
+  totals: dict[str, Any] = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for batch in task.eval_batches(batch_size):
     device_batch = _to_device(batch) if mesh is None else _sharded(batch, mesh)[0]
     sums = jax.device_get(eval_fn(params, device_batch))
     for k in totals:
-      totals[k] += float(sums[k])
+      totals[k] = totals[k] + np.asarray(sums[k], np.float64)
+  return totals
+
+
+def evaluate(params: Any, task: Any, eval_fn: Any, batch_size: int,
+             mesh: Mesh | None = None) -> dict[str, float]:
+  totals = _eval_totals(params, task, eval_fn, batch_size, mesh)
+  return _eval_metrics({k: float(v) for k, v in totals.items()}, task)
+
+
+def _eval_metrics(totals: dict[str, float], task: Any) -> dict[str, float]:
   count = max(totals["count"], 1.0)
   out = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
   hooks = data_base.optional_hooks(task)
@@ -419,6 +445,59 @@ def _last_logged(workdir: str) -> dict[str, float]:
   return {}
 
 
+# Config fields in which the members of a population may differ (everything else is one program).
+POPULATION_FIELDS = ("train.learning_rate", "seed")
+
+
+class PopulationError(RunError):
+  """A population that cannot train as one program (members at different steps, FSDP): train its
+  members one by one instead."""
+
+
+def check_population(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> None:
+  """Raises unless `configs` differ only in POPULATION_FIELDS and `workdirs` are distinct."""
+  if not configs or len(configs) != len(workdirs):
+    raise ValueError(f"a population needs one workdir per config (got {len(configs)} configs, "
+                     f"{len(workdirs)} workdirs)")
+  if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
+    raise ValueError(f"the workdirs of a population must be distinct: {workdirs}")
+  base = _flat(json.loads(configs[0].to_json_best_effort()))
+  for i, config in enumerate(configs[1:], 1):
+    flat = _flat(json.loads(config.to_json_best_effort()))
+    differ = [k for k in sorted(set(base) | set(flat))
+              if base.get(k) != flat.get(k) and k not in POPULATION_FIELDS]
+    if differ:
+      raise config_lib.ConfigError(
+          f"the members of a population may differ only in {', '.join(POPULATION_FIELDS)}; member "
+          f"{i} differs from member 0 in " + ", ".join(f"config.{k} ({flat.get(k)!r}, not "
+                                                         f"{base.get(k)!r})" for k in differ))
+  if len(configs) > 1 and configs[0].train.parallelism == "fsdp":
+    raise PopulationError("config.train.parallelism='fsdp' shards each parameter over the devices; "
+                          "a population (a member axis on every parameter) trains data parallel "
+                          "only: train these runs one by one, or use parallelism='data'")
+
+
+def _lock_all(workdirs: list[str]) -> list[WorkdirLock]:
+  """Locks every workdir (the first process locks for all), or none: WorkdirBusy names the first
+  one another live run holds."""
+  locks: list[WorkdirLock] = []
+  for workdir in workdirs:
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    busy: WorkdirBusy | None = None
+    if parallel.is_primary():
+      try:
+        lock.acquire()
+      except WorkdirBusy as err:
+        busy = err
+    if parallel.any_process(busy is not None):
+      for held in locks:
+        held.release()
+      raise busy or WorkdirBusy(f"workdir {workdir} is in use by another run (see process 0)")
+    locks.append(lock)
+  return locks
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at: int | None = None, mesh: Mesh | None = None,
                        restart: bool = False) -> dict[str, float]:
@@ -432,26 +511,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   The workdir is locked for the run (WorkdirBusy when another live run holds it).
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  # The first process locks for all: the others share its workdir (and learn the outcome).
-  lock = WorkdirLock(workdir)
-  busy: WorkdirBusy | None = None
-  if parallel.is_primary():
-    try:
-      lock.acquire()
-    except WorkdirBusy as err:
-      busy = err
-  if parallel.any_process(busy is not None):
-    raise busy or WorkdirBusy(f"workdir {workdir} is in use by another run (see process 0)")
+  locks = _lock_all([workdir])
   try:
-    return _train(config, workdir, stop_at=stop_at, mesh=mesh, restart=restart)
+    return _train([config], [workdir], stop_at=stop_at, mesh=mesh, restart=restart)[0]
   finally:
-    lock.release()
+    locks[0].release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None,
-           mesh: Mesh | None, restart: bool) -> dict[str, float]:
+def train_and_evaluate_many(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
+                            stop_at: int | None = None, mesh: Mesh | None = None,
+                            restart: bool = False) -> list[dict[str, float] | Exception]:
+  """Trains a population: runs that differ only in config.train.learning_rate and config.seed,
+  as one vmapped program (a member axis on the train state) through the same loop as
+  `train_and_evaluate`. Each member keeps its own workdir, holding what a single run of its config
+  holds (checkpoints of its own state, TensorBoard events, config.json), so `train_and_evaluate`,
+  `runs.load_run` and `ssm_lab.generate` read it as an ordinary run.
+
+  What varies: `config.seed` seeds the parameter initialisation only; the batches follow
+  config.task (its `seed` included), which the members share, so every member sees the same batch
+  of every step, as its single run would. A member's learning rate scales its updates (the schedule
+  is built with peak 1.0), so it matches its single run up to float rounding.
+
+  Returns one entry per member: its last eval metrics, or the exception that stopped it (a member
+  with `max_bad_steps` non-finite steps in a row is frozen and gets the FloatingPointError its
+  single run would raise; the others go on). A population resumes when every member's latest
+  checkpoint is at the same step; otherwise PopulationError (train them one by one). With one
+  config this is `train_and_evaluate`.
+  """
+  for config in configs:
+    config_lib.validate(config)
+  check_population(configs, workdirs)
+  if len(configs) == 1:
+    try:
+      return [train_and_evaluate(configs[0], workdirs[0], stop_at=stop_at, mesh=mesh,
+                                 restart=restart)]
+    except FloatingPointError as err:
+      return [err]
+  locks = _lock_all(workdirs)
+  try:
+    return _train(configs, workdirs, stop_at=stop_at, mesh=mesh, restart=restart)
+  finally:
+    for lock in locks:
+      lock.release()
+
+
+class _Member:
+  """The per-run side of a (possibly one-member) population: its config, workdir, checkpoints,
+  writers and divergence bookkeeping."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.ckpt: Checkpointer | None = None
+    self.train_writer: Any = _NullWriter()
+    self.eval_writer: Any = _NullWriter()
+    self.init_norm: float | None = None
+    self.changed = ""
+    self.saved: set[int] = set()   # steps already on disk
+    self.last_good: int | None = None  # the newest checkpoint on disk
+    self.last_eval: dict[str, float] = {}
+    self.error: Exception | None = None  # set when the member diverged (frozen from then on)
+
+
+def _diverged(t: ml_collections.ConfigDict, step: int, last_good: int | None) -> FloatingPointError:
+  resume = (f"resumes from step {last_good}, the last checkpoint whose loss was finite and "
+            f"whose weights were sane" if last_good is not None else
+            "starts from step 0 (no healthy checkpoint was written)")
+  return FloatingPointError(
+      f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (by step "
+      f"{step}); stopping without checkpointing the diverged state. Lower "
+      f"config.train.learning_rate (now {t.learning_rate:g}; e.g. "
+      f"--config.train.learning_rate={t.learning_rate / 10:g}) or check the data: "
+      f"rerunning with the same --workdir {resume}.")
+
+
+def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, stop_at: int | None,
+           mesh: Mesh | None, restart: bool) -> list[dict[str, float] | Exception]:
+  """The loop, for one run (a plain TrainState, raising on divergence) or a population of R > 1
+  members (a TrainState with a leading member axis and a vmapped step; a diverged member is frozen
+  and its error returned in its place)."""
+  config = configs[0]  # the members differ only in POPULATION_FIELDS
   t = config.train
+  size = len(configs)
+  stacked = size > 1
   mesh = parallel.make_mesh() if mesh is None else mesh
   _check_mesh_fits(t, mesh)
   task = make_task(config.task)
@@ -465,234 +607,325 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | No
   primary = parallel.is_primary()
   say = print if primary else (lambda *a, **k: None)
 
-  tx = make_optimizer(t)
-  rng = jax.random.PRNGKey(config.seed)
-  init_state = _state_initializer(task, model, tx)
-  abstract = jax.eval_shape(init_state, rng)
-  shardings = parallel.state_shardings(abstract, mesh, t.parallelism)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  tx = make_optimizer(t, unit_lr=stacked)
+  init_one = _state_initializer(task, model, tx)
+  keys = [jax.random.PRNGKey(c.seed) for c in configs]
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  # One member's state: what each workdir's checkpoints hold.
+  abstract1 = jax.eval_shape(init_one, keys[0])
+  shardings1 = parallel.state_shardings(abstract1, mesh, t.parallelism)
+  abstract1 = jax.tree.map(with_sharding, abstract1, shardings1)
+  if stacked:
+    init_state, rng = jax.vmap(init_one), jnp.stack(keys)
+    abstract = jax.eval_shape(init_state, rng)
+    shardings = parallel.state_shardings(abstract, mesh, t.parallelism)  # replicated: no FSDP
+    abstract = jax.tree.map(with_sharding, abstract, shardings)
+  else:
+    init_state, rng, abstract, shardings = init_one, keys[0], abstract1, shardings1
 
   repl = parallel.replicated(mesh)
   rows = parallel.batch_sharding(mesh)
   param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
-  step_jit = jax.jit(functools.partial(train_step, model=model, kind=kind, tx=tx,
-                                       accum=t.grad_accum_steps, mesh=mesh,
-                                       param_shardings=param_sh),
-                     in_shardings=(shardings, rows), out_shardings=(shardings, repl),
-                     donate_argnums=0)
-  # Compile before allocating anything, and stop here if the step cannot fit the device (rather
-  # than dying with RESOURCE_EXHAUSTED after the data step and the restore).
+  step_kw = dict(model=model, kind=kind, tx=tx, accum=t.grad_accum_steps, mesh=mesh,
+                 param_shardings=param_sh)
   sample = task.train_batch(0, t.batch_size)
   batch_shape = {k: jax.ShapeDtypeStruct((t.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype,
                                          sharding=rows)
                  for k, v in sample.items()}
-  step_fn = step_jit.lower(abstract, batch_shape).compile()
+  if stacked:
+    def population_step(state, batch, lr, active):
+      new, metrics = train_step(state, batch, lr_scale=lr, **step_kw)
+      # A frozen (diverged) member keeps its state: its updates are dropped.
+      return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
+    # Every member sees the same batch (in_axes None): the data follows config.task, shared.
+    step_jit = jax.jit(jax.vmap(population_step, in_axes=(0, None, 0, 0)),
+                       in_shardings=(shardings, rows, repl, repl), out_shardings=(shardings, repl),
+                       donate_argnums=0)
+    member_shapes = (jax.ShapeDtypeStruct((size,), jnp.float32, sharding=repl),
+                     jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=repl))
+  else:
+    step_jit = jax.jit(functools.partial(train_step, **step_kw),
+                       in_shardings=(shardings, rows), out_shardings=(shardings, repl),
+                       donate_argnums=0)
+    member_shapes = ()
+  # Compile before allocating anything, and stop here if the step cannot fit the device (rather
+  # than dying with RESOURCE_EXHAUSTED after the data step and the restore).
+  step_fn = step_jit.lower(abstract, batch_shape, *member_shapes).compile()
   check_step_memory(step_fn, config)
 
-  # The previous invocation's config, to log what a rerun changed (a lower learning rate after a
-  # divergence, say) before config.json records the new one.
-  previous_config = None
-  if os.path.exists(os.path.join(workdir, "config.json")):
-    with open(os.path.join(workdir, "config.json")) as f:
-      previous_config = f.read()
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    # Tasks with artifacts a run needs later (a trained tokenizer, the data description) keep them
-    # with the run, so `ssm_lab.generate` and `runs.load_run` work from the workdir alone.
-    save_artifacts = getattr(task, "save_artifacts", None)
-    if callable(save_artifacts):
-      save_artifacts(workdir)
-
-  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, save_every=t.checkpoint_every)
-  restored = ckpt.restore_latest(abstract)
-  if restored is None and ckpt.set_aside and not restart:
-    ckpt.close()
-    listing = "; ".join(f"step {a.step} -> {a.path} ({a.reason})" for a in ckpt.set_aside)
-    raise CheckpointsUnreadable(
-        f"no checkpoint in {ckpt.directory} could be restored, so the run did not start over "
-        f"from step 0 on its own. Set aside: {listing}. To start fresh, rerun with --restart (or "
-        f"use a new --workdir)")
-  init_norm, changed = None, ""
-  if restored is None:
-    # Random draws do not depend on the sharding (partitionable threefry), so every mesh starts
-    # from the same parameters.
-    state = jax.jit(init_state, out_shardings=shardings)(rng)
-    start = 0
-    if ckpt.set_aside:
-      say(f"--restart: starting from step 0; {len(ckpt.set_aside)} unreadable checkpoint(s) are "
-          f"in {ckpt.directory}_unreadable")
-  else:
-    start, state, meta = restored
-    if meta.get("data_position", start) != start:
-      raise RuntimeError(f"checkpoint {start} in {ckpt.directory} records data position "
-                         f"{meta.get('data_position')}, not its step")
-    init_norm = meta.get("init_param_norm")
-    changes = config_changes(previous_config or meta.get("config"), config)
-    changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    say(f"resumed from step {start} in {ckpt.directory}"
-        + (f" with a changed config: {changed}" if changed else ""))
-  if init_norm is None:  # a fresh run, or a checkpoint from before the norm was recorded
-    init_norm = float(jax.device_get(_param_health(state.params)[1]))
-
-  n_params = param_count(state.params)
-  seq_len = task.seq_len
-  fpt = flops_per_token(model.args, seq_len)
-  peak = _peak_flops(t)
-  say(f"model {model.args.pattern!r}: {n_params:,} parameters, {fpt:.3g} training FLOPs/token; "
-      f"task {task.name!r} ({kind}), vocab {task.vocab_size}, length {seq_len}; "
-      f"{t.parallelism} over {mesh.size} device(s) in {jax.process_count()} process(es)")
-  if primary:
-    train_writer = SummaryWriter(os.path.join(workdir, "train"))
-    eval_writer = SummaryWriter(os.path.join(workdir, "eval"))
-  else:
-    train_writer = eval_writer = _NullWriter()
-  if start == 0:
-    hp = {f"model.{k}": v for k, v in config.model.items()}
-    hp.update({f"train.{k}": v for k, v in t.items()})
-    hp.update({"task.name": config.task.name, "params": n_params, "devices": mesh.size,
-               "processes": jax.process_count()})
-    train_writer.hparams(hp, ["eval/loss", "eval/accuracy", "train/loss"])
-    train_writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
-  elif changed:
-    train_writer.text(start, "config_change", f"resumed from step {start} with {changed}")
-
-  def eval_params(params, batch):
-    if param_sh is not None:
-      params = jax.lax.with_sharding_constraint(params, repl)
-    return eval_step(params, batch, model=model, kind=kind)
-  eval_fn = jax.jit(eval_params, in_shardings=(shardings.params, rows), out_shardings=repl)
-  schedule = make_schedule(t)
-  eval_bs = t.eval_batch_size or t.batch_size
-  profile = tuple(int(s) for s in t.profile_steps.split(":")) if t.profile_steps else None
-  hooks = data_base.optional_hooks(task)
-  scorer = _scorer(model, mesh, shardings)
-  tracing = False
-
-  saved = {start}  # steps already on disk (a preemption can land on a regular checkpoint step)
-  last_good = start if restored is not None else None  # the newest checkpoint on disk
-
-  def unhealthy() -> str | None:
-    """Why the current state must not be checkpointed (None: it may)."""
-    bad = int(jax.device_get(state.consecutive_bad))
-    if bad:
-      return f"its last {bad} step(s) had a non-finite loss or gradient"
-    finite, norm = (jax.device_get(x) for x in _param_health(state.params))
-    if not finite:
-      return "its parameters are not finite"
-    if norm > SANE_NORM_GROWTH * max(init_norm, 1e-12):
-      return (f"its parameters' norm {float(norm):.3g} is over {SANE_NORM_GROWTH:g} times the "
-              f"initial {init_norm:.3g} (diverging)")
-    return None
-
-  def save(step: int, force: bool = False) -> bool:
-    nonlocal last_good
-    if step in saved or not (force or step % t.checkpoint_every == 0):
-      return step in saved
-    # Never write a state on its way to divergence: the newest checkpoint stays one a rerun with a
-    # lower learning rate can resume from.
-    why = unhealthy()
-    if why is not None:
-      say(f"not checkpointing step {step}: {why}; the newest checkpoint stays "
-          + (f"step {last_good}" if last_good is not None else "none (step 0)"))
-      return False
-    ckpt.save(step, state, {"data_position": step, "config": config.to_json_best_effort(),
-                            "init_param_norm": init_norm}, force=True)
-    saved.add(step)
-    last_good = step
-    return True
-
-  last_eval: dict[str, float] = {}
-  pending: list[dict] = []
-  window_start, window_steps = time.perf_counter(), 0
-  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (t.progress_bar and primary),
-                  unit="step", dynamic_ncols=True)
-  lagged = None
+  members = [_Member(c, w) for c, w in zip(configs, workdirs, strict=True)]
+  bar = None
   try:
-    with _Preempted(install=jax.process_count() == 1) as preempted:
-      step = start
-      while step < t.num_steps:
-        if profile and step == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
-          tracing = True
-        batch = parallel.shard_batch(task.train_batch(step, t.batch_size), mesh)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        window_steps += 1
-        pending.append(metrics)
-        if tracing and step == profile[1]:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-          tracing = False
-        # Read the previous step's counter (one step behind) so the host never stalls the device.
-        if lagged is not None and int(lagged) >= t.max_bad_steps:
-          ckpt.close()
-          resume = (f"resumes from step {last_good}, the last checkpoint whose loss was finite and "
-                    f"whose weights were sane" if last_good is not None else
-                    "starts from step 0 (no healthy checkpoint was written)")
-          raise FloatingPointError(
-              f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (by step "
-              f"{step}); stopping without checkpointing the diverged state. Lower "
-              f"config.train.learning_rate (now {t.learning_rate:g}; e.g. "
-              f"--config.train.learning_rate={t.learning_rate / 10:g}) or check the data: "
-              f"rerunning with the same --workdir {resume}.")
-        lagged = metrics["consecutive_bad"]
-        if step % t.log_every == 0 or step == t.num_steps:
-          fetched = jax.device_get(pending)
-          elapsed = time.perf_counter() - window_start
-          count = max(sum(m["count"] for m in fetched), 1.0)
-          tokens = window_steps * t.batch_size * seq_len
-          scalars = {
-              "loss": sum(m["loss_sum"] for m in fetched) / count,
-              "accuracy": sum(m["correct"] for m in fetched) / count,
-              "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-              "learning_rate": float(schedule(step - 1)),
-              "step_time_s": elapsed / window_steps,
-              "tokens_per_s": tokens / elapsed,
-              "skipped_steps": float(jax.device_get(state.skipped)),
-          }
-          if peak:
-            # Model FLOPs over the peak of every device the step ran on.
-            scalars["mfu"] = fpt * scalars["tokens_per_s"] / (peak * mesh.size)
-          mem = _peak_memory_bytes()
-          if mem:
-            scalars["peak_memory_gib"] = mem / 2**30
-          train_writer.scalars(step, scalars)
-          bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
-          pending.clear()
-          window_start, window_steps = time.perf_counter(), 0
-        if step % t.eval_every == 0 or step == t.num_steps:
-          last_eval = evaluate(state.params, task, eval_fn, eval_bs, mesh)
-          if "evaluate" in hooks:
-            last_eval.update(hooks["evaluate"](scorer(state.params)))
-          eval_writer.scalars(step, last_eval)
-          eval_writer.flush()
-          if primary:
-            bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}"
-                                                   for k, v in last_eval.items()))
-          window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
-        save(step, force=step == t.num_steps or step == stop_at)
-        bar.update(1)
-        if step == stop_at:
-          break
-        if preempted.reached(step):
-          if save(step, force=True) and primary:
-            bar.write(f"SIGTERM: checkpointed step {step} in {ckpt.directory}; rerun to resume")
-          elif primary:
-            bar.write(f"SIGTERM: stopped at step {step} without a checkpoint; rerun to resume "
-                      f"from step {last_good if last_good is not None else 0}")
-          break
+    restored = []
+    for m in members:
+      # The previous invocation's config, to log what a rerun changed (a lower learning rate after
+      # a divergence, say) before config.json records the new one.
+      previous_config = None
+      if os.path.exists(os.path.join(m.workdir, "config.json")):
+        with open(os.path.join(m.workdir, "config.json")) as f:
+          previous_config = f.read()
+      if primary:
+        with open(os.path.join(m.workdir, "config.json"), "w") as f:
+          f.write(m.config.to_json_best_effort(indent=2))
+        # Tasks with artifacts a run needs later (a trained tokenizer, the data description) keep
+        # them with the run, so `ssm_lab.generate` and `runs.load_run` work from the workdir alone.
+        save_artifacts = getattr(task, "save_artifacts", None)
+        if callable(save_artifacts):
+          save_artifacts(m.workdir)
+
+      m.ckpt = Checkpointer(m.workdir, keep=t.keep_checkpoints, save_every=t.checkpoint_every)
+      got = m.ckpt.restore_latest(abstract1)
+      if got is None and m.ckpt.set_aside and not restart:
+        listing = "; ".join(f"step {a.step} -> {a.path} ({a.reason})" for a in m.ckpt.set_aside)
+        raise CheckpointsUnreadable(
+            f"no checkpoint in {m.ckpt.directory} could be restored, so the run did not start over "
+            f"from step 0 on its own. Set aside: {listing}. To start fresh, rerun with --restart "
+            f"(or use a new --workdir)")
+      if got is not None:
+        start, _, meta = got
+        if meta.get("data_position", start) != start:
+          raise RuntimeError(f"checkpoint {start} in {m.ckpt.directory} records data position "
+                             f"{meta.get('data_position')}, not its step")
+        m.init_norm = meta.get("init_param_norm")
+        changes = config_changes(previous_config or meta.get("config"), m.config)
+        m.changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        m.last_good = start
+      restored.append(got)
+    starts = [got[0] if got is not None else 0 for got in restored]
+    if len(set(starts)) > 1:
+      raise PopulationError(
+          "the members of this population are at different steps ("
+          + ", ".join(f"{m.workdir}: {s}" for m, s in zip(members, starts, strict=True))
+          + "), so they cannot train as one program: train them one by one")
+    start = starts[0]
+    if all(got is None for got in restored):
+      # Random draws do not depend on the sharding (partitionable threefry), so every mesh starts
+      # from the same parameters.
+      state = jax.jit(init_state, out_shardings=shardings)(rng)
+      for m in members:
+        if m.ckpt.set_aside:
+          say(f"--restart: starting from step 0; {len(m.ckpt.set_aside)} unreadable checkpoint(s) "
+              f"are in {m.ckpt.directory}_unreadable")
+    else:
+      states = [got[1] for got in restored]
+      state = states[0] if not stacked else jax.jit(
+          lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s), out_shardings=shardings)(*states)
+      del states, restored
+      for m in members:
+        say(f"resumed from step {start} in {m.ckpt.directory}"
+            + (f" with a changed config: {m.changed}" if m.changed else ""))
+
+    if stacked:
+      take = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=shardings1)
+      member_state = lambda i: take(state, i)  # member i's own TrainState (what it checkpoints)
+    else:
+      member_state = lambda i: state
+    for i, m in enumerate(members):
+      if m.init_norm is None:  # a fresh run, or a checkpoint from before the norm was recorded
+        m.init_norm = float(jax.device_get(_param_health(member_state(i).params)[1]))
+
+    n_params = param_count(abstract1.params)
+    seq_len = task.seq_len
+    fpt = flops_per_token(model.args, seq_len)
+    peak = _peak_flops(t)
+    say(f"model {model.args.pattern!r}: {n_params:,} parameters, {fpt:.3g} training FLOPs/token; "
+        f"task {task.name!r} ({kind}), vocab {task.vocab_size}, length {seq_len}; "
+        f"{t.parallelism} over {mesh.size} device(s) in {jax.process_count()} process(es)"
+        + (f"; a vmapped population of {size} (learning rates "
+           f"{[c.train.learning_rate for c in configs]}, seeds {[c.seed for c in configs]})"
+           if stacked else ""))
+    for m in members:
+      if primary:
+        m.train_writer = SummaryWriter(os.path.join(m.workdir, "train"))
+        m.eval_writer = SummaryWriter(os.path.join(m.workdir, "eval"))
+      if start == 0:
+        hp = {f"model.{k}": v for k, v in m.config.model.items()}
+        hp.update({f"train.{k}": v for k, v in m.config.train.items()})
+        hp.update({"task.name": m.config.task.name, "params": n_params, "devices": mesh.size,
+                   "processes": jax.process_count()})
+        m.train_writer.hparams(hp, ["eval/loss", "eval/accuracy", "train/loss"])
+        m.train_writer.text(0, "config",
+                            "```\n" + m.config.to_json_best_effort(indent=2) + "\n```")
+      elif m.changed:
+        m.train_writer.text(start, "config_change", f"resumed from step {start} with {m.changed}")
+
+    def eval_params(params, batch):
+      if param_sh is not None:
+        params = jax.lax.with_sharding_constraint(params, repl)
+      return eval_step(params, batch, model=model, kind=kind)
+    eval_fn = jax.jit(jax.vmap(eval_params, in_axes=(0, None)) if stacked else eval_params,
+                      in_shardings=(shardings.params, rows), out_shardings=repl)
+    schedules = [make_schedule(c.train) for c in configs]
+    eval_bs = t.eval_batch_size or t.batch_size
+    profile = tuple(int(s) for s in t.profile_steps.split(":")) if t.profile_steps else None
+    hooks = data_base.optional_hooks(task)
+    scorer = _scorer(model, mesh, shardings1)
+    tracing = False
+    for m in members:
+      m.saved = {start}  # a preemption can land on a regular checkpoint step
+    if stacked:
+      lrs = jax.device_put(np.array([c.train.learning_rate for c in configs], np.float32), repl)
+      active = np.ones(size, bool)
+      member_args: tuple = (lrs, jax.device_put(active, repl))
+    else:
+      member_args = ()
+
+    def unhealthy(i: int) -> str | None:
+      """Why member i's current state must not be checkpointed (None: it may)."""
+      m, s = members[i], member_state(i)
+      bad = int(jax.device_get(s.consecutive_bad))
+      if bad:
+        return f"its last {bad} step(s) had a non-finite loss or gradient"
+      finite, norm = (jax.device_get(x) for x in _param_health(s.params))
+      if not finite:
+        return "its parameters are not finite"
+      if norm > SANE_NORM_GROWTH * max(m.init_norm, 1e-12):
+        return (f"its parameters' norm {float(norm):.3g} is over {SANE_NORM_GROWTH:g} times the "
+                f"initial {m.init_norm:.3g} (diverging)")
+      return None
+
+    def save(i: int, step: int, force: bool = False) -> bool:
+      m = members[i]
+      if m.error is not None:  # frozen on its way to divergence: its newest checkpoint stays
+        return False
+      if step in m.saved or not (force or step % t.checkpoint_every == 0):
+        return step in m.saved
+      # Never write a state on its way to divergence: the newest checkpoint stays one a rerun with
+      # a lower learning rate can resume from.
+      why = unhealthy(i)
+      if why is not None:
+        say(f"not checkpointing step {step}"
+            + (f" of {m.workdir}" if stacked else "") + f": {why}; the newest checkpoint stays "
+            + (f"step {m.last_good}" if m.last_good is not None else "none (step 0)"))
+        return False
+      m.ckpt.save(step, member_state(i), {"data_position": step,
+                                          "config": m.config.to_json_best_effort(),
+                                          "init_param_norm": m.init_norm}, force=True)
+      m.saved.add(step)
+      m.last_good = step
+      return True
+
+    pending: list[dict] = []
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (t.progress_bar and primary),
+                    unit="step", dynamic_ncols=True)
+    lagged = None
+    try:
+      with _Preempted(install=jax.process_count() == 1) as preempted:
+        step = start
+        while step < t.num_steps:
+          if profile and step == profile[0]:
+            jax.profiler.start_trace(os.path.join(members[0].workdir, "profile"))
+            tracing = True
+          batch = parallel.shard_batch(task.train_batch(step, t.batch_size), mesh)
+          state, metrics = step_fn(state, batch, *member_args)
+          step += 1
+          window_steps += 1
+          pending.append(metrics)
+          if tracing and step == profile[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            tracing = False
+          # Read the previous step's counter (one step behind) so the host never stalls the device.
+          if lagged is not None:
+            bad = np.atleast_1d(np.asarray(jax.device_get(lagged)))
+            for i in np.flatnonzero(bad >= t.max_bad_steps):
+              m = members[i]
+              if m.error is not None:
+                continue
+              err = _diverged(m.config.train, step, m.last_good)
+              if not stacked:
+                raise err
+              m.error = err
+              active[i] = False
+              member_args = (lrs, jax.device_put(active, repl))
+              say(f"{m.workdir}: {err} The other members of the population go on.")
+            if all(m.error is not None for m in members):
+              break
+          lagged = metrics["consecutive_bad"]
+          if step % t.log_every == 0 or step == t.num_steps:
+            fetched = jax.device_get(pending)
+            elapsed = time.perf_counter() - window_start
+            tokens = window_steps * t.batch_size * seq_len
+            skipped = np.atleast_1d(jax.device_get(state.skipped))
+            mem = _peak_memory_bytes()
+            shown = []
+            for i, m in enumerate(members):
+              if m.error is not None:
+                continue
+              mine = fetched if not stacked else [{k: v[i] for k, v in f.items()} for f in fetched]
+              count = max(sum(f["count"] for f in mine), 1.0)
+              scalars = {
+                  "loss": sum(f["loss_sum"] for f in mine) / count,
+                  "accuracy": sum(f["correct"] for f in mine) / count,
+                  "grad_norm": float(np.mean([f["grad_norm"] for f in mine])),
+                  "learning_rate": float(schedules[i](step - 1)),
+                  "step_time_s": elapsed / window_steps,
+                  # A member's own tokens: the population as a whole processes `size` times these.
+                  "tokens_per_s": tokens / elapsed,
+                  "skipped_steps": float(skipped[i]),
+              }
+              if peak:
+                # Model FLOPs over the peak of every device the step ran on.
+                scalars["mfu"] = fpt * scalars["tokens_per_s"] / (peak * mesh.size)
+              if mem:
+                scalars["peak_memory_gib"] = mem / 2**30
+              m.train_writer.scalars(step, scalars)
+              shown.append(scalars)
+            if stacked:
+              bar.set_postfix(loss="/".join(f"{s['loss']:.3f}" for s in shown))
+            elif shown:
+              bar.set_postfix(loss=f"{shown[0]['loss']:.3f}", acc=f"{shown[0]['accuracy']:.3f}")
+            pending.clear()
+            window_start, window_steps = time.perf_counter(), 0
+          if step % t.eval_every == 0 or step == t.num_steps:
+            totals = _eval_totals(state.params, task, eval_fn, eval_bs, mesh)
+            for i, m in enumerate(members):
+              if m.error is not None:
+                continue
+              m.last_eval = _eval_metrics({k: float(np.reshape(v, -1)[i] if stacked else v)
+                                           for k, v in totals.items()}, task)
+              if "evaluate" in hooks:
+                m.last_eval.update(hooks["evaluate"](scorer(member_state(i).params)))
+              m.eval_writer.scalars(step, m.last_eval)
+              m.eval_writer.flush()
+              if primary:
+                bar.write(f"step {step}" + (f" ({m.workdir})" if stacked else "") + ": "
+                          + ", ".join(f"eval {k} {v:.4g}" for k, v in m.last_eval.items()))
+            window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
+          for i in range(size):
+            save(i, step, force=step == t.num_steps or step == stop_at)
+          bar.update(1)
+          if step == stop_at:
+            break
+          if preempted.reached(step):
+            for i, m in enumerate(members):
+              if m.error is not None:
+                continue
+              if save(i, step, force=True) and primary:
+                bar.write(f"SIGTERM: checkpointed step {step} in {m.ckpt.directory}; rerun to resume")
+              elif primary:
+                bar.write(f"SIGTERM: stopped at step {step} without a checkpoint; rerun to resume "
+                          f"from step {m.last_good if m.last_good is not None else 0}")
+            break
+    finally:
+      if tracing:
+        jax.profiler.stop_trace()
   finally:
-    if tracing:
-      jax.profiler.stop_trace()
-  bar.close()
-  train_writer.close()
-  eval_writer.close()
-  ckpt.close()
-  if not last_eval and primary:
-    last_eval = _last_logged(workdir)
-  return last_eval
+    if bar is not None:
+      bar.close()
+    for m in members:
+      m.train_writer.close()
+      m.eval_writer.close()
+      if m.ckpt is not None:
+        m.ckpt.close()
+  out: list[dict[str, float] | Exception] = []
+  for m in members:
+    if m.error is not None:
+      out.append(m.error)
+    else:
+      out.append(m.last_eval or (_last_logged(m.workdir) if primary else {}))
+  return out
 
 
 def _scorer(model: LanguageModel, mesh: Mesh, shardings: Any):
