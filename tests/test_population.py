@@ -139,3 +139,73 @@ def test_fsdp_populations_are_refused(tmp_path):
   configs = [tiny_config(parallelism="fsdp"), tiny_config(lr=1e-3, parallelism="fsdp")]
   with pytest.raises(train.PopulationError, match="fsdp"):
     train.train_and_evaluate_many(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+SWEEP = '''
+"""Population toy study: two learning rates of one config, plus an early-stopping pair."""
+import ml_collections
+
+from ssm_lab.config import base_config
+from ssm_lab.experiments import Run
+
+
+def tiny(lr, seed=0, steps=4, eval_every=4):
+  config = base_config()
+  config.seed = seed
+  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=16,
+                                               num_kv_pairs=2, num_eval_examples=16))
+  config.model.pattern = "A"
+  config.model.d_model = 16
+  config.model.attention.num_heads = 1
+  config.model.attention.num_kv_heads = 1
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps, t.learning_rate = 8, steps, 1, lr
+  t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 2, eval_every, eval_every, 1
+  t.progress_bar = False
+  return config
+
+
+def extra(workdir, config):
+  return {"extra": float(config.train.learning_rate)}
+
+
+def runs(smoke=False):
+  out = [Run(name=f"lr{lr:g}", config=tiny(lr, seed=i), evaluate=extra, tags={"lr": lr})
+         for i, lr in enumerate((1e-2, 3e-3))]
+  # Early stop per run: "es-stop" stops at its first evaluation (step 2), "es-go" trains on to 6.
+  out += [Run(name=f"es-{name}", config=tiny(lr, steps=6, eval_every=2), tags={"lr": lr},
+              early_stop=("accuracy", threshold))
+          for name, lr, threshold in (("stop", 1e-2, -1.0), ("go", 3e-3, 2.0))]
+  return out
+
+
+def table(results):
+  return ""
+'''
+
+
+def test_runner_trains_sweep_groups_as_populations(tmp_path, monkeypatch):
+  from ssm_lab.experiments import __main__ as cli  # noqa: PLC0415
+
+  root = tmp_path / "experiments"
+  (root / "pop").mkdir(parents=True)
+  (root / "pop" / "sweep.py").write_text(textwrap.dedent(SWEEP))
+  (root / "pop" / "README.md").write_text("# Pop\n")
+  monkeypatch.setenv("SSM_LAB_EXPERIMENTS_DIR", str(root))
+  res_on, res_off = str(tmp_path / "res_on"), str(tmp_path / "res_off")
+  assert cli.main(["run", "pop", "--vmap", "on", "--out", str(tmp_path / "on"),
+                   "--results_dir", res_on]) == 0
+  records = {n: json.load(open(os.path.join(res_on, f"{n}.json")))
+             for n in ("lr0.01", "lr0.003", "es-stop", "es-go")}
+  assert all(r["status"] == "ok" and r["population"] == 2 for r in records.values()), records
+  assert records["lr0.003"]["metrics"]["extra"] == 3e-3
+  assert records["es-stop"]["train"] == {"steps": 2, "num_steps": 6, "stopped_early": True}
+  assert records["es-go"]["train"] == {"steps": 6, "num_steps": 6, "stopped_early": False}
+  # The same runs one by one give the same metrics.
+  assert cli.main(["run", "pop", "--vmap", "off", "--only", "lr*", "--out", str(tmp_path / "off"),
+                   "--results_dir", res_off]) == 0
+  for name in ("lr0.01", "lr0.003"):
+    alone = json.load(open(os.path.join(res_off, f"{name}.json")))
+    assert alone["population"] == 1
+    for k, v in alone["metrics"].items():
+      assert records[name]["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, k)

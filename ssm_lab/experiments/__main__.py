@@ -2,6 +2,7 @@
 
   python -m ssm_lab.experiments list
   python -m ssm_lab.experiments run <study> [--only PATTERN] [--budget_s S] [--out DIR] [--dry_run]
+      [--vmap auto|on|off]
   python -m ssm_lab.experiments plot <study> [--plot_dir DIR]
   python -m ssm_lab.experiments table <study> [--readme PATH | --print_only]
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no run after S seconds, nor one the mean run time says would overrun")
   run.add_argument("--dry_run", action="store_true", help="list what would run")
   run.add_argument("--skip_failed", action="store_true", help="do not retry runs that failed")
+  run.add_argument("--vmap", choices=("auto", "on", "off"), default="auto",
+                   help="train the runs that differ only in learning rate and seed as one vmapped "
+                   "population (auto: on for accelerators, off on CPU)")
   plot = sub.add_parser("plot", parents=[common], help="redraw a study's figures from its results")
   plot.add_argument("study")
   plot.add_argument("--plot_dir", help="default: the study folder (a temporary folder with --smoke)")
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     _compilation_cache(args.out or runner.DEFAULT_OUT)
     summary = runner.run_study(study, smoke=args.smoke, only=args.only, budget_s=args.budget_s,
                                out=args.out, results_dir=args.results_dir, dry_run=args.dry_run,
-                               retry_failed=not args.skip_failed)
+                               retry_failed=not args.skip_failed,
+                               vmap={"on": True, "off": False}.get(args.vmap, "auto"))
     return 1 if summary["failed"] else 0
   if args.command == "plot":
     out_dir = args.plot_dir or (tempfile.mkdtemp(prefix=f"{study.name}_plots_") if args.smoke

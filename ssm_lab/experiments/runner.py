@@ -3,6 +3,11 @@
 Runs with an "ok" result are skipped; failures are recorded as results and retried on the next call;
 a budget stops starting new runs. So a sweep larger than one device session is the same command
 repeated until `python -m ssm_lab.experiments list` shows it done.
+
+With `vmap` on, the training runs of a `sweep_groups` group (configs equal but for the learning rate
+and the seed) train as one vmapped population (`train.train_and_evaluate_many`, the same loop); each
+still gets its own workdir and result file (with "population": the group's size). A group whose
+members cannot train together (checkpoints at different steps, FSDP) trains one by one.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ def select(runs: Sequence[Run], only: str | None) -> list[Run]:
 
 def sweep_groups(runs: Sequence[Run], over: Sequence[str] = ("train.learning_rate", "seed")
                  ) -> list[list[Run]]:
-  """Training runs grouped by everything but the config fields `over`: the seam for training a
-  learning-rate or seed sweep as one vmapped program later (not done yet; each run trains alone)."""
+  """Training runs grouped by everything but the config fields `over` (the runs a population may
+  train together), in the order of each group's first run; measurement runs are groups of one."""
   groups: dict[str, list[Run]] = {}
   for run in runs:
     if run.config is None:
@@ -106,6 +111,71 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f"trained); delete {workdir} to retrain, or give the run a new name")
 
 
+def _finish(run: Run, workdir: str, metrics: dict[str, Any], step: int,
+            stopped_early: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A trained run's (metrics, training info), after `run.evaluate`; Interrupted when it stopped
+  before its last step without reaching its early-stop threshold."""
+  num_steps = run.config.train.num_steps
+  if step < num_steps and not stopped_early:
+    raise Interrupted(f"training of {run.name!r} stopped at step {step} of {num_steps} "
+                      f"(preempted?); rerun to resume from its checkpoint")
+  metrics = metrics or _last_eval(workdir)
+  if run.evaluate is not None:
+    metrics.update(run.evaluate(workdir, run.config))
+  return metrics, {"steps": step, "num_steps": num_steps, "stopped_early": stopped_early}
+
+
+def _reached(run: Run, metrics: dict[str, Any]) -> bool:
+  key, threshold = run.early_stop
+  if key not in metrics:
+    raise KeyError(f"Run.early_stop metric {key!r} is not among the eval metrics "
+                   f"{sorted(metrics)} of run {run.name!r}")
+  return metrics[key] >= threshold
+
+
+def train_group(runs: Sequence[Run], workdirs: Sequence[str]) -> list[Any]:
+  """Trains runs whose configs differ only in learning rate and seed as one population; per run,
+  (metrics, training info) or the exception that failed it.
+
+  Early stopping stays per run: with any `early_stop` in the group, the population trains in
+  segments of `eval_every` steps (one `train_and_evaluate_many` call each) and a run that reached
+  its threshold leaves it, as its single run would have stopped. Raises train.PopulationError when
+  the runs cannot train together (the caller trains them one by one).
+  """
+  from ssm_lab.train import train_and_evaluate_many  # noqa: PLC0415
+
+  for run, workdir in zip(runs, workdirs, strict=True):
+    _check_workdir(workdir, run.config)
+  num_steps = runs[0].config.train.num_steps
+  every = runs[0].config.train.eval_every
+  segmented = any(r.early_stop is not None for r in runs)
+  done: dict[int, Any] = {}
+  active = list(range(len(runs)))
+  step = _latest_step(workdirs[0])
+  while active:
+    target = min((step // every + 1) * every, num_steps) if segmented else None
+    outcomes = train_and_evaluate_many([runs[i].config for i in active],
+                                       [workdirs[i] for i in active], stop_at=target)
+    still = []
+    for i, outcome in zip(active, outcomes, strict=True):
+      if isinstance(outcome, Exception):
+        done[i] = outcome
+        continue
+      metrics = dict(outcome) or _last_eval(workdirs[i])
+      at = _latest_step(workdirs[i])
+      try:
+        stop = at < (target or num_steps) or at >= num_steps or (
+            runs[i].early_stop is not None and _reached(runs[i], metrics))
+        if stop:
+          done[i] = _finish(runs[i], workdirs[i], metrics, at, at < num_steps)
+        else:
+          still.append(i)
+      except Exception as err:  # a missing metric or a failing `evaluate`: this run's result
+        done[i] = err
+    active, step = still, target or num_steps
+  return [done[i] for i in range(len(runs))]
+
+
 def train_run(run: Run, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains `run.config` in `workdir` (resuming), then `run.evaluate`; (metrics, training info)."""
   from ssm_lab.train import train_and_evaluate  # noqa: PLC0415
@@ -118,7 +188,6 @@ def train_run(run: Run, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics = dict(train_and_evaluate(config, workdir))
     step = _latest_step(workdir)
   else:
-    key, threshold = run.early_stop
     every = config.train.eval_every
     step = _latest_step(workdir)
     while True:
@@ -127,45 +196,87 @@ def train_run(run: Run, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
       step = _latest_step(workdir)
       if step < target:
         break
-      if key not in metrics:
-        raise KeyError(f"Run.early_stop metric {key!r} is not among the eval metrics "
-                       f"{sorted(metrics)} of run {run.name!r}")
-      if metrics[key] >= threshold or step >= num_steps:
+      if _reached(run, metrics) or step >= num_steps:
         stopped_early = step < num_steps
         break
-  if step < num_steps and not stopped_early:
-    raise Interrupted(f"training of {run.name!r} stopped at step {step} of {num_steps} "
-                      f"(preempted?); rerun to resume from its checkpoint")
-  metrics = metrics or _last_eval(workdir)
-  if run.evaluate is not None:
-    metrics.update(run.evaluate(workdir, config))
-  return metrics, {"steps": step, "num_steps": num_steps, "stopped_early": stopped_early}
+  return _finish(run, workdir, metrics, step, stopped_early)
 
 
-def execute(run: Run, study: Study, paths: Paths) -> dict[str, Any]:
-  """Runs one unit and returns its result record ("ok", or "failed" with the error)."""
+def _record(run: Run, study: Study, paths: Paths) -> dict[str, Any]:
   workdir = os.path.join(paths.workdirs, run.name)
-  record: dict[str, Any] = {
+  return {
       "name": run.name, "study": study.name, "status": "ok", "error": None, "tags": run.tags,
       "config": json.loads(run.config.to_json_best_effort()) if run.config is not None else None,
       "metrics": {}, "train": None, "wall_s": None,
       "workdir": workdir if run.config is not None else None,
   }
+
+
+def _failed(record: dict[str, Any], err: BaseException) -> None:
+  record["status"] = "failed"
+  record["error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+  lines = "".join(traceback.format_exception(err)).splitlines(keepends=True)
+  record["traceback"] = "".join(lines[-30:])
+  record["interrupted"] = isinstance(err, Interrupted)
+
+
+def _stamp(record: dict[str, Any]) -> None:
+  record.update(device=results_lib.device_info(), date=results_lib.utc_now(),
+                commit=results_lib.git_commit(), versions=results_lib.versions())
+
+
+def execute(run: Run, study: Study, paths: Paths) -> dict[str, Any]:
+  """Runs one unit and returns its result record ("ok", or "failed" with the error)."""
+  record = _record(run, study, paths)
+  if run.config is not None:
+    record["population"] = 1
   start = time.perf_counter()
   try:
     if run.config is not None:
-      record["metrics"], record["train"] = train_run(run, workdir)
+      record["metrics"], record["train"] = train_run(run, record["workdir"])
     else:
       record["metrics"] = dict(run.fn())
   except Exception as err:  # a run's failure is a result; the sweep goes on (Interrupted stops it)
-    record["status"] = "failed"
-    record["error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-    record["traceback"] = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
-    record["interrupted"] = isinstance(err, Interrupted)
+    _failed(record, err)
   record["wall_s"] = round(time.perf_counter() - start, 3)
-  record.update(device=results_lib.device_info(), date=results_lib.utc_now(),
-                commit=results_lib.git_commit(), versions=results_lib.versions())
+  _stamp(record)
   return record
+
+
+def execute_group(runs: Sequence[Run], study: Study, paths: Paths,
+                  say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Trains a sweep group as one population and returns a result record per run (each run's
+  wall_s is its share of the group's; population_wall_s the whole). Falls back to one by one when
+  the group cannot train as one program."""
+  from ssm_lab.train import PopulationError  # noqa: PLC0415
+
+  records = [_record(run, study, paths) for run in runs]
+  start = time.perf_counter()
+  try:
+    outcomes = train_group(runs, [r["workdir"] for r in records])
+  except PopulationError as err:
+    say(f"training {len(runs)} runs one by one: {err}")
+    return [execute(run, study, paths) for run in runs]
+  except Exception as err:  # the population as a whole failed: so did each of its runs
+    outcomes = [err] * len(runs)
+  wall = time.perf_counter() - start
+  for record, outcome in zip(records, outcomes, strict=True):
+    if isinstance(outcome, BaseException):
+      _failed(record, outcome)
+    else:
+      record["metrics"], record["train"] = outcome
+    record.update(population=len(runs), wall_s=round(wall / len(runs), 3),
+                  population_wall_s=round(wall, 3))
+    _stamp(record)
+  return records
+
+
+def vmap_default() -> bool:
+  """`--vmap auto`: populations on accelerators (where one small model leaves the device idle), one
+  by one on CPU (where a population is no faster: benchmarks/results/population_cpu.md)."""
+  import jax  # noqa: PLC0415
+
+  return jax.default_backend() != "cpu"
 
 
 def _clock(seconds: float) -> str:
@@ -178,14 +289,18 @@ def _clock(seconds: float) -> str:
 
 def run_study(study: Study, *, smoke: bool = False, only: str | None = None,
               budget_s: float | None = None, out: str | None = None, results_dir: str | None = None,
-              dry_run: bool = False, retry_failed: bool = True,
+              dry_run: bool = False, retry_failed: bool = True, vmap: bool | str = False,
               say: Callable[[str], None] = print) -> dict[str, list[str]]:
   """Runs the pending runs of `study` (no "ok" result yet) in sweep order.
 
   `budget_s`: no run starts once `budget_s` seconds have passed, nor when the mean wall time of the
-  runs so far says it would end past the budget (the ones left are listed). Returns the names
-  {"ok", "failed", "skipped", "remaining"} of this call.
+  runs so far says it would end past the budget (the ones left are listed). `vmap` (True, False or
+  "auto": `vmap_default()`): train each `sweep_groups` group of pending runs as one population, the
+  groups in the order of their first runs. Returns the names {"ok", "failed", "skipped",
+  "remaining"} of this call.
   """
+  if vmap == "auto":
+    vmap = vmap_default()
   paths = Paths.for_study(study, smoke=smoke, out=out, results_dir=results_dir)
   runs = select(study.runs(smoke=smoke), only)
   pending, skipped, previous = [], [], {}
@@ -206,32 +321,45 @@ def run_study(study: Study, *, smoke: bool = False, only: str | None = None,
       say(f"[{i}/{len(pending)}] {run.name}{note}")
     summary["remaining"] = [r.name for r in pending]
     return summary
+  units = sweep_groups(pending) if vmap else [[run] for run in pending]
+  order = [run for unit in units for run in unit]
   t0 = time.perf_counter()
   walls: list[float] = []
-  for i, run in enumerate(pending, 1):
+  i = 0  # runs started so far
+  for unit in units:
     elapsed = time.perf_counter() - t0
     mean = sum(walls) / len(walls) if walls else 0.0
-    if budget_s is not None and (elapsed >= budget_s or (walls and elapsed + mean > budget_s)):
-      summary["remaining"] = [r.name for r in pending[i - 1:]]
+    if budget_s is not None and (elapsed >= budget_s or (walls and elapsed + mean * len(unit)
+                                                         > budget_s)):
+      summary["remaining"] = [r.name for r in order[i:]]
       say(f"budget of {budget_s:g} s: stopping after {_clock(elapsed)} with "
           f"{len(summary['remaining'])} runs left: " + ", ".join(summary["remaining"]))
       break
-    old = previous[run.name]
-    note = f" (retry; failed before: {old.get('error')})" if old else ""
-    say(f"[{i}/{len(pending)}] {run.name}: starting{note}")
-    record = execute(run, study, paths)
-    results_lib.write_result(paths.results, record)
-    walls.append(record["wall_s"])
-    elapsed = time.perf_counter() - t0
-    eta = sum(walls) / len(walls) * (len(pending) - i)
-    outcome = ("done" if record["status"] == "ok" else f"FAILED ({record['error']})")
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items()
-                      if isinstance(v, (int, float)) and math.isfinite(v))
-    say(f"[{i}/{len(pending)}] {run.name} {outcome} in {record['wall_s']:.1f} s"
-        f"{' (' + shown + ')' if shown else ''} (elapsed {_clock(elapsed)}, ETA {_clock(eta)})")
-    summary[record["status"]].append(run.name)
-    if record.get("interrupted"):
-      summary["remaining"] = [r.name for r in pending[i:]]
+    for j, run in enumerate(unit, i + 1):
+      old = previous[run.name]
+      note = f" (retry; failed before: {old.get('error')})" if old else ""
+      together = f" (a population of {len(unit)})" if len(unit) > 1 else ""
+      say(f"[{j}/{len(pending)}] {run.name}: starting{together}{note}")
+    if len(unit) > 1:
+      records = execute_group(unit, study, paths, say=say)
+    else:
+      records = [execute(unit[0], study, paths)]
+    interrupted = False
+    for record in records:
+      i += 1
+      results_lib.write_result(paths.results, record)
+      walls.append(record["wall_s"])
+      elapsed = time.perf_counter() - t0
+      eta = sum(walls) / len(walls) * (len(pending) - i)
+      outcome = ("done" if record["status"] == "ok" else f"FAILED ({record['error']})")
+      shown = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items()
+                        if isinstance(v, (int, float)) and math.isfinite(v))
+      say(f"[{i}/{len(pending)}] {record['name']} {outcome} in {record['wall_s']:.1f} s"
+          f"{' (' + shown + ')' if shown else ''} (elapsed {_clock(elapsed)}, ETA {_clock(eta)})")
+      summary[record["status"]].append(record["name"])
+      interrupted = interrupted or bool(record.get("interrupted"))
+    if interrupted:
+      summary["remaining"] = [r.name for r in order[i:]]
       say(f"interrupted: stopping with {len(summary['remaining']) + 1} runs left")
       break
   say(f"{label}: {len(summary['ok'])} ok, {len(summary['failed'])} failed, "
