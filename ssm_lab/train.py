@@ -204,6 +204,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Languag
                      "consecutive_bad": new_state.consecutive_bad}
 
 
+def population_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
+                    active: jax.Array, **step_kw: Any) -> tuple[TrainState, dict]:
+  """`train_step` vmapped over a population: state [members, ...], lr and active [members]; every
+  member sees the same batch (its data follows config.task, which the members share). `step_kw`
+  as for train_step, with `tx` from `make_optimizer(t, unit_lr=True)`."""
+  def one(s, l, a):
+    new, metrics = train_step(s, batch, lr_scale=l, **step_kw)
+    # A frozen (diverged) member keeps its state: its updates are dropped.
+    return jax.tree.map(lambda x, y: jnp.where(a, x, y), new, s), metrics
+  return jax.vmap(one)(state, lr, active)
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str):
   return loss_and_metrics(params, batch, model, kind)[1]
 
@@ -633,12 +645,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
                                          sharding=rows)
                  for k, v in sample.items()}
   if stacked:
-    def population_step(state, batch, lr, active):
-      new, metrics = train_step(state, batch, lr_scale=lr, **step_kw)
-      # A frozen (diverged) member keeps its state: its updates are dropped.
-      return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
-    # Every member sees the same batch (in_axes None): the data follows config.task, shared.
-    step_jit = jax.jit(jax.vmap(population_step, in_axes=(0, None, 0, 0)),
+    step_jit = jax.jit(functools.partial(population_step, **step_kw),
                        in_shardings=(shardings, rows, repl, repl), out_shardings=(shardings, repl),
                        donate_argnums=0)
     member_shapes = (jax.ShapeDtypeStruct((size,), jnp.float32, sharding=repl),
