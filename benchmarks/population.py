@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
   lines = [f"# Population of {r} vs {r} runs one by one", "",
            f"{meta['device']} ({meta['devices']} device(s), {meta['cpu_count']} CPUs), "
            f"{meta['date']}, commit {meta['commit']}, jax {meta['jax']}. MQAR, 2 layers, d_model "
-           f"64, vocab {args.vocab}, length {args.seq_len}; {n} steps per run. Member steps/s = R x N / run time "
-           f"(compile excluded); 'incl. compile' adds the compile time(s); 'loop' is the whole "
+           f"64, vocab {args.vocab}, length {args.seq_len}; {n} steps per run. Member steps/s = "
+           f"R x N / run time (compile excluded); 'incl. compile' adds the compile time(s); 'loop' is the whole "
            f"training loop (`train_and_evaluate` x R vs `train_and_evaluate_many`, one eval and "
            f"one checkpoint).", "",
            "| pattern | batch | one by one: member steps/s | population: member steps/s | speedup "
