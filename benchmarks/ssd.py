@@ -158,8 +158,8 @@ def compile_all(jobs, workers, deadline):
     print(f"  compile {name}: {secs:.1f}s {status} (t={time.time() - t0:.0f}s)", flush=True)
 
   # jax-linear-attention's programs compile one at a time first: its mosaic_gpu backward at
-  # (8, 2048) refused the call when compiled among parallel compiles (results/ssd_h200.md) and
-  # compiled alone (ssd_h200_8x2048_serial.md).
+  # (8, 2048) refused the call when compiled among parallel compiles (H200, 2026-12-04) and
+  # compiled alone.
   serial = [item for item in jobs.items() if "jla" in item[0]]
   for item in serial:
     record(*comp(item))

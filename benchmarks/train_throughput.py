@@ -27,7 +27,7 @@ ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6
   PYTHONUNBUFFERED=1 python -m benchmarks.train_throughput --out $OUT --budget_s 400 \
       --case_timeout_s 240 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
 
-Measured on 2026-11-23 (H100, commit 91f8ac3, results/train_throughput.md) with carry
+Measured on 2026-11-23 (H100, commit 91f8ac3; that train_throughput.md is in git history) with carry
 [".carry/snap"] (a `git archive` of HEAD plus the wheel) and `--budget_s 430 --case_timeout_s 150
 --precompile_timeout_s 190`: all six cases in 415 s. The parallel precompile took 192 s; four cases
 finished it and then loaded their step in 2-7 s instead of compiling it (transformer-350m's compile

@@ -84,14 +84,14 @@ class Config(NamedTuple):
   num_stages_ds: int = 3
   num_warps_chunk: int = 4      # the per-chunk backward kernel (many live [Q, N] float32 tiles;
                                 # 4 warps spill but fit two programs an SM: 0.71-0.98 of 8 warps'
-                                # fwd+bwd time on the H200, results/ssd_h200_checks.md)
+                                # fwd+bwd time on the H200; NOTES_ssd.md)
   fwd_block: int = 0            # forward: head_dim rows per program (0: all)
 
 
 def _ds_dtype(dtype) -> jnp.dtype:
   """How dS_end is stored between the backward's two passes: bfloat16 for bfloat16 inputs (half the
   round trip; with 4-warp chunk programs 0.60-0.68 of the float32 / 8-warp default's fwd+bwd time on
-  the H200, results/ssd_h200_defaults.md; dA error vs the float32 chunked op 9.3e-4 .. 1.6e-3 against
+  the H200, benchmarks/NOTES_ssd.md; dA error vs the float32 chunked op 9.3e-4 .. 1.6e-3 against
   7.9e-4 .. 1.0e-3 with float32 dS, every other gradient unchanged), float32 otherwise."""
   return jnp.dtype(jnp.bfloat16) if dtype == jnp.bfloat16 else jnp.dtype(f32)
 
@@ -120,7 +120,7 @@ def choose_layout(batch: int, heads: int, n_chunks: int, head_dim: int,
   batch * heads * blocks to `min_programs`, no sequence cut is needed in either pass, so the segment
   hand-over (its XLA products, slices, pads and converts) goes away. On the H200 at (8, 2048, 24
   heads, 64, 128) that is 0.920 of the segment-cut default's fwd+bwd time synchronised and 0.956
-  pipelined (benchmarks/results/ssd_h200_fwd_block.md); at the longer shapes the split does not reach
+  pipelined (benchmarks/NOTES_ssd.md); at the longer shapes the split does not reach
   `min_programs` and the cut stays. Otherwise `choose_segments` decides both cuts and each program
   takes all head_dim rows (fwd_block 0). `min_programs` None reads MIN_PROGRAMS at call time.
   """
@@ -343,7 +343,7 @@ def _common(x, dt, A, cfg):
 def _segment_decays(ac_t, cfg, k):
   """exp(sum of a over each segment) [b, K, h] from the in-chunk cumsums' chunk ends. (Summing a
   [b, Lp, h] over the token axis directly made XLA emit a 16-block column reduction: 57 us at
-  (8, 2048, 24 heads) on the H200, results/ncu_ssd_h200.md.)"""
+  (8, 2048, 24 heads) on the H200 by Nsight Compute; benchmarks/NOTES_ssd.md.)"""
   b, h, lp = ac_t.shape
   ends = ac_t[:, :, cfg.chunk - 1::cfg.chunk].reshape(b, h, k, -1)
   return jnp.exp(jnp.swapaxes(ends.sum(-1), 1, 2))
