@@ -62,7 +62,8 @@ from benchmarks import ceilings  # noqa: E402
 HBM_TBS = 2.46        # ceilings of the chip that runs: set in main() from benchmarks/ceilings.py
 MATMUL_TFS = 736.0
 BF16, F32 = jnp.bfloat16, jnp.float32
-# train_throughput.py's 350M cases measured on the H100 (benchmarks/results/train_throughput.md):
+# train_throughput.py's 350M cases measured on the H100 (its train_throughput.md of 2026-11-23,
+# commit 91f8ac3, in git history):
 # (layers of each kind, batch, step ms).
 MODELS = {"transformer-350m": (dict(attn=24, mlp=24, norm=48), 16, 194.0),
           "mamba-350m": (dict(mamba1=48, norm=48), 8, 499.0),

@@ -5,7 +5,7 @@
 #   benchmarks/ncu_profile.sh OUT_DIR [all|scan|ssd|NAME,NAME...] [source]
 #
 # Writes OUT_DIR/<name>.csv (ncu --csv --page details: one row a kernel x metric) and <name>.err.
-# "source" adds full-set profiles of the scan's v4 and v5 kernels (see full() below). Needs ncu on
+# "source" adds full-set profiles of the scan's v4 kernels (see full() below). Needs ncu on
 # the PATH (Firecracker machines; --clock-control none, as the device notes ask) and, for the jla
 # rows, jax-linear-attention importable. "" as NAME list with "source" runs only the full sets.
 set -u
@@ -38,14 +38,11 @@ run() {
 # which: "all", "scan", "ssd" or a comma-separated list of the names below.
 want() { [[ $which == all || ,$which, == *,$1,* || $1 == ${which}_* ]]; }
 want scan_v4 && run scan_v4 --op scan --shape $SCAN
-want scan_v5 && run scan_v5 --op scan --shape $SCAN --config '{"fwd": "v5", "bwd": "v5", "chunk": 8}'
 want scan_jla && run scan_jla --op jla_scan --shape $SCAN
 want ssd_default && run ssd_default --op ssd --shape $SSD
-want ssd_w4_dsbf16 && run ssd_w4_dsbf16 --op ssd --shape $SSD \
-  --config '{"num_warps_chunk": 4, "ds_dtype": "bfloat16"}'
 want ssd_jla && run ssd_jla --op jla_ssd --shape $SSD
 # "source": the full set (per-SASS-instruction warp-stall samples included) for the scan's default
-# v4 kernels and the v5 ones, at the same shape: <name>_sass.csv (ncu --page source) and
+# v4 kernels (v5 is gone: tag kernel-lab-history), at the same shape: <name>_sass.csv (ncu --page source) and
 # <name>_full.csv (--page details).
 full() {
   local name=$1 config=$2
@@ -62,5 +59,4 @@ full() {
 }
 if [[ $source_page == source ]]; then
   full scan_v4_src '{}'
-  full scan_v5_src '{"fwd": "v5", "bwd": "v5", "chunk": 8}'
 fi

@@ -10,7 +10,7 @@ This script compiles one op call with XLA's GPU compiler for a described H100 or
 executable, and reports per kernel: registers, stack (spills), shared memory, static SASS
 instructions and the opcode mix (SHFL, BAR, MUFU, HGMMA, ...), with each kernel's .sass next to it.
 
-Checked against Nsight Compute on the H200 (2026-12-04, results/ncu_scan_h200.md, ncu_ssd_h200.md):
+Checked against Nsight Compute on the H200 (2026-12-04; the profiles are in git history, tag kernel-lab-history):
 registers identical for every kernel ncu profiled (the scan's four v4 kernels and the v5 forward and
 backward at (8, 2048, 1536, 16); the SSD's three kernels at (8, 2048, 24, 64, 128)), and static
 instruction counts identical where ncu's source page exists (v4 backward 5392, v5 forward 5208,...).

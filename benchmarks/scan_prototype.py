@@ -3,7 +3,7 @@ d_state states inside one thread. This is NOT `selective_scan(impl="pallas")`; n
 
 The v4 kernels spread a channel's states over lanes. The sums over states (y = C.h, and in the
 backward sum_n g B and sum_n g A w) and the sums over channels (dB, dC) then become shuffle trees,
-and on the H200 40-45% of v4's instructions are SHFL and their FADDs (results/ncu_scan_h200.md).
+and on the H200 40-45% of v4's instructions are SHFL and their FADDs (Nsight Compute, NOTES_selective_scan.md).
 Here a program owns `block_d` channels, one per lane, and the [d_state, block_d] state tile has
 all of a channel's states in its lane. The sums over states stay in-thread; only dB and dC (sums
 over channels) cross lanes, once a token. v3 (`Config(variant="v3")`) has the same layout. This
@@ -215,7 +215,7 @@ def main():
   # "K pieces": the sequence cut into K independent pieces ([b, L] -> [b K, L / K]), as time segments
   # would run, but WITHOUT the hand-over between them (the values differ from the op's): the time
   # of the two kernels once there are enough programs, not counting segment passes.
-  # Measured 2026-12-04 (results/scan_prototype_h200.md): one piece, T16 and T8; 4 and 8 pieces.
+  # Measured 2026-12-04 (H200; NOTES_selective_scan.md): one piece, T16 and T8; 4 and 8 pieces.
   # Not yet timed: fma (inline-asm FFMA) and U = 2, which offline SASS gives 16.2 warp-instructions
   # a token-channel and 24 B of spill at T = 8 (17.6 and 368 B without).
   for name, kw, pieces in (("T16 U4 block_d 32 w1", {}, 1),

@@ -7,13 +7,12 @@ One script for one device call:
      after warm-up) and pipelined (runs dispatched back to back, one wait), bf16, (batch, length) in
      (8, 2048), (2, 8192),
      (1, 65536) with 24 heads, head_dim 64, d_state 128, one B/C group, for our "chunked" XLA op, our
-     "pallas" kernels (default: chunk-parallel backward), "pallas bwd=sequential" (the previous
-     backward, same forward: only fwd+bwd timed) and, in the same run, jax-linear-attention 0.1.0's
-     Mosaic GPU `simple_gla` (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable, plus the kernel
-     candidates (CANDIDATES: segment cuts and the forward split over head_dim, the old default's
-     float32 dS_end and 8-warp chunk kernel, chunk-parallel forward, split backward kernel, atomic
-     group sum; --candidates REGEX picks some) at every shape; --variants adds tuning rows at
-     the first shape, timed right after it; --rounds R times every row once a round, R rounds.
+     "pallas" kernels and, in the same run, jax-linear-attention 0.1.0's Mosaic GPU `simple_gla`
+     (q=C, k=B, v=dt*x, g=dt*A, scale=1), if it is importable, plus layout and tiling rows of the
+     same kernels (CANDIDATES; --candidates REGEX picks some) at every shape; --variants adds tuning
+     rows at the first shape, timed right after it; --rounds R times every row once a round, R rounds.
+     The algorithm alternatives once timed here (sequential backward, chunk-parallel forward, split
+     backward kernel, atomic group sum, float32 dS_end) are deleted; benchmarks/NOTES_ssd.md.
 
 Every program takes its arrays as jit arguments (no large constants for XLA to fold) and all are
 compiled up front in a thread pool; --budget_s bounds the run (no compile starts after 0.6 of it, no
@@ -159,8 +158,8 @@ def compile_all(jobs, workers, deadline):
     print(f"  compile {name}: {secs:.1f}s {status} (t={time.time() - t0:.0f}s)", flush=True)
 
   # jax-linear-attention's programs compile one at a time first: its mosaic_gpu backward at
-  # (8, 2048) refused the call when compiled among parallel compiles (results/ssd_h200.md) and
-  # compiled alone (ssd_h200_8x2048_serial.md).
+  # (8, 2048) refused the call when compiled among parallel compiles (H200, 2026-12-04) and
+  # compiled alone.
   serial = [item for item in jobs.items() if "jla" in item[0]]
   for item in serial:
     record(*comp(item))
@@ -188,59 +187,20 @@ def floors(batch, length, heads, head_dim, d_state, groups, chunk=64):
   return fwd_bytes, fwd_bytes + bwd_bytes, fwd_flops, 3.5 * fwd_flops
 
 
-# Kernel candidates (ssd_pallas knobs), timed and checked at EVERY shape next to the default: (row
-# name, knobs, time the forward too). NOTES_ssd.md has the history of each. Since 2026-12-04 the
-# default is num_warps_chunk=4 with ds_dtype="auto" (bf16 dS_end for bf16 inputs); the first two rows
-# are the old default's two halves, the third is the old default.
-def _half_fwd_segments(shape):
-  """The forward cut in half as many segments as the default, the backward's left as it is."""
-  b, l, h = shape[:3]
-  k = PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))
-  return {"segments": max(1, k // 2), "segments_bwd": k}
-
-
-def _one_fwd_segment(fwd, **extra):
-  def knobs(shape):
-    b, l, h = shape[:3]
-    return {"fwd": fwd, "segments": 1,
-            "segments_bwd": PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK)), **extra}
-  return knobs
-
-
+# Layout and tiling rows (ssd_pallas parameters), timed and checked at EVERY shape next to the
+# default: (row name, parameters, time the forward too).
 def _segment_cut(shape):
-  """The default before choose_layout (2026-12-05): choose_segments' cut in both passes, no split."""
+  """The default before choose_layout (2026-12-05): choose_segments' cut, no head_dim split."""
   b, l, h = shape[:3]
-  k = PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))
-  return {"segments": k, "segments_bwd": k}
+  return {"segments": PAL.choose_segments(b, h, -(-l // PAL.DEFAULT_CHUNK))}
 
 
-# A row's knobs: a dict, or a function of the shape (b, L, h, P, N) giving one.
+# A row's parameters: a dict, or a function of the shape (b, L, h, P, N) giving one.
 CANDIDATES = (
     ("pallas segment cut (previous default)", _segment_cut, True),
-    ("pallas fwd segments/2", _half_fwd_segments, True),
-    # No forward hand-over at all: one forward segment, the chunk-parallel forward (a state pass of
-    # b * h * P/16 programs, then one program per chunk) or the sequential one.
-    ("pallas fwd=chunked 1 segment", _one_fwd_segment("chunked"), True),
-    ("pallas segments=1 both", {"segments": 1, "segments_bwd": 1}, True),
-    # The sequential forward split over head_dim (fwd_block rows a program; C B^T is computed by
-    # every block): more programs without a hand-over.
-    ("pallas fwd_block=32", {"fwd_block": 32}, True),
-    ("pallas fwd_block=32 1 segment", _one_fwd_segment("sequential", fwd_block=32), True),
-    ("pallas fwd_block=16 1 segment", _one_fwd_segment("sequential", fwd_block=16), True),
-    ("pallas fwd_block=32 segments=1 both", {"fwd_block": 32, "segments": 1, "segments_bwd": 1},
-     True),
-    # 2026-12-05, after choose_layout: at (8, 2048) the unsplit dS pass has 768 programs (1.45 waves
-    # of 4 an SM), the split forward 384 (243 registers: 2 an SM, 1.45 waves); these change the waves.
+    # At (8, 2048) the unsplit dS pass has 768 programs (1.45 waves of 4 an SM); 0.957 / 0.993 /
+    # 0.985 of the default on the H100 (results/ssd_h100_choose_layout.md).
     ("pallas ds_block=32", {"ds_block": 32}, False),
-    ("pallas fwd_block=16 segments=1 both", {"fwd_block": 16, "segments": 1, "segments_bwd": 1},
-     True),
-    ("pallas ds_dtype=float32", {"ds_dtype": "float32"}, False),
-    ("pallas num_warps_chunk=8", {"num_warps_chunk": 8}, False),
-    ("pallas old default (w8, f32 dS)", {"num_warps_chunk": 8, "ds_dtype": "float32"}, False),
-    ("pallas fwd=chunked", {"fwd": "chunked"}, True),
-    ("pallas bwd_split", {"bwd_split": True}, False),
-    ("pallas group_sum=atomic", {"group_sum": "atomic"}, False),
-    ("pallas bwd_split+fwd=chunked", {"bwd_split": True, "fwd": "chunked"}, True),
 )
 def _knobs(kw, shape):
   return kw(shape) if callable(kw) else kw
@@ -255,20 +215,17 @@ VARIANTS = (("segments", 1), ("segments", 4), ("ds_block", 32), ("ds_block", 64)
             ("num_warps_chunk", 2), ("num_warps_chunk", 16), ("num_warps_ds", 2),
             ("num_warps_ds", 8), ("num_stages_ds", 2), ("chunk_size", 32), ("num_warps_fwd", 8),
             ("num_stages_fwd", 2))
-# Cases of the correctness check against the float32 reference (name, impl, knobs): every dtype
-# and group count; the candidates with 2 groups (2 heads a group, so group_sum=atomic really sums).
+# Cases of the correctness check against the float32 reference (name, impl, parameters): every
+# dtype and group count; the candidates with 2 groups.
 CHECK_CASES = (("chunked", "chunked", {}), ("pallas", "pallas", {}),
-               ("pallas bwd=sequential", "pallas", {"bwd": "sequential"}),
                ("pallas segments=4", "pallas", {"segments": 4}))
 CHECK_SHAPE = (2, 1024, 8, 64, 128)
 CHECK_CANDIDATES = tuple((name, "pallas", _knobs(kw, CHECK_SHAPE)) for name, kw, _ in CANDIDATES)
 
 
 def _check_cases(dname, groups):
-  cases = CHECK_CASES + (CHECK_CANDIDATES if groups == 2 else ())
-  # dS_end stored in bf16 is a bf16-training knob: with float32 inputs it is a deliberate precision
-  # loss (~3e-4), not a bug, so it is not held to the float32 tolerance.
-  return tuple(c for c in cases if not (dname == "float32" and c[2].get("ds_dtype") == "bfloat16"))
+  del dname
+  return CHECK_CASES + (CHECK_CANDIDATES if groups == 2 else ())
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -439,8 +396,7 @@ def main():
   # first shape's rows, before the longer shapes.
   plan = {}
   for i, shape in enumerate(shapes):
-    rows = [("chunked", ours("chunked"), True), ("pallas", ours("pallas"), True),
-            ("pallas bwd=sequential", ours("pallas", bwd="sequential"), False)]
+    rows = [("chunked", ours("chunked"), True), ("pallas", ours("pallas"), True)]
     if use_jla:
       rows.append(("jla simple_gla mosaic_gpu", jla_fn(linear_attention), True))
     rows += [(name, ours("pallas", **_knobs(kw, shape)), fwd) for name, kw, fwd in CANDIDATES
@@ -549,12 +505,9 @@ def _ratio_lines(results, key, label):
       jla = d.get("jla simple_gla mosaic_gpu")
       if jla:
         parts.append(f"pallas/jla = {d['pallas'] / jla:.2f}x")
-      seq = d.get("pallas bwd=sequential")
-      if seq:
-        parts.append(f"sequential bwd/chunked bwd (whole fwd+bwd) = {seq / d['pallas']:.2f}x")
       lines.append(f"- {shp}: " + ", ".join(p for p in parts if p))
       others = [f"{k[len('pallas '):]} {v / d['pallas']:.3f}" for k, v in d.items()
-                if k.startswith("pallas ") and k != "pallas bwd=sequential"]
+                if k.startswith("pallas ")]
       if others:
         lines.append("  - variant / default pallas (< 1 is faster): " + ", ".join(others))
   return lines

@@ -27,13 +27,20 @@ ml_collections==1.1.0`; /.carry/ is git-ignored) and run, with carry [".carry/h6
   PYTHONUNBUFFERED=1 python -m benchmarks.train_throughput --out $OUT --budget_s 400 \
       --case_timeout_s 240 --commit <git rev-parse --short HEAD> 2>&1 | tee $OUT/log.txt
 
-Measured on 2026-11-23 (H100, commit 91f8ac3, results/train_throughput.md) with carry
+Measured on 2026-11-23 (H100, commit 91f8ac3; that train_throughput.md is in git history) with carry
 [".carry/snap"] (a `git archive` of HEAD plus the wheel) and `--budget_s 430 --case_timeout_s 150
 --precompile_timeout_s 190`: all six cases in 415 s. The parallel precompile took 192 s; four cases
 finished it and then loaded their step in 2-7 s instead of compiling it (transformer-350m's compile
 alone took 138 s there); the two 48-layer SSM cases (mamba-350m, mamba2-350m) hit its limit and
 compiled again in their timed process (~50 s each). An earlier attempt without the cache and with a
 90 s case limit lost both cases it started.
+
+After each case, unless `--jla off`, jax-linear-attention's own trainer (`jla train`, PyPI
+jax-linear-attention==0.1.0, importable with its dependency equinox) runs its matching preset
+(JLA_PRESETS) on the same GPU, length, batch and bf16 compute, and the report puts the two tokens/s
+and MFUs side by side. jla runs on a CPU too: `--preset tiny --jla on` is the CPU dry run of that
+path. Its throughput is read from the metrics.jsonl it writes (`parse_jla_metrics`); the first log
+window is warm-up. The 1.3B cases (transformer-1p3b, mamba2-1p3b) run only when `--cases` names them.
 
 Cases run in the order listed (350M first); --budget_s stops starting new ones. Before that, every
 case is compiled at once in parallel processes into a persistent compilation cache
@@ -75,7 +82,25 @@ CASES: dict[str, dict[str, Any]] = {
                         batch=8),
     "mamba2-130m": dict(pattern="S" * 24, d_model=768, mamba2=dict(d_state=128, head_dim=64),
                         batch=16),
+    # jla's 1.3B presets (FLA's shapes) matched field by field where ssm_lab has the field: Llama-3.1
+    # vocabulary, untied embeddings, GQA 32/8 and a 5632-wide SwiGLU; 48 mixer-only Mamba-2 blocks.
+    # Not in the default list (`--cases` names them): each needs minutes of a device call to compile.
+    "transformer-1p3b": dict(pattern="A" * 24, d_model=2048, attention=dict(num_heads=32, num_kv_heads=8),
+                             block_mlp=True, d_ff=5632, vocab_size=128256, tie_embeddings=False,
+                             batch=16),
+    "mamba2-1p3b": dict(pattern="S" * 48, d_model=2048, mamba2=dict(d_state=128, head_dim=64),
+                        vocab_size=128256, tie_embeddings=False, batch=16),
 }
+DEFAULT_CASES = [n for n in CASES if not n.endswith("1p3b")]
+# jax-linear-attention's preset for each case: `jla train` runs it in the same run, same GPU, length,
+# batch and bf16 compute (its own defaults otherwise: float32 params and AdamW moments, its synthetic
+# Markov data). Its presets differ from ours in detail (transformer-125m: GQA with 4 KV heads and
+# d_ff 2304; ours 12 KV heads, d_ff from ssm_lab.layers.mlp), so tokens/s compare trainers on models
+# of about the same size and FLOPs, not bit-identical models; each side's MFU uses its own FLOP count.
+JLA_PRESETS = {"transformer-130m": "transformer-125m", "transformer-350m": "transformer-350m",
+               "mamba-130m": "mamba1-130m", "mamba2-130m": "mamba2-130m",
+               "transformer-1p3b": "transformer-1p3b", "mamba2-1p3b": "mamba2-1p3b"}
+JLA_TINY = {"transformer-tiny": "tiny", "mamba-tiny": "tiny-mamba1", "mamba2-tiny": "tiny-mamba2"}
 # A CPU dry run of the whole flow (subprocesses, JSON, table) at toy sizes.
 TINY = {
     "transformer-tiny": dict(pattern="AA", d_model=64, attention=dict(num_heads=2, num_kv_heads=2),
@@ -221,7 +246,118 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   }
 
 
-def _markdown(meta: dict, records: list[dict]) -> str:
+def jla_available() -> bool:
+  """Whether jax-linear-attention's trainer imports here (its `jla` package and equinox)."""
+  probe = subprocess.run([sys.executable, "-c", "import jla.cli, equinox"], capture_output=True)
+  return probe.returncode == 0
+
+
+def jla_config(preset: str, *, batch: int, seq_len: int, steps: int, rounds: int,
+               output_dir: str) -> str:
+  """The TOML experiment file `jla train` reads for one timing run of `preset`.
+
+  One log window of `steps` steps per round plus one leading warm-up window (its first steps
+  include the dispatch of the freshly compiled step), so the timed windows match ssm_lab's rounds.
+  remat "none" as ssm_lab's cases (jla's default is "full"); evaluation, checkpoints and the
+  profiler off, so the run times nothing but training steps.
+  """
+  return "\n".join([
+      'name = "ssm-lab-throughput"',
+      "[model]", f'preset = "{preset}"', 'remat = "none"', 'compute_dtype = "bfloat16"',
+      "[train]", f"max_steps = {steps * (rounds + 1)}", f"seq_len = {seq_len}",
+      f"micro_batch_per_replica = {batch}", f"log_every = {steps}", f'output_dir = "{output_dir}"',
+      "final_eval = false", "save_final = false", "save_every = 0", "eval_every = 0",
+      "[data]", 'source = "synthetic"', ""])
+
+
+def jla_cmd(config_path: str) -> list[str]:
+  return [sys.executable, "-m", "jla.cli", "train", "--config", config_path]
+
+
+def parse_jla_metrics(text: str, *, batch: int, seq_len: int) -> dict[str, Any]:
+  """Throughput from the `metrics.jsonl` that `jla train` writes in its output_dir.
+
+  Each "train" event is one log window: its `step_time` is the window's mean seconds per step (host
+  wall time between metric reads, so device time included), `mfu_percent` jla's MFU (its own model
+  FLOPs per token over 989 TFLOP/s on H100/H200, 0 where it knows no peak, e.g. on CPU). The first
+  window is warm-up and dropped; the rest give the median, as ssm_lab's rounds do.
+  """
+  windows = []
+  for line in text.splitlines():
+    if line.strip():
+      event = json.loads(line)
+      if event.get("event") == "train":
+        windows.append(event["metrics"])
+  if len(windows) < 2:
+    raise ValueError(f"jla wrote {len(windows)} train windows; need a warm-up window and one timed")
+  timed = windows[1:]
+  step_s = sorted(w["step_time"] for w in timed)[len(timed) // 2]
+  tokens_per_s = batch * seq_len / step_s
+  mfu = sorted(w.get("mfu_percent", 0.0) for w in timed)[len(timed) // 2]
+  # jla's model FLOPs per token, recovered from its own TFLOP/s and tokens/s of one window.
+  w = timed[-1]
+  fpt = (w["model_tflops_per_sec_per_device"] * 1e12 / w["tokens_per_sec_per_device"]
+         if w.get("tokens_per_sec_per_device") else None)
+  return {"step_ms": round(step_s * 1e3, 2), "step_ms_rounds": [round(x["step_time"] * 1e3, 2) for x in timed],
+          "tokens_per_s": round(tokens_per_s), "mfu_jla_percent": round(mfu, 2),
+          "jla_flops_per_token": fpt, "loss": timed[-1].get("loss"),
+          "finite": all(float(x.get("loss", float("nan"))) == float(x.get("loss", float("nan")))
+                        for x in timed)}
+
+
+def run_jla(case: str, preset: str, *, batch: int, seq_len: int, steps: int, rounds: int,
+            timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+  """Runs `jla train` on `preset` in a subprocess and returns its record (or why it has none)."""
+  t0 = time.time()
+  record: dict[str, Any] = {"case": case, "jla_preset": preset, "batch": batch, "seq_len": seq_len}
+  with tempfile.TemporaryDirectory(prefix="jla_run_") as tmp:
+    out_dir = os.path.join(tmp, "run")
+    path = os.path.join(tmp, "experiment.toml")
+    with open(path, "w") as f:
+      f.write(jla_config(preset, batch=batch, seq_len=seq_len, steps=steps, rounds=rounds,
+                         output_dir=out_dir))
+    try:
+      proc = subprocess.run(jla_cmd(path), capture_output=True, text=True, timeout=timeout_s, env=env)
+      metrics = os.path.join(out_dir, "metrics.jsonl")
+      if proc.returncode == 0 and os.path.exists(metrics):
+        with open(metrics) as f:
+          record.update(parse_jla_metrics(f.read(), batch=batch, seq_len=seq_len))
+      else:
+        tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-3:]
+        record["error"] = f"rc {proc.returncode}: " + " / ".join(t[-300:] for t in tail)
+    except subprocess.TimeoutExpired:
+      record["error"] = f"timed out after {timeout_s:.0f} s"
+  record["wall_s"] = round(time.time() - t0, 1)
+  return record
+
+
+def _jla_markdown(records: list[dict], jla: list[dict]) -> list[str]:
+  ours = {r["case"]: r for r in records if "error" not in r}
+  lines = ["", "## Against jax-linear-attention's trainer (`jla train`, same run, same GPU)", "",
+           "Same length, batch and bf16 compute; jla's own preset for each case (see JLA_PRESETS in "
+           "benchmarks/train_throughput.py for how the models differ), remat \"none\" on both sides. "
+           "Each side's MFU is its own model FLOPs over 989 TFLOP/s; `jla MFU (our FLOPs)` puts jla's "
+           "tokens/s under ssm_lab's FLOP count of our case.", "",
+           "| case | jla preset | batch x len | ssm_lab tokens/s | jla tokens/s | ssm_lab / jla | "
+           "ssm_lab MFU | jla MFU (its FLOPs) | jla MFU (our FLOPs) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for j in jla:
+    o = ours.get(j["case"])
+    mine = f"{o['tokens_per_s']:,}" if o else "failed"
+    if "error" in j:
+      lines.append(f"| {j['case']} | {j['jla_preset']} | {j['batch']}x{j['seq_len']} | {mine} | "
+                   f"failed: {j['error'][:160]} | | | | |")
+      continue
+    ratio = f"{o['tokens_per_s'] / j['tokens_per_s']:.2f}" if o else ""
+    our_mfu = f"{100 * o['mfu_datasheet']:.1f}%" if o else ""
+    cross = (f"{100 * o['train_flops_per_token'] * j['tokens_per_s'] / DATASHEET_PEAK:.1f}%"
+             if o else "")
+    lines.append(f"| {j['case']} | {j['jla_preset']} | {j['batch']}x{j['seq_len']} | {mine} | "
+                 f"{j['tokens_per_s']:,} | {ratio} | {our_mfu} | {j['mfu_jla_percent']:.1f}% | {cross} |")
+  return lines
+
+
+def _markdown(meta: dict, records: list[dict], jla: list[dict] | None = None) -> str:
   measured = next((r["measured_peak_tf_s"] for r in records if "measured_peak_tf_s" in r),
                   ceilings.for_device(meta["device"]).matmul_tf_s)
   lines = [f"# Training throughput ({meta['device']})", "",
@@ -265,6 +401,8 @@ def _markdown(meta: dict, records: list[dict]) -> str:
     r = by["transformer-350m"]
     lines.append(f"- Transformer 350M MFU {100 * r['mfu_datasheet']:.1f}% of 989 TFLOP/s, "
                  f"{100 * r['mfu_measured_peak']:.1f}% of {measured:.0f} (target >= 45%)")
+  if jla:
+    lines += _jla_markdown(records, jla)
   return "\n".join(lines) + "\n"
 
 
@@ -341,10 +479,15 @@ def main() -> None:
   p.add_argument("--precompile_timeout_s", type=float, default=200)
   p.add_argument("--cache_dir", default="",
                  help="persistent compilation cache (default: a fresh temporary folder)")
+  p.add_argument("--jla", choices=("auto", "on", "off"), default="auto",
+                 help="after each case, time jax-linear-attention's trainer on its matching preset "
+                      "(auto: when `import jla.cli` works)")
+  p.add_argument("--jla_timeout_s", type=float, default=240)
   p.add_argument("--_child", default="", help=argparse.SUPPRESS)
   p.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   table = TINY if a.preset == "tiny" else CASES
+  jla_table = JLA_TINY if a.preset == "tiny" else JLA_PRESETS
 
   if a._child:  # one case, in this process; the record goes to stdout
     spec = dict(table[a._child])
@@ -355,7 +498,7 @@ def main() -> None:
     print("CASE_RESULT " + json.dumps(record), flush=True)
     return
 
-  names = [n for n in a.cases.split(",") if n] or list(table)
+  names = [n for n in a.cases.split(",") if n] or (DEFAULT_CASES if table is CASES else list(table))
   unknown = sorted(set(names) - set(table))
   if unknown:
     raise ValueError(f"--cases: unknown {unknown}; known: {sorted(table)}")
@@ -367,8 +510,15 @@ def main() -> None:
   meta = {"device": device, "platform": platform, "jax": jax_version, "commit": commit,
           "date": datetime.date.today().isoformat(), "seq_len": a.seq_len, "steps": a.steps,
           "rounds": a.rounds}
+  use_jla = a.jla == "on" or (a.jla == "auto" and jla_available())
+  meta["jla"] = use_jla
+  if use_jla:
+    probe = subprocess.run([sys.executable, "-c", "import jla; print(jla.__version__)"],
+                           capture_output=True, text=True)
+    meta["jla_version"] = probe.stdout.strip() or probe.stderr.strip()[-200:]
   os.makedirs(a.out, exist_ok=True)
   records: list[dict] = []
+  jla_records: list[dict] = []
   start = time.time()
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
@@ -399,9 +549,19 @@ def main() -> None:
     record["wall_s"] = round(time.time() - t0, 1)
     records.append(record)
     print(json.dumps(record), flush=True)
+    if use_jla and name in jla_table:
+      # Right after ours, in the same process tree and GPU: the pair shares the machine's state.
+      if time.time() - start > a.budget_s:
+        jrec = {"case": name, "jla_preset": jla_table[name], "batch": 0, "seq_len": a.seq_len,
+                "error": "not run: --budget_s reached"}
+      else:
+        jrec = run_jla(name, jla_table[name], batch=a.batch or table[name]["batch"], seq_len=a.seq_len,
+                       steps=a.steps, rounds=a.rounds, timeout_s=a.jla_timeout_s, env=env)
+      jla_records.append(jrec)
+      print("JLA " + json.dumps(jrec), flush=True)
     with open(os.path.join(a.out, "train_throughput.json"), "w") as f:
-      json.dump({"meta": meta, "results": records}, f, indent=1)
-  md = _markdown(meta, records)
+      json.dump({"meta": meta, "results": records, "jla": jla_records}, f, indent=1)
+  md = _markdown(meta, records, jla_records)
   with open(os.path.join(a.out, "train_throughput.md"), "w") as f:
     f.write(md)
   print(md)

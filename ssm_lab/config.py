@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
           profile_steps="",       # "start:stop" writes a jax.profiler trace over those steps
           peak_flops=0.0,          # device peak for MFU; 0: look it up from the device kind
           parallelism="dp",        # over all devices: "dp" (replicated params) or "fsdp" (sharded)
+          init_from="",            # a fresh run starts from this run directory's (or Hugging Face
+                                   # model directory's) parameters where path and shape match
       )),
   ))
 

@@ -44,6 +44,7 @@ from ssm_lab import parallel
 from ssm_lab.checkpoint import Checkpointer, WorkdirBusy, WorkdirLock
 from ssm_lab.data import base as data_base
 from ssm_lab.data import make_task
+from ssm_lab.layers import registry
 from ssm_lab.metrics import SummaryWriter
 from ssm_lab.models import LanguageModel, build_model, flops_per_token, param_count
 
@@ -52,8 +53,9 @@ from ssm_lab.models import LanguageModel, build_model, flops_per_token, param_co
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5e": 197e12, "TPU v5p": 459e12}
 
-# Parameters the Mamba recipe keeps out of weight decay (besides every 1-D parameter).
-_NO_DECAY = ("A_log", "D", "dt_bias")
+# Parameters the mixers keep out of weight decay (besides every 1-D parameter), from their registry
+# entries (Mamba's A_log, D and dt_bias, for example).
+_NO_DECAY = registry.no_weight_decay()
 
 # A state is checkpointed only while its parameters' global norm stays within this factor of the
 # initial parameters' norm: healthy training moves it by a small factor, a run on its way to
@@ -120,14 +122,50 @@ def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: batch[k] for k in ("segment_ids", "positions", "pad_mask") if k in batch}
 
 
+def _group_ranking(scores: jax.Array, batch: dict[str, jax.Array], loss: str,
+                   group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(losses, weights, correct) of one score per row [batch], the rows forming consecutive groups
+  of `group_size` with the relevant document first (a grouped ranking task).
+
+  "lce": localized contrastive estimation (Gao et al. 2021; RankMamba's loss), a softmax
+  cross-entropy over each group's scores with the first row as the target; one term per group,
+  correct when the relevant row scores highest. "bce": sigmoid cross-entropy of every row against
+  its 0/1 label; correct when the score's sign matches the label.
+  """
+  if loss == "lce":
+    groups = scores.reshape(-1, group_size)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        groups, jnp.zeros((groups.shape[0],), jnp.int32))
+    correct = (jnp.argmax(groups, axis=-1) == 0).astype(jnp.float32)
+    weights = (batch["example_mask"].astype(jnp.float32).reshape(-1, group_size)[:, 0]
+               if "example_mask" in batch else jnp.ones_like(losses))
+    return losses, weights, correct * weights
+  labels = batch["labels"].astype(jnp.float32)
+  losses = optax.sigmoid_binary_cross_entropy(scores, labels)
+  weights = (batch["example_mask"].astype(jnp.float32) if "example_mask" in batch
+             else jnp.ones_like(losses))
+  correct = ((scores > 0).astype(jnp.float32) == labels).astype(jnp.float32)
+  return losses, weights, correct * weights
+
+
 def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageModel,
-                     kind: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     kind: str, group: tuple[str, int] | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean loss over counted positions, and the sums {loss_sum, correct, count} for logging.
 
   An optional `example_mask` float32 [batch] (0 on rows that only pad a batch to a multiple of the
-  device count) removes whole rows from every sum.
+  device count) removes whole rows from every sum. Kind "group_ranking" scores each row with the
+  model's single output and trains `group` = (loss, group_size) (see `_group_ranking`).
   """
   logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
+  if kind == "group_ranking":
+    if group is None:
+      raise ValueError("loss_and_metrics: kind 'group_ranking' needs group=(loss, group_size)")
+    losses, weights, correct = _group_ranking(logits[:, 0].astype(jnp.float32), batch, *group)
+    count = jnp.sum(weights)
+    loss_sum = jnp.sum(losses * weights)
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": jnp.sum(correct),
+                                                "count": count}
   if kind == "classification":
     labels = batch["labels"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -148,7 +186,8 @@ def loss_and_metrics(params: Any, batch: dict[str, jax.Array], model: LanguageMo
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str,
                tx: optax.GradientTransformation, accum: int, mesh: Mesh | None = None,
-               param_shardings: Any = None, lr_scale: jax.Array | None = None
+               param_shardings: Any = None, lr_scale: jax.Array | None = None,
+               group: tuple[str, int] | None = None
                ) -> tuple[TrainState, dict]:
   """One optimizer update (over `accum` micro-batches); non-finite updates are skipped.
 
@@ -160,8 +199,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Languag
   parameters are gathered whole for the forward and backward passes and the gradients are
   reduce-scattered back to the parameters' shardings.
   """
-  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, model=model, kind=kind),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, model=model, kind=kind,
+                                                 group=group), has_aux=True)
   params = state.params
   if param_shardings is not None and mesh is not None:
     params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
@@ -216,8 +255,9 @@ def population_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Arra
   return jax.vmap(one)(state, lr, active)
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str):
-  return loss_and_metrics(params, batch, model, kind)[1]
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: LanguageModel, kind: str,
+              group: tuple[str, int] | None = None):
+  return loss_and_metrics(params, batch, model, kind, group)[1]
 
 
 def _to_device(batch: data_base.Batch) -> dict[str, jax.Array]:
@@ -440,6 +480,46 @@ def _param_health(params: Any) -> tuple[jax.Array, jax.Array]:
   return finite, optax.global_norm(params)
 
 
+def init_params_from(path: str, params: Any) -> tuple[Any, list[str]]:
+  """`params` with every array that the model at `path` has at the same path and shape copied from
+  it; returns (params, the paths that kept their fresh initialisation).
+
+  `path` is an ssm_lab run directory (its latest checkpoint, through `ssm_lab.runs.load_run`) or a
+  local Hugging Face model directory (`ssm_lab.models.from_pretrained`). A new head (a classifier on
+  a pretrained language model, say) keeps its initialisation; an array that exists in both with
+  another shape, or nothing in common at all, is an error naming the array.
+  """
+  path = os.path.expanduser(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    from ssm_lab.runs import load_run  # noqa: PLC0415 (runs imports this module's neighbours)
+    source = load_run(path).params
+  elif os.path.isfile(os.path.join(path, "config.json")):
+    from ssm_lab.models import from_pretrained  # noqa: PLC0415
+    source = from_pretrained(path)[1]
+  else:
+    raise FileNotFoundError(f"config.train.init_from={path!r} is neither an ssm_lab run directory "
+                            f"(with checkpoints/) nor a Hugging Face model directory (config.json)")
+  src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
+  fresh, copied = [], 0
+
+  def take(key, x):
+    nonlocal copied
+    name = jax.tree_util.keystr(key)
+    if name not in src:
+      fresh.append(name)
+      return x
+    if tuple(src[name].shape) != tuple(x.shape):
+      raise ValueError(f"config.train.init_from={path!r}: parameter {name} has shape "
+                       f"{tuple(src[name].shape)} there and {tuple(x.shape)} here (another width "
+                       f"or vocabulary?)")
+    copied += 1
+    return jnp.asarray(src[name], x.dtype)
+  params = jax.tree_util.tree_map_with_path(take, params)
+  if not copied:
+    raise ValueError(f"config.train.init_from={path!r}: no parameter path in common with this model")
+  return params, fresh
+
+
 def _last_logged(workdir: str) -> dict[str, float]:
   """The newest eval metrics in the workdir's TensorBoard events, else the newest train loss and
   accuracy (what a rerun of a finished or preempted run reports instead of nothing)."""
@@ -612,10 +692,19 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
   model = build_model(config.model, vocab_size=task.vocab_size,
                       num_classes=getattr(task, "num_classes", 0) or None)
   kind = task.kind
-  if (kind == "classification") != (model.args.head == "classifier"):
+  if (kind in ("classification", "group_ranking")) != (model.args.head == "classifier"):
     raise config_lib.ConfigError(f"config.model.head={model.args.head!r} does not fit task "
                                  f"{task.name!r} of kind {kind!r} (use 'classifier' for "
-                                 f"classification tasks, 'lm' otherwise)")
+                                 f"classification and ranking tasks, 'lm' otherwise)")
+  group = None
+  if kind == "group_ranking":
+    group = (task.loss, task.group_size)
+    # Groups are consecutive rows: they must not be cut by micro-batches or devices.
+    if t.grad_accum_steps != 1 or t.batch_size % (task.group_size * mesh.size):
+      raise config_lib.ConfigError(
+          f"config.train.batch_size={t.batch_size} must be a multiple of config.task.group_size="
+          f"{task.group_size} times the {mesh.size} device(s), and config.train.grad_accum_steps "
+          f"must be 1 (got {t.grad_accum_steps}), so that no group of a grouped ranking loss is cut")
   primary = parallel.is_primary()
   say = print if primary else (lambda *a, **k: None)
 
@@ -639,7 +728,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
   rows = parallel.batch_sharding(mesh)
   param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
   step_kw = dict(model=model, kind=kind, tx=tx, accum=t.grad_accum_steps, mesh=mesh,
-                 param_shardings=param_sh)
+                 param_shardings=param_sh, group=group)
   sample = task.train_batch(0, t.batch_size)
   batch_shape = {k: jax.ShapeDtypeStruct((t.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype,
                                          sharding=rows)
@@ -709,6 +798,17 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
       # Random draws do not depend on the sharding (partitionable threefry), so every mesh starts
       # from the same parameters.
       state = jax.jit(init_state, out_shardings=shardings)(rng)
+      if t.init_from:
+        # Each member's fresh parameters, overwritten where the source model has the same array.
+        host = jax.device_get(state.params)
+        picked = [init_params_from(t.init_from, host if not stacked else
+                                   jax.tree.map(lambda x: x[i], host)) for i in range(size)]  # noqa: B023
+        params = picked[0][0] if not stacked else jax.tree.map(
+            lambda *x: np.stack(x), *[p for p, _ in picked])
+        opt_init = jax.vmap(tx.init) if stacked else tx.init
+        state = state.replace(params=jax.device_put(params, shardings.params),
+                              opt_state=jax.jit(opt_init, out_shardings=shardings.opt_state)(params))
+        say(f"initialised from {t.init_from}; freshly initialised: {picked[0][1] or 'nothing'}")
       for m in members:
         if m.ckpt.set_aside:
           say(f"--restart: starting from step 0; {len(m.ckpt.set_aside)} unreadable checkpoint(s) "
@@ -759,7 +859,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
     def eval_params(params, batch):
       if param_sh is not None:
         params = jax.lax.with_sharding_constraint(params, repl)
-      return eval_step(params, batch, model=model, kind=kind)
+      return eval_step(params, batch, model=model, kind=kind, group=group)
     eval_fn = jax.jit(jax.vmap(eval_params, in_axes=(0, None)) if stacked else eval_params,
                       in_shardings=(shardings.params, rows), out_shardings=repl)
     schedules = [make_schedule(c.train) for c in configs]
@@ -987,6 +1087,10 @@ def _unknown_override(argv: list[str]) -> str | None:
     for key in path:
       if not isinstance(node, ml_collections.ConfigDict) or prefix == "config.task":
         break
+      moved = registry.renamed_fields().get(key) if prefix == "config.model" else None
+      if key not in node and moved:
+        return (f"config.model.{key} moved to " + " / ".join(f"config.model.{m}" for m in moved)
+                + f" (in {arg}; mixer fields live in their mixer's group)")
       if key not in node:
         close = difflib.get_close_matches(key, list(node.keys()), n=1)
         hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""

@@ -60,6 +60,55 @@ def test_train_throughput_tiny_with_precompile(tmp_path):
   assert "compiled at once" in (tmp_path / "train_throughput.md").read_text()
 
 
+# One `jla train` metrics.jsonl, recorded from a CPU run of jax-linear-attention 0.1.0 (tiny-mamba2,
+# batch 2 x 32, log_every 2): a warm-up window, then two timed ones (fields trimmed to those read).
+_JLA_METRICS = "\n".join(json.dumps(e) for e in [
+    {"event": "start", "metrics": {}, "step": 0},
+    {"event": "train", "step": 2, "metrics": {"loss": 6.26, "step_time": 4.19, "mfu_percent": 0.0,
+     "tokens_per_sec_per_device": 15.3, "model_tflops_per_sec_per_device": 9.6e-6}},
+    {"event": "telemetry", "step": 3, "metrics": {"telemetry/skipped_steps_total": 0}},
+    {"event": "train", "step": 4, "metrics": {"loss": 6.25, "step_time": 0.0090, "mfu_percent": 1.5,
+     "tokens_per_sec_per_device": 7111.0, "model_tflops_per_sec_per_device": 4.478e-3}},
+    {"event": "train", "step": 6, "metrics": {"loss": 6.24, "step_time": 0.0080, "mfu_percent": 2.5,
+     "tokens_per_sec_per_device": 8000.0, "model_tflops_per_sec_per_device": 5.038e-3}},
+    {"event": "end", "metrics": {"stop_reason": "max_steps"}, "step": 6}])
+
+
+def test_jla_command_and_metrics_parsing():
+  """The `jla train` path without jla: the experiment file it is given and how its log is read."""
+  import tomllib  # noqa: PLC0415
+
+  tt = _bench("train_throughput")
+  cfg = tomllib.loads(tt.jla_config("mamba2-130m", batch=16, seq_len=2048, steps=5, rounds=3,
+                                    output_dir="/tmp/x"))
+  assert cfg["model"] == {"preset": "mamba2-130m", "remat": "none", "compute_dtype": "bfloat16"}
+  assert cfg["train"]["micro_batch_per_replica"] == 16 and cfg["train"]["seq_len"] == 2048
+  assert cfg["train"]["max_steps"] == 20 and cfg["train"]["log_every"] == 5   # warm-up + 3 windows
+  assert not cfg["train"]["final_eval"] and cfg["data"]["source"] == "synthetic"
+  assert tt.jla_cmd("/tmp/e.toml")[1:] == ["-m", "jla.cli", "train", "--config", "/tmp/e.toml"]
+  rec = tt.parse_jla_metrics(_JLA_METRICS, batch=2, seq_len=32)
+  assert rec["step_ms_rounds"] == [9.0, 8.0]            # the warm-up window is dropped
+  assert rec["step_ms"] == 9.0 and rec["tokens_per_s"] == 7111   # median of two: the upper one
+  assert rec["mfu_jla_percent"] == 2.5 and rec["finite"]
+  assert abs(rec["jla_flops_per_token"] - 629750.0) < 1.0
+  with pytest.raises(ValueError):
+    tt.parse_jla_metrics(_JLA_METRICS.split("\n", 2)[0], batch=2, seq_len=32)
+  assert set(tt.JLA_PRESETS) <= set(tt.CASES) and set(tt.JLA_TINY) <= set(tt.TINY)
+
+
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import jla.cli, equinox"],
+                                   capture_output=True).returncode != 0,
+                    reason="jax-linear-attention (and equinox) not installed")
+def test_train_throughput_tiny_with_jla(tmp_path):
+  """The whole side-by-side flow on CPU: our tiny case, then `jla train` on its tiny preset."""
+  _run("train_throughput.py", "--preset", "tiny", "--out", str(tmp_path), "--seq_len", "32",
+       "--steps", "2", "--rounds", "2", "--cases", "mamba2-tiny", "--precompile", "off", "--jla", "on")
+  res = json.loads((tmp_path / "train_throughput.json").read_text())
+  assert [r["jla_preset"] for r in res["jla"]] == ["tiny-mamba2"]
+  assert "error" not in res["jla"][0] and res["jla"][0]["tokens_per_s"] > 0
+  assert "jax-linear-attention's trainer" in (tmp_path / "train_throughput.md").read_text()
+
+
 def test_generation_smoke_and_merge(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   _run("generation.py", "--smoke", "--out", str(a), "--models", "mamba-tiny,transformer-tiny",

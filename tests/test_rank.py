@@ -19,7 +19,6 @@ from ssm_lab.config import base_config
 from ssm_lab.data.ranking import build_ranking_task
 from ssm_lab.data.ranking.formats import read_trec_run
 from ssm_lab.rank import Scorer, choose_weight, interpolate, metrics, rerank
-from ssm_lab.rank.finetune import finetune, merge_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = {f"d{i}": t for i, t in enumerate([
@@ -74,6 +73,19 @@ def task_of(config):
   return build_ranking_task(**{k: v for k, v in config.task.items() if k != "name"}, progress=False)
 
 
+def finetune(config, workdir, init_from=""):
+  """Trains `config` through the one training loop (grouped loss, optional init_from); the trained
+  (model, params)."""
+  from ssm_lab.runs import load_run  # noqa: PLC0415
+  from ssm_lab.train import train_and_evaluate  # noqa: PLC0415
+  t = config.train
+  t.eval_every = t.checkpoint_every = t.log_every = t.num_steps
+  t.progress_bar, t.init_from = False, init_from
+  train_and_evaluate(config, str(workdir))
+  run = load_run(str(workdir))
+  return run.model, run.params
+
+
 @pytest.mark.parametrize("loss", ["lce", "bce"])
 def test_grouped_finetune_learns_and_saves(collection, tmp_path, loss):
   config = tiny_config(loss, steps=4)
@@ -81,7 +93,7 @@ def test_grouped_finetune_learns_and_saves(collection, tmp_path, loss):
   assert task.kind == "group_ranking" and task.num_classes == 1
   batch = task.train_batch(0, 8)
   assert list(batch["labels"]) == [1, 0, 0, 0, 1, 0, 0, 0]  # whole groups, positive first
-  model, params = finetune(task, config, workdir=str(tmp_path / "ft"), progress=False)
+  model, params = finetune(config, tmp_path / "ft")
   scorer = Scorer.from_workdir(str(tmp_path / "ft"))
   pairs = [(QUERIES["q1"], DOCS["d0"]), (QUERIES["q1"], DOCS["d3"])]
   again = Scorer(model, params, task.tokenizer, seq_len=48, max_query_len=16).score(pairs)
@@ -89,29 +101,45 @@ def test_grouped_finetune_learns_and_saves(collection, tmp_path, loss):
   assert np.all(np.isfinite(again)) and again[0] != again[1]
 
 
-def test_merge_backbone_copies_lm_params_and_names_mismatches(collection):
+def test_init_from_copies_the_backbone_and_names_mismatches(collection, tmp_path):
+  """`train.init_from` starts the reranker from a language model's parameters (the head is new)."""
+  from ssm_lab.checkpoint import Checkpointer  # noqa: PLC0415
+  from ssm_lab.models import build_model  # noqa: PLC0415
+  from ssm_lab.train import init_params_from  # noqa: PLC0415
   config = tiny_config("lce")
   task = task_of(config)
-  lm_config = ml_collections.ConfigDict(config.model.to_dict())
-  lm_config.head = "lm"
-  from ssm_lab.models import build_model  # noqa: PLC0415
-  lm = build_model(lm_config, vocab_size=task.vocab_size)
+  lm_config = ml_collections.ConfigDict(config.to_dict())
+  lm_config.model.head, lm_config.model.num_classes = "lm", 0
+  lm = build_model(lm_config.model, vocab_size=task.vocab_size)
   lm_params = lm.init(jax.random.PRNGKey(7), np.zeros((1, 8), np.int32))["params"]
-  config.train.num_steps = 1
-  config.train.learning_rate = 1e-9
-  _, params = finetune(task, config, init=lm_params, progress=False)
+  lm_dir = tmp_path / "lm"
+  lm_dir.mkdir()
+  (lm_dir / "config.json").write_text(lm_config.to_json_best_effort())
+  ckpt = Checkpointer(str(lm_dir), keep=1, save_every=1)
+  ckpt.save(0, {"step": 0, "params": lm_params}, {"data_position": 0}, force=True)
+  ckpt.close()
+  config.train.num_steps, config.train.learning_rate = 1, 1e-9
+  _, params = finetune(config, tmp_path / "ft", init_from=str(lm_dir))
   np.testing.assert_allclose(params["embed"]["embedding"], lm_params["embed"]["embedding"],
                              atol=1e-6)
-  bad = jax.tree.map(lambda x: x, lm_params)
+  bad = jax.tree.map(lambda x: x, params)
   bad["embed"]["embedding"] = bad["embed"]["embedding"][:5]
-  with pytest.raises(ValueError, match="embed/embedding has shape"):
-    merge_backbone(params, bad)
+  bad_dir = tmp_path / "bad"
+  bad_dir.mkdir()
+  (bad_dir / "config.json").write_text(lm_config.to_json_best_effort())
+  ckpt = Checkpointer(str(bad_dir), keep=1, save_every=1)
+  ckpt.save(0, {"step": 0, "params": jax.tree.map(lambda x: x, lm_params) | {
+      "embed": {"embedding": lm_params["embed"]["embedding"][:5]}}}, {"data_position": 0},
+      force=True)
+  ckpt.close()
+  with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\] has shape"):
+    init_params_from(str(bad_dir), params)
 
 
-def test_rerank_interpolate_and_weight(collection):
+def test_rerank_interpolate_and_weight(collection, tmp_path):
   config = tiny_config("lce")
   task = task_of(config)
-  model, params = finetune(task, config, progress=False)
+  model, params = finetune(config, tmp_path / "ft")
   scorer = Scorer(model, params, task.tokenizer, seq_len=48, max_query_len=16, batch_size=4)
   first = read_trec_run(collection / "first.trec")
   run = rerank(scorer, QUERIES, DOCS, first, depth=5, progress=False)
@@ -133,7 +161,7 @@ def _cli(*args, env=None):
 def test_cli_end_to_end_and_errors(collection, tmp_path):
   config = tiny_config("lce")
   task = task_of(config)
-  finetune(task, config, workdir=str(tmp_path / "ft"), progress=False)
+  finetune(config, tmp_path / "ft")
   qrels = collection / "qrels" / "test.tsv"
   base = ["--checkpoint", str(tmp_path / "ft"), "--queries", str(collection / "queries.jsonl"),
           "--corpus", str(collection / "corpus.jsonl"), "--run", str(collection / "first.trec")]

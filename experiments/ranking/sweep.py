@@ -3,8 +3,8 @@ have: Transformer, Mamba-1, Mamba-2 and hybrid backbones of matched size, pretra
 Gutenberg, fine-tuned as cross-encoder rerankers with one recipe, and their throughput.
 
 One run per backbone (`<backbone>`): `config` pretrains the causal LM through `ssm_lab.train`; its
-`evaluate` fine-tunes that backbone on every collection and seed (`ssm_lab.rank.finetune`, LCE and the
-BCE ablation) and re-ranks through `ssm_lab.rank` (the CLI's functions), writing TREC runs under
+`evaluate` fine-tunes that backbone on every collection and seed (`ssm_lab.train` with
+`train.init_from` and the task's grouped loss: LCE and the BCE ablation) and re-ranks through `ssm_lab.rank` (the CLI's functions), writing TREC runs under
 `<workdir>/runs/`. One measurement run (`throughput`) times training and scoring of each reranker at
 lengths 128, 512, 2,048 with impl="auto" and the reference-style impls. Data come from
 `$SSM_LAB_RANKING_CARRY` (default `.carry/ranking_data`, made by `prepare_carry.py`).
@@ -107,7 +107,7 @@ def rank_config(pretrain: ml_collections.ConfigDict, dataset: str, b: Budget, *,
                 lr: float, seed: int, steps: int, eval_split: str = "dev", fold: int = 0,
                 first_stage: str = "bm25") -> ml_collections.ConfigDict:
   """The fine-tuning config: the backbone with a 1-output classifier head, RankMamba's AdamW
-  (weight decay 0.01, 10% linear warmup then linear decay)."""
+  (weight decay 0.01, 10% linear warmup, then decay to 0: cosine, where RankMamba's is linear)."""
   config = ml_collections.ConfigDict(pretrain.to_dict())
   data_dir, cache_dir = carry_dirs()
   config.task = ml_collections.ConfigDict(dict(
@@ -115,13 +115,15 @@ def rank_config(pretrain: ml_collections.ConfigDict, dataset: str, b: Budget, *,
       max_query_len=b.max_query_len, first_stage=first_stage, rerank_depth=b.depth,
       negatives_depth=100, group_size=b.group_size, num_folds=b.folds, fold=fold,
       dev_fraction=0.1, eval_split=eval_split, num_eval_examples=b.group_size, seed=seed,
+      eval_queries=8,  # the loop's own end-of-training re-ranking check; the study evaluates fully
       loss=loss, data_dir=data_dir, cache_dir=cache_dir, progress=False))
   config.seed = seed
   m = config.model
   m.head, m.num_classes, m.pooling = "classifier", 1, "last"
   t = config.train
   t.batch_size, t.num_steps, t.learning_rate = b.group_size * b.groups_per_batch, steps, lr
-  t.warmup_steps, t.weight_decay = max(1, steps // 10), 0.01
+  # RankMamba decays linearly to 0; ssm_lab's schedule is cosine, here also to 0.
+  t.warmup_steps, t.weight_decay, t.min_lr_ratio = max(1, steps // 10), 0.01, 0.0
   return config
 
 
@@ -144,17 +146,24 @@ def _model_run(scorer, task, split: str, b: Budget, desc: str):
                      progress=False, desc=desc), rank.top(first, b.depth)
 
 
-def _finetune(pretrain, init, dataset, b, *, loss, lr, seed, fold=0, first_stage="bm25"):
+def _finetune(pretrain, backbone_dir, dataset, b, *, loss, lr, seed, fold=0, first_stage="bm25"):
+  """Fine-tunes the backbone pretrained in `backbone_dir` through `ssm_lab.train` (its grouped LCE /
+  BCE loss, `train.init_from`), in `<backbone_dir>/finetune/<tag>`; (task, its Scorer)."""
   from ssm_lab.rank import Scorer  # noqa: PLC0415
-  from ssm_lab.rank.finetune import finetune  # noqa: PLC0415
+  from ssm_lab.train import train_and_evaluate  # noqa: PLC0415
   config = rank_config(pretrain, dataset, b, loss=loss, lr=lr, seed=seed, steps=1, fold=fold,
                        first_stage=first_stage)
   task = _task(config)
-  config.train.num_steps = _steps(task, b)
-  config.train.warmup_steps = max(1, config.train.num_steps // 10)
-  model, params = finetune(task, config, init=init, progress=False)
-  return task, Scorer(model, params, task.tokenizer, seq_len=b.seq_len,
-                      max_query_len=b.max_query_len, batch_size=64)
+  t = config.train
+  t.num_steps = _steps(task, b)
+  t.warmup_steps = max(1, t.num_steps // 10)
+  t.eval_every = t.checkpoint_every = t.num_steps
+  t.log_every = min(t.log_every, t.num_steps)
+  t.init_from = os.path.abspath(backbone_dir)
+  workdir = os.path.join(backbone_dir, "finetune",
+                         f"{dataset}-{loss}-lr{lr:g}-s{seed}-f{fold}-{first_stage}")
+  train_and_evaluate(config, workdir)
+  return task, Scorer.from_workdir(workdir, batch_size=64)
 
 
 def _evaluate_split(scorer, task, b, run_dir, tag, rel=1, dev_weight=None):
@@ -190,8 +199,7 @@ def evaluate_backbone(workdir: str, pretrain: ml_collections.ConfigDict, b: Budg
   """Fine-tunes the pretrained backbone in `workdir` on every collection and seed; flat metrics."""
   from ssm_lab.models import param_count  # noqa: PLC0415
   from ssm_lab.runs import load_run  # noqa: PLC0415
-  lm = load_run(workdir)
-  init = lm.params
+  init = load_run(workdir).params
   run_dir = os.path.join(workdir, "runs")
   out: dict[str, Any] = {"params": int(param_count(init))}
   t0 = time.perf_counter()
@@ -201,7 +209,7 @@ def evaluate_backbone(workdir: str, pretrain: ml_collections.ConfigDict, b: Budg
     # Learning rate: the best dev nDCG@10 of seed 0 (fold 0 for Vaswani).
     dev = {}
     for lr in b.lrs:
-      task, scorer = _finetune(pretrain, init, dataset, b, loss="lce", lr=lr, seed=0)
+      task, scorer = _finetune(pretrain, workdir, dataset, b, loss="lce", lr=lr, seed=0)
       run, first = _model_run(scorer, task, "dev", b, f"{coll} lr{lr:g}")
       from ssm_lab import rank  # noqa: PLC0415
       dev[lr] = rank.metrics(run, task.qrels)["nDCG@10"]
@@ -213,7 +221,7 @@ def evaluate_backbone(workdir: str, pretrain: ml_collections.ConfigDict, b: Budg
       for seed in seeds:
         fold_metrics = []
         for fold in folds:
-          task, scorer = _finetune(pretrain, init, dataset, b, loss=loss, lr=lr, seed=seed,
+          task, scorer = _finetune(pretrain, workdir, dataset, b, loss=loss, lr=lr, seed=seed,
                                    fold=fold)
           tag = f"{coll}-{loss}-s{seed}" + (f"-f{fold}" if coll == "vaswani" else "")
           fold_metrics.append(_evaluate_split(scorer, task, b, run_dir, tag))
@@ -248,10 +256,12 @@ def _zero_shot_dl20(scorer, b: Budget, run_dir: str, tag: str) -> dict[str, floa
 
 def throughput(b: Budget, backbones: tuple[str, ...]) -> dict[str, float]:
   """Training (LCE step) and scoring examples/s of each reranker per length and impl setting."""
+  import functools  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import optax  # noqa: PLC0415
 
+  from ssm_lab import train as train_lib  # noqa: PLC0415
   from ssm_lab.models import build_model  # noqa: PLC0415
   out: dict[str, float] = {}
   for name in backbones:
@@ -268,23 +278,17 @@ def throughput(b: Budget, backbones: tuple[str, ...]) -> dict[str, float]:
         x = jnp.ones((n, length), jnp.int32)
         mask = jnp.ones((n, length), jnp.float32)
         params = model.init(jax.random.PRNGKey(0), x[:1], pad_mask=mask[:1])["params"]
-        tx = optax.adamw(1e-4)
-        opt = tx.init(params)
-
-        def loss_fn(p):
-          s = model.apply({"params": p}, x, pad_mask=mask)[:, 0].reshape(-1, min(n, 8))
-          return optax.softmax_cross_entropy_with_integer_labels(
-              s, jnp.zeros(s.shape[0], jnp.int32)).mean()
-
-        @jax.jit
-        def train(p, o):
-          g = jax.grad(loss_fn)(p)
-          u, o = tx.update(g, o, p)
-          return optax.apply_updates(p, u), o
-
+        # The training loop's own step (AdamW, the grouped LCE loss over groups of min(n, 8) rows).
+        tx = train_lib.make_optimizer(config.train)
+        zero = jnp.zeros((), jnp.int32)
+        state = train_lib.TrainState(step=zero, params=params, opt_state=tx.init(params),
+                                     skipped=zero, consecutive_bad=zero)
+        batch = {"inputs": x, "pad_mask": mask, "labels": jnp.zeros((n,), jnp.int32)}
+        step = jax.jit(functools.partial(train_lib.train_step, model=model, kind="group_ranking",
+                                         tx=tx, accum=1, group=("lce", min(n, 8))))
         score = jax.jit(lambda p: model.apply({"params": p}, x, pad_mask=mask))
         key = f"{name}.{impls}.L{length}"
-        for what, fn in (("train", lambda: train(params, opt)), ("infer", lambda: score(params))):
+        for what, fn in (("train", lambda: step(state, batch)), ("infer", lambda: score(params))):
           jax.block_until_ready(fn())  # compile
           start = time.perf_counter()
           for _ in range(b.throughput_steps):

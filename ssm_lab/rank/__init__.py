@@ -1,5 +1,5 @@
 """Cross-encoder re-ranking: scorers from ssm_lab workdirs or Hugging Face weights, re-ranking of TREC
-runs, interpolation with the first stage, the grouped fine-tuning loop, and the CLI
+runs, interpolation with the first stage, and the CLI
 (`python -m ssm_lab.rank --help`)."""
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
       [--qrels QRELS] [--interpolate W] [--depth 100] [--rel 1] [--batch_size 64]
   python -m ssm_lab.rank --from_pretrained HF_DIR --tokenizer TOK ...   (instead of --checkpoint)
 
---checkpoint: an ssm_lab run directory whose model has a classifier head (ssm_lab.rank.finetune or
-ssm_lab.train with a ranking config). --from_pretrained: a Hugging Face directory whose safetensors
+--checkpoint: an ssm_lab run directory whose model has a classifier head (written by
+ssm_lab.train with a ranking config, e.g. fine-tuned from a backbone with train.init_from). --from_pretrained: a Hugging Face directory whose safetensors
 hold the backbone and a linear head `score.weight` (EOS pooling; see ssm_lab/rank/scorer.py), with
 --tokenizer naming its tokenizer (a file, folder or a name such as gpt-neox-20b).
 --queries: BEIR queries.jsonl, TREC topics, or `qid<TAB>text`. --corpus: BEIR corpus.jsonl, TREC

@@ -99,7 +99,7 @@ class Scorer:
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"{config_path} not found: --checkpoint must be a run directory "
-                              f"written by ssm_lab.train or ssm_lab.rank.finetune")
+                              f"written by ssm_lab.train")
     with open(config_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
     tok_file = Path(workdir) / "tokenizer.json"
@@ -149,7 +149,7 @@ class Scorer:
     if "score.weight" not in head:
       raise ValueError(f"{path}: no 'score.weight' tensor: the checkpoint has no reranking head "
                        f"(EOS pooling needs a linear head [1 or 2, hidden]); fine-tune it with "
-                       f"ssm_lab.rank.finetune first")
+                       f"ssm_lab.train first (a ranking config with train.init_from={path!r})")
     weight = np.asarray(head["score.weight"], np.float32)
     if weight.ndim != 2 or weight.shape[0] not in (1, 2):
       raise ValueError(f"{path}: score.weight has shape {weight.shape}; expected [1 or 2, hidden]")

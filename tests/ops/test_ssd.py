@@ -56,8 +56,7 @@ def _call(impl, a, **kw):
 
 # Jitted once per (impl, options, shapes): one compile instead of hundreds of eager dispatches, and
 # repeated reference calls hit the cache; keeps the file fast on CI's 2 cores.
-KNOBS = ("chunk_size", "segments", "segments_bwd", "bwd", "ds_block", "ds_dtype", "fwd", "bwd_split",
-         "group_sum", "num_warps_chunk", "fwd_block")
+KNOBS = ("chunk_size", "segments", "ds_block", "num_warps_chunk", "fwd_block")
 _call_jit = jax.jit(_call, static_argnums=(0,), static_argnames=KNOBS)
 
 
@@ -132,20 +131,10 @@ def _errors_vs_reference(a, **kw):
   return max(rel(y, y_ref), rel(s, s_ref)), {k: rel(g[k], g_ref[k]) for k in ARGS}
 
 
-@pytest.mark.parametrize("bwd", ["chunked", "sequential"])
-def test_pallas_matches_reference_values_and_gradients(bwd):
+def test_pallas_matches_reference_values_and_gradients():
   # head_dim 8 and d_state 6 exercise the padding to 16; length 37 the padding to whole chunks and
   # segments; 2 segments the state hand-over between them (the one-segment path: tests below).
-  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2, bwd=bwd)
-  assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
-
-
-def test_pallas_candidates_chunked_forward_split_backward_atomic_group_sum():
-  # The three kernel candidates in one program (one compile keeps the file fast): the chunk-parallel
-  # forward (state pass + per-chunk output), the backward split into a dx and a dB/dC/dA kernel, and
-  # dB/dC summed over a group's 2 heads by atomic adds. 2 segments: the forward's state hand-over.
-  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2,
-                                   fwd="chunked", bwd_split=True, group_sum="atomic")
+  out, grad = _errors_vs_reference(make(jax.random.PRNGKey(3)), chunk_size=16, segments=2)
   assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
@@ -159,20 +148,16 @@ def test_pallas_chunked_backward_head_dim_blocks_and_one_segment():
     assert rel(g[k], g_ref[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("k_fwd,k_bwd,fwd_block", [(1, 4, None), (4, 2, 16)])
-def test_pallas_forward_and_backward_segments_differ(k_fwd, k_bwd, fwd_block):
-  # The forward and the backward cut the sequence independently; length 70 pads to a multiple of
-  # the larger cut (4 segments of 2 chunks of 16). fwd_block 16: the forward's programs own 16 of
-  # the 32 head_dim rows each.
+def test_pallas_segments_with_forward_head_dim_blocks():
+  # Length 70 pads to a multiple of the cut (4 segments of 2 chunks of 16); fwd_block 16: the
+  # forward's programs own 16 of the 32 head_dim rows each.
   out, grad = _errors_vs_reference(make(jax.random.PRNGKey(11), b=1, l=70, h=2, p=32, g=1, n=8),
-                                   chunk_size=16, segments=k_fwd, segments_bwd=k_bwd,
-                                   fwd_block=fwd_block)
+                                   chunk_size=16, segments=4, fwd_block=16)
   assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
 
 
-# {} stores dS_end in bf16 here (ds_dtype="auto" with bf16 x); {"ds_dtype": "float32"} the other way.
-@pytest.mark.parametrize("kw", [{}, {"bwd": "sequential"}, {"ds_dtype": "float32"},
-                                {"num_warps_chunk": 8}])
+# dS_end is stored in bf16 here (bf16 x).
+@pytest.mark.parametrize("kw", [{}, {"num_warps_chunk": 8}])
 def test_pallas_bfloat16_close_to_float32_reference(kw):
   a = make(jax.random.PRNGKey(4), b=1, l=96, h=2, p=16, g=1, n=16, dtype=jnp.bfloat16)
   a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
@@ -248,9 +233,9 @@ def test_impl_selection():
 
 
 @pytest.mark.parametrize("dtype,want", [(jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32)])
-def test_pallas_ds_dtype_auto_follows_x(dtype, want):
+def test_pallas_ds_dtype_follows_x(dtype, want):
   # The dS pass's per-chunk output (dS_end of every chunk, between the backward's two kernels) is
-  # bf16 for bf16 inputs and float32 for float32 ones, unless ds_dtype says otherwise.
+  # bf16 for bf16 inputs and float32 for float32 ones.
   a = make(jax.random.PRNGKey(12), b=1, l=64, h=2, p=16, g=1, n=16, dtype=dtype)
 
   def ds_dtypes(**kw):
@@ -270,26 +255,18 @@ def test_pallas_ds_dtype_auto_follows_x(dtype, want):
     return found
 
   assert ds_dtypes() == {jnp.dtype(want)}
-  assert ds_dtypes(ds_dtype="float32") == {jnp.dtype(jnp.float32)}
 
 
 def test_pallas_knob_errors_name_the_knob():
   a = make(jax.random.PRNGKey(11))
   x, dt, A, B, C = (a[k] for k in ("x", "dt", "A", "B", "C"))
-  with pytest.raises(ValueError, match=r"bwd must be 'chunked' or 'sequential', got 'fast'"):
-    ssd_pallas(x, dt, A, B, C, bwd="fast")
   with pytest.raises(ValueError, match=r"ds_block must be a power of two >= 16, got 24"):
     ssd_pallas(x, dt, A, B, C, ds_block=24)
   with pytest.raises(ValueError, match=r"fwd_block must be a power of two >= 16, got 8"):
     ssd_pallas(x, dt, A, B, C, fwd_block=8)
-  with pytest.raises(ValueError, match=r"ds_dtype must be 'auto', 'float32' or 'bfloat16'"):
-    ssd_pallas(x, dt, A, B, C, ds_dtype="float16")
-  with pytest.raises(ValueError, match=r"fwd must be 'chunked' or 'sequential', got 'x'"):
-    ssd_pallas(x, dt, A, B, C, fwd="x")
-  with pytest.raises(ValueError, match=r"group_sum must be 'xla' or 'atomic', got 'y'"):
-    ssd_pallas(x, dt, A, B, C, group_sum="y")
-  with pytest.raises(ValueError, match=r"group_sum='atomic' needs bwd='chunked'"):
-    ssd_pallas(x, dt, A, B, C, group_sum="atomic", bwd="sequential")
+  for gone in ("bwd", "fwd", "bwd_split", "group_sum", "ds_dtype", "segments_bwd"):  # deleted options
+    with pytest.raises(TypeError, match=gone):
+      ssd_pallas(x, dt, A, B, C, **{gone: None})
 
 
 def test_choose_segments():
@@ -300,20 +277,20 @@ def test_choose_segments():
 
 
 def test_choose_layout():
-  # (segments, segments_bwd, fwd_block)
-  assert choose_layout(8, 24, 32, 64) == (1, 1, 32)     # 192 programs; split over head_dim: 384
-  assert choose_layout(2, 24, 128, 64) == (8, 8, 0)     # split gives 96: not enough, cut in 8
-  assert choose_layout(1, 24, 1024, 64) == (16, 16, 0)
-  assert choose_layout(8, 24, 32, 32) == (2, 2, 0)      # head_dim 32: nothing to split
-  assert choose_layout(64, 24, 32, 64) == (1, 1, 0)     # already full
-  assert choose_layout(1, 2, 8, 64, min_programs=4) == (1, 1, 32)
+  # (segments, fwd_block)
+  assert choose_layout(8, 24, 32, 64) == (1, 32)     # 192 programs; split over head_dim: 384
+  assert choose_layout(2, 24, 128, 64) == (8, 0)     # split gives 96: not enough, cut in 8
+  assert choose_layout(1, 24, 1024, 64) == (16, 0)
+  assert choose_layout(8, 24, 32, 32) == (2, 0)      # head_dim 32: nothing to split
+  assert choose_layout(64, 24, 32, 64) == (1, 0)     # already full
+  assert choose_layout(1, 2, 8, 64, min_programs=4) == (1, 32)
 
 
 def test_pallas_default_layout_split_forward_matches_reference(monkeypatch):
   # A small MIN_PROGRAMS makes the default call take choose_layout's head_dim split (1 x 2 heads x
   # 2 blocks of 32 rows), with no segment cut; values and every gradient against the reference.
   monkeypatch.setattr(pallas_ssd, "MIN_PROGRAMS", 4)
-  assert choose_layout(1, 2, 3, 64) == (1, 1, 32)
+  assert choose_layout(1, 2, 3, 64) == (1, 32)
   out, grad = _errors_vs_reference(make(jax.random.PRNGKey(12), b=1, l=41, h=2, p=64, g=1, n=8),
                                    chunk_size=16)
   assert out < 1e-5 and max(grad.values()) < 1e-4, (out, grad)
@@ -323,12 +300,10 @@ def _lower_for_h100(fn, *args) -> str:
   return lower_for_gpu(fn, *args, gpu="H100")
 
 
-@pytest.mark.parametrize("kw,n_kernels", [
-    ({}, 3), ({"bwd": "sequential"}, 2), ({"fwd": "chunked"}, 4), ({"bwd_split": True}, 4),
-    ({"group_sum": "atomic"}, 3), ({"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}, 5)])
-def test_kernels_lower_for_the_gpu(kw, n_kernels, monkeypatch):
-  """Forward and backward of each candidate lower to Triton for an H100 (bf16, 2 groups of 2 heads,
-  benchmark head_dim/d_state), with the expected number of kernels."""
+@pytest.mark.parametrize("kw", [{"segments": 2}, {"fwd_block": 32}])
+def test_kernels_lower_for_the_gpu(kw, monkeypatch):
+  """Forward and backward lower to Triton for an H100 (bf16, 2 groups of 2 heads, benchmark
+  head_dim/d_state), both layouts: forward, dS pass and chunk kernel."""
   monkeypatch.setattr(pallas_ssd, "interpret_mode", lambda: False)
   b, l, h, p, g, n = 2, 1024, 4, 64, 2, 128
   sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)   # noqa: E731
@@ -336,16 +311,15 @@ def test_kernels_lower_for_the_gpu(kw, n_kernels, monkeypatch):
           sds(b, l, g, n))
 
   def loss(x, dt, A, B, C):
-    y, s = ssd_pallas(x, dt, A, B, C, return_final_state=True, segments=2, **kw)
+    y, s = ssd_pallas(x, dt, A, B, C, return_final_state=True, **kw)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
 
   txt = _lower_for_h100(jax.grad(loss, argnums=tuple(range(5))), *args)
-  assert txt.count("__gpu$xla.gpu.triton") == n_kernels
+  assert txt.count("__gpu$xla.gpu.triton") == 3
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [{"bwd": "chunked"}, {"bwd": "sequential"},
-                                {"fwd": "chunked", "bwd_split": True, "group_sum": "atomic"}])
+@pytest.mark.parametrize("kw", [{}, {"segments": 2}])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 def test_pallas_on_gpu_matches_reference(dtype, tol, kw):
   a = make(jax.random.PRNGKey(9), b=2, l=500, h=4, p=64, g=2, n=128, dtype=dtype)

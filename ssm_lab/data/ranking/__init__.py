@@ -24,7 +24,7 @@ def build_ranking_task(dataset: str, *, data_dir: str = "", cache_dir: str = "",
   """A `RankingTask` over `dataset` (see ssm_lab/data/ranking/task.py and README.md).
 
   `loss` is "pointwise" (2-class rows, trained by ssm_lab.train), "lce" or "bce" (scalar scores,
-  trained by ssm_lab.rank.finetune). `first_stage` is "bm25" (bm25s over the whole collection, cached) or the name of a run file that
+  trained by ssm_lab.train, kind "group_ranking"). `first_stage` is "bm25" (bm25s over the whole collection, cached) or the name of a run file that
   comes with the collection (for example "bm25_top100" of msmarco-trec-dl20).
   """
   collection = load_collection(dataset, data_dir, layout, topic_field)

@@ -13,10 +13,9 @@ cut), so it is deterministic and resumes at the right place.
 `loss` says how groups are trained. "pointwise" (default) is a 2-class classifier per row, trained by
 `ssm_lab.train`'s cross-entropy. "lce" (localized contrastive estimation, RankMamba's recipe: softmax
 cross-entropy over each group of 1 positive + group_size - 1 negatives) and "bce" (sigmoid
-cross-entropy per row) score each row with one number (`num_classes` 1) and need the group-aware loop
-`ssm_lab.rank.finetune`: their `kind` is "group_ranking", which `ssm_lab.train` refuses with an error
-naming the head. Groups are consecutive rows, the positive first, so batch sizes must be multiples of
-group_size.
+cross-entropy per row) score each row with one number (`num_classes` 1); their `kind` is
+"group_ranking", whose loss `ssm_lab.train` computes group by group. Groups are consecutive rows, the
+positive first, so batch sizes must be multiples of group_size.
 
 `evaluate(score_fn)` re-ranks the first-stage top `rerank_depth` of every eval query by the model's
 score (log-odds of class 1 for a 2-class head) and returns MRR@10, nDCG@10, MAP and R@100, plus the
@@ -186,6 +185,9 @@ class RankingTask:
 
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     n = len(self._eval_data["labels"])
+    if self.loss != "pointwise":  # whole groups only: a grouped loss reads rows group by group
+      n -= n % self.group_size
+      batch_size = max(self.group_size, batch_size - batch_size % self.group_size)
     for start in range(0, n, batch_size):
       yield {k: v[start:start + batch_size] for k, v in self._eval_data.items()}
 

@@ -19,13 +19,12 @@ split is used instead and nothing is cut (`choose_layout`).
 
 Backward (dy, dS_final given). Under the VJP the forward also saves the state each chunk starts from
 ([b, h, chunks, P, N] in the input dtype). Given dS, the gradient reaching a chunk's end state, every
-gradient of the chunk follows from the chunk's own inputs (below). bwd="chunked" (default) gets dS in
-two kernels: a dS pass, one program per (batch, head, segment, block of head_dim rows), walks the
-chunks backwards and stores every chunk's dS_end (float32; its product (exp(acum) dy)^T C does not
-depend on the carry, only the elementwise update does); then one program per (batch, head, chunk),
-all independent, computes the chunk's gradients. bwd="sequential" (the previous kernel) does both in
-one program per (batch, head, segment) that carries dS in registers. The per-chunk algebra, with dS
-updated as the last line:
+gradient of the chunk follows from the chunk's own inputs (below). The backward gets dS in two
+kernels: a dS pass, one program per (batch, head, segment, block of head_dim rows), walks the chunks
+backwards and stores every chunk's dS_end (bfloat16 for bfloat16 inputs, else float32; its product
+(exp(acum) dy)^T C does not depend on the carry, only the elementwise update does); then one program
+per (batch, head, chunk), all independent, computes the chunk's gradients. The per-chunk algebra,
+with dS updated as the last line:
 
   du = (L o C B^T)^T dy + exp(acum_Q - acum) * B dS^T          (dx = dt du + D dy, ddt += x.du)
   dB = (L o dy u^T)^T C + exp(acum_Q - acum) * u dS
@@ -41,12 +40,10 @@ exp(a_{t+1}) S_t>). Summed over the whole sequence instead, these large, cancell
 carried their bf16 rounding into dA (15% error at 2k tokens); the kernel comment says how the in-chunk
 terms keep float32 accuracy. dB and dC leave per head and are summed over each group's heads in XLA.
 
-Candidates (knobs, off by default until measured; benchmarks/NOTES_ssd.md): fwd="chunked" runs the
-forward like the chunked backward, a state pass (one program per (batch, head, segment, head_dim
-block) storing each chunk's start state) then one program per chunk; bwd_split=True gives the
-dx/ddt and the dB/dC/dA halves of the chunk kernel one kernel each (fewer live tiles, inputs read
-twice); group_sum="atomic" adds dB/dC into the group's float32 rows with atomics inside the chunk
-kernel instead of the per-head round trip (summation order then varies run to run).
+One path, no algorithm switches: the alternatives measured against it (a sequential backward
+carrying dS in one program per segment, a chunk-parallel forward, the backward chunk kernel split in
+two, dB/dC summed over a group by float32 atomics, float32 dS_end for bf16 inputs) lost or gained
+nothing reliable; benchmarks/NOTES_ssd.md says where, and the tag `kernel-lab-history` keeps their code.
 
 Shapes inside: head_dim and d_state are zero-padded to powers of two >= 16 (Triton tiles), the length
 to a multiple of Q * segments with dt = 0 tokens, which leave the state untouched.
@@ -77,30 +74,26 @@ MIN_CHUNKS_PER_SEGMENT = 8
 class Config(NamedTuple):
   """Static kernel parameters (hashable: the custom VJP keys on them)."""
   chunk: int
-  segments: int                 # the forward's (and the segment hand-over's) sequence cut
+  segments: int                 # the sequence cut of both passes (and of the segment hand-over)
   rep: int                      # heads per B/C group
   num_warps_fwd: int = 4
-  num_warps_bwd: int = 8
   num_stages_fwd: int = 3       # measured best of 2/3 on the H100 (notes)
-  num_stages_bwd: int = 2       # the backward streams one more tile a chunk (the saved state)
   interpret: bool = False
-  bwd: str = "chunked"          # "chunked" (dS pass + chunk-parallel kernel) or "sequential"
-  ds_block: int = 16            # chunked: head_dim rows per dS-pass program
-  ds_dtype: str = "float32"     # chunked: how dS_end is stored between the passes ("bfloat16": half
-                                # the bytes; ssd_pallas's "auto" picks it for bf16 inputs)
+  ds_block: int = 16            # head_dim rows per dS-pass program
   num_warps_ds: int = 4
   num_stages_ds: int = 3
-  num_warps_chunk: int = 4      # chunked: the per-chunk kernel (many live [Q, N] float32 tiles;
+  num_warps_chunk: int = 4      # the per-chunk backward kernel (many live [Q, N] float32 tiles;
                                 # 4 warps spill but fit two programs an SM: 0.71-0.98 of 8 warps'
-                                # fwd+bwd time on the H200, results/ssd_h200_checks.md)
-  fwd: str = "sequential"       # "sequential" (one program per segment) or "chunked" (state pass,
-                                # then one program per chunk)
-  bwd_split: bool = False       # chunked bwd: dx/ddt and dB/dC/dA in two kernels (fewer live tiles)
-  group_sum: str = "xla"        # chunked bwd: "xla" (per-head dB/dC, summed after) or "atomic"
-                                # (float32 atomic adds into the group's rows inside the kernel)
-  segments_bwd: int = 0         # the backward's sequence cut (dS pass or sequential kernel); 0: as
-                                # `segments`
-  fwd_block: int = 0            # sequential forward: head_dim rows per program (0: all)
+                                # fwd+bwd time on the H200; NOTES_ssd.md)
+  fwd_block: int = 0            # forward: head_dim rows per program (0: all)
+
+
+def _ds_dtype(dtype) -> jnp.dtype:
+  """How dS_end is stored between the backward's two passes: bfloat16 for bfloat16 inputs (half the
+  round trip; with 4-warp chunk programs 0.60-0.68 of the float32 / 8-warp default's fwd+bwd time on
+  the H200, benchmarks/NOTES_ssd.md; dA error vs the float32 chunked op 9.3e-4 .. 1.6e-3 against
+  7.9e-4 .. 1.0e-3 with float32 dS, every other gradient unchanged), float32 otherwise."""
+  return jnp.dtype(jnp.bfloat16) if dtype == jnp.bfloat16 else jnp.dtype(f32)
 
 
 def _next_pow2(n: int) -> int:
@@ -120,23 +113,22 @@ SPLIT_FWD_BLOCK = 32
 
 
 def choose_layout(batch: int, heads: int, n_chunks: int, head_dim: int,
-                  min_programs: int | None = None) -> tuple[int, int, int]:
-  """(segments, segments_bwd, fwd_block) for the default call.
+                  min_programs: int | None = None) -> tuple[int, int]:
+  """(segments, fwd_block) for the default call.
 
   When splitting the sequential forward over head_dim (SPLIT_FWD_BLOCK rows a program) alone brings
   batch * heads * blocks to `min_programs`, no sequence cut is needed in either pass, so the segment
   hand-over (its XLA products, slices, pads and converts) goes away. On the H200 at (8, 2048, 24
   heads, 64, 128) that is 0.920 of the segment-cut default's fwd+bwd time synchronised and 0.956
-  pipelined (benchmarks/results/ssd_h200_fwd_block.md); at the longer shapes the split does not reach
+  pipelined (benchmarks/NOTES_ssd.md); at the longer shapes the split does not reach
   `min_programs` and the cut stays. Otherwise `choose_segments` decides both cuts and each program
   takes all head_dim rows (fwd_block 0). `min_programs` None reads MIN_PROGRAMS at call time.
   """
   min_programs = MIN_PROGRAMS if min_programs is None else min_programs
   if batch * heads < min_programs and head_dim >= 2 * SPLIT_FWD_BLOCK and \
      batch * heads * (head_dim // SPLIT_FWD_BLOCK) >= min_programs:
-    return 1, 1, SPLIT_FWD_BLOCK
-  k = choose_segments(batch, heads, n_chunks, min_programs)
-  return k, k, 0
+    return 1, SPLIT_FWD_BLOCK
+  return choose_segments(batch, heads, n_chunks, min_programs), 0
 
 
 def _dot(a, b, contract, prec):
@@ -186,7 +178,7 @@ def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, gi, t0,
 
 def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref, *st_ref, q, cps,
                 rep, prec, pb, n_pb):
-  # fwd="sequential". st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts
+  # st_ref (only under the VJP): [b, h, chunks, P, N] the state each chunk starts
   # from, for the backward. One program per (batch, head, segment, block of pb head_dim rows): the
   # rows of the state are independent, only C B^T is computed by every block.
   # Statement order as in v3 (the same Triton IR for the same registers).
@@ -211,51 +203,13 @@ def _fwd_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, s0_ref, y_ref, s_ref
   s_ref[bi, hi, ki, cols] = s
 
 
-def _state_kernel(x_ref, dt_ref, ac_ref, b_ref, s_seg_ref, st_ref, s_ref, *, q, cps, rep, prec, pb,
-                  n_pb):
-  # fwd="chunked", pass 1: the forward mirror of the dS pass. One program per (batch, head, segment,
-  # head_dim block) walks the chunks in order and stores the state each chunk starts from; a chunk's
-  # product (exp(acum_Q - acum) u)^T B does not depend on the carry, only the elementwise update does.
-  bi, hi, kp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  ki, p0 = kp // n_pb, pl.multiple_of((kp % n_pb) * pb, pb)
-  gi = hi // rep
-  cd = x_ref.dtype
-  _, is_last = _masks(q)
-
-  def body(c, s):
-    chunk = ki * cps + c
-    t0 = pl.multiple_of(chunk * q, q)
-    st_ref[bi, hi, chunk, pl.ds(p0, pb), :] = s.astype(st_ref.dtype)
-    xs = x_ref[bi, pl.ds(t0, q), hi, pl.ds(p0, pb)]             # [Q, Pb]
-    dts = dt_ref[bi, hi, pl.ds(t0, q)]
-    ac = ac_ref[bi, hi, pl.ds(t0, q)]
-    bs = b_ref[bi, pl.ds(t0, q), gi, :]                         # [Q, N]
-    last = jnp.sum(jnp.where(is_last, ac, 0.0))
-    uw = (xs.astype(f32) * (dts * jnp.exp(last - ac))[:, None]).astype(cd)
-    return jnp.exp(last) * s + _dot(uw, bs, (0, 0), prec)      # [Pb, N]
-
-  s_ref[bi, hi, ki, pl.ds(p0, pb), :] = jax.lax.fori_loop(
-      0, cps, body, s_seg_ref[bi, hi, ki, pl.ds(p0, pb), :])
-
-
-def _out_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, d_ref, st_ref, y_ref, *, q, rep, prec):
-  # fwd="chunked", pass 2: one program per (batch, head, chunk), all independent.
-  bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, st_ref[bi, hi, chunk], bi=bi, hi=hi,
-             gi=hi // rep, t0=pl.multiple_of(chunk * q, q), d_h=d_ref[hi],
-             masks=_masks(q), q=q, prec=prec)
-
-
 def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs, bc_refs, bi, hi,
-                 chunk, ds, d_h, q, rep, prec, atomic=False):
+                 chunk, ds, d_h, q, rep, prec):
   """Gradients of one chunk given ds [P, N], the gradient reaching the chunk's end state (float32, or
   the compute dtype when dS_end was stored in it: then it has no low half to add back).
 
-  Shared by the sequential and the chunk-parallel backward. dx_refs = (dx, ddt, x.dy) and bc_refs =
-  (dB, dC, dA) say which gradients this program computes (None: not this one; bwd_split gives each
-  half its own kernel, which keeps fewer tiles live). `atomic`: dB/dC are added into the group's
-  float32 rows (zero-initialised, shared by the group's heads) instead of stored per head. Returns
-  (dy [Q, P] float32, acum [Q], C [Q, N], acum_Q) for the caller's dS update."""
+  dx_refs = (dx, ddt, x.dy) and bc_refs = (dB, dC, dA), dB/dC per head (summed over each group's
+  heads in XLA afterwards)."""
   gi = hi // rep
   cd = x_ref.dtype
   causal, is_last = _masks(q)
@@ -292,70 +246,42 @@ def _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, *, dx_refs
   # (benchmarks/NOTES_ssd.md).
   cb = _dot(cs, bs, (1, 1), prec)                               # [t, s]
   dus = _dot(bs, ds_cd, (1, 1), prec)                           # [s, p] dS B_s
-  if dx_refs is not None:
-    dx_ref, ddt_ref, xdy_ref = dx_refs
-    du = _dot((cb * decay).astype(cd), dys, (0, 0), prec) + w_end * dus
-    dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
-    ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
-    xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
-  if bc_refs is not None:
-    db_ref, dc_ref, da_ref = bc_refs
-    # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
-    # in sum_{t<s} F_t and in the trace: add back the low bf16 half of dS there (two more products).
-    ds_lo = (ds - ds_cd.astype(f32)).astype(cd) if cd != f32 and ds.dtype == f32 else None
-    f_dot = dus if ds_lo is None else dus + _dot(bs, ds_lo, (1, 1), prec)
-    f_t = w_end[:, 0] * jnp.sum(u * f_dot, axis=1)
-    s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
-    ea = jnp.exp(ac)[:, None]
-    p_ = dus.shape[1]
-    eye = (jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 0)
-           == jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 1))
-    ss0 = _dot(ds_cd, s0, (1, 1), prec)                         # [P, P] dS S0^T
-    if ds_lo is not None:
-      ss0 = ss0 + _dot(ds_lo, s0, (1, 1), prec)
-    s0_term = jnp.exp(last) * jnp.sum(jnp.where(eye, ss0, 0.0))
-    y_t = ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
-    dyu = _dot(dys, u.astype(cd), (1, 1), prec) * decay         # [t, s] L o (dy u^T)
-    w = cb * dyu
-    g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + y_t
-    m2 = dyu.astype(cd)
-    dc = _dot(m2, bs, (1, 0), prec) + _dot((dy_f * ea).astype(cd), s0, (1, 0), prec)
-    if atomic:
-      plt.atomic_add(dc_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, dc_ref.shape[3])), dc)
-    else:
-      dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
-    db = _dot(m2, cs, (0, 0), prec) + _dot((u * w_end).astype(cd), ds_cd, (1, 0), prec)
-    if atomic:
-      plt.atomic_add(db_ref, (bi, pl.ds(t0, q), gi, pl.ds(0, db_ref.shape[3])), db)
-    else:
-      db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
-    # d a_s = sum_{t>=s} g_t + sum_{t<s} F_t + s0_term, from one in-chunk cumsum (Triton has only the
-    # forward scan).
-    da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(g) + s0_term + g - f_t - jnp.cumsum(g - f_t))
-  return dy_f, ac, cs, last
-
-
-def _bwd_seq_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, ds_end_ref,
-                    dx_ref, db_ref, dc_ref, da_ref, ddt_ref, xdy_ref, ds0_ref, *, q, cps, rep, prec):
-  # bwd="sequential": one program per (batch, head, segment) walks the chunks backwards carrying dS.
-  bi, hi, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cd = x_ref.dtype
-  d_h = d_ref[hi]
-
-  def body(c, ds):                                              # ds: grad of the chunk's end state
-    chunk = ki * cps + cps - 1 - c
-    dy_f, ac, cs, last = _chunk_grads(
-        x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=(dx_ref, ddt_ref, xdy_ref),
-        bc_refs=(db_ref, dc_ref, da_ref), bi=bi, hi=hi, chunk=chunk, ds=ds, d_h=d_h, q=q, rep=rep,
-        prec=prec)
-    dyw = (dy_f * jnp.exp(ac)[:, None]).astype(cd)
-    return jnp.exp(last) * ds + _dot(dyw, cs, (0, 0), prec)     # [P, N]: grad of the start state
-
-  ds0_ref[bi, hi, ki] = jax.lax.fori_loop(0, cps, body, ds_end_ref[bi, hi, ki])
+  dx_ref, ddt_ref, xdy_ref = dx_refs
+  du = _dot((cb * decay).astype(cd), dys, (0, 0), prec) + w_end * dus
+  dx_ref[bi, pl.ds(t0, q), hi, :] = (du * dts[:, None] + d_h * dy_f).astype(dx_ref.dtype)
+  ddt_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(du * xf, axis=1)
+  xdy_ref[bi, hi, pl.ds(t0, q)] = jnp.sum(xf * dy_f, axis=1)
+  db_ref, dc_ref, da_ref = bc_refs
+  # dS rounded to bf16 is one error shared by every token of the chunk, so it adds up coherently
+  # in sum_{t<s} F_t and in the trace: add back the low bf16 half of dS there (two more products).
+  ds_lo = (ds - ds_cd.astype(f32)).astype(cd) if cd != f32 and ds.dtype == f32 else None
+  f_dot = dus if ds_lo is None else dus + _dot(bs, ds_lo, (1, 1), prec)
+  f_t = w_end[:, 0] * jnp.sum(u * f_dot, axis=1)
+  s0 = st_ref[bi, hi, chunk]                                  # [P, N] state the chunk starts from
+  ea = jnp.exp(ac)[:, None]
+  p_ = dus.shape[1]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (p_, p_), 1))
+  ss0 = _dot(ds_cd, s0, (1, 1), prec)                         # [P, P] dS S0^T
+  if ds_lo is not None:
+    ss0 = ss0 + _dot(ds_lo, s0, (1, 1), prec)
+  s0_term = jnp.exp(last) * jnp.sum(jnp.where(eye, ss0, 0.0))
+  y_t = ea[:, 0] * jnp.sum(dy_f * _dot(cs, s0, (1, 1), prec), axis=1)
+  dyu = _dot(dys, u.astype(cd), (1, 1), prec) * decay         # [t, s] L o (dy u^T)
+  w = cb * dyu
+  g = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + y_t
+  m2 = dyu.astype(cd)
+  dc = _dot(m2, bs, (1, 0), prec) + _dot((dy_f * ea).astype(cd), s0, (1, 0), prec)
+  dc_ref[bi, pl.ds(t0, q), hi, :] = dc.astype(dc_ref.dtype)
+  db = _dot(m2, cs, (0, 0), prec) + _dot((u * w_end).astype(cd), ds_cd, (1, 0), prec)
+  db_ref[bi, pl.ds(t0, q), hi, :] = db.astype(db_ref.dtype)
+  # d a_s = sum_{t>=s} g_t + sum_{t<s} F_t + s0_term, from one in-chunk cumsum (Triton has only the
+  # forward scan).
+  da_ref[bi, hi, pl.ds(t0, q)] = (jnp.sum(g) + s0_term + g - f_t - jnp.cumsum(g - f_t))
 
 
 def _ds_kernel(dy_ref, ac_ref, c_ref, ds_end_ref, dse_ref, ds0_ref, *, q, cps, rep, prec, pb, n_pb):
-  # bwd="chunked", pass 1: one program per (batch, head, segment, head_dim block) walks the chunks
+  # Backward pass 1: one program per (batch, head, segment, head_dim block) walks the chunks
   # backwards and writes dS_end, the gradient reaching each chunk's end state. The product of a chunk
   # does not depend on the carry (only the elementwise update does), so loads and products of chunk
   # c-1 can overlap the update of chunk c.
@@ -380,23 +306,13 @@ def _ds_kernel(dy_ref, ac_ref, c_ref, ds_end_ref, dse_ref, ds0_ref, *, q, cps, r
       0, cps, body, ds_end_ref[bi, hi, ki, pl.ds(p0, pb), :])
 
 
-def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, dse_ref, *refs, q,
-                      rep, prec, part, atomic):
-  # bwd="chunked", pass 2: one program per (batch, head, chunk), all independent. part: "all" (refs
-  # = dx, dB, dC, dA, ddt, x.dy), "dx" (dx, ddt, x.dy) or "bc" (dB, dC, dA); under `atomic` the
-  # zero-initialised dB/dC inputs come first in refs and alias the dB/dC outputs.
+def _bwd_chunk_kernel(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, d_ref, st_ref, dse_ref, dx_ref,
+                      db_ref, dc_ref, da_ref, ddt_ref, xdy_ref, *, q, rep, prec):
+  # Backward pass 2: one program per (batch, head, chunk), all independent.
   bi, hi, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  if atomic and part != "dx":
-    refs = refs[2:]
-  if part == "all":
-    dx_refs, bc_refs = (refs[0], refs[4], refs[5]), (refs[1], refs[2], refs[3])
-  elif part == "dx":
-    dx_refs, bc_refs = refs, None
-  else:
-    dx_refs, bc_refs = None, refs
-  _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=dx_refs, bc_refs=bc_refs,
-               bi=bi, hi=hi, chunk=chunk, ds=dse_ref[bi, hi, chunk], d_h=d_ref[hi], q=q, rep=rep,
-               prec=prec, atomic=atomic)
+  _chunk_grads(x_ref, dt_ref, ac_ref, b_ref, c_ref, dy_ref, st_ref, dx_refs=(dx_ref, ddt_ref, xdy_ref),
+               bc_refs=(db_ref, dc_ref, da_ref), bi=bi, hi=hi, chunk=chunk, ds=dse_ref[bi, hi, chunk],
+               d_h=d_ref[hi], q=q, rep=rep, prec=prec)
 
 
 # ------------------------------------------------------------------------------ pallas_call wrappers
@@ -427,7 +343,7 @@ def _common(x, dt, A, cfg):
 def _segment_decays(ac_t, cfg, k):
   """exp(sum of a over each segment) [b, K, h] from the in-chunk cumsums' chunk ends. (Summing a
   [b, Lp, h] over the token axis directly made XLA emit a 16-block column reduction: 57 us at
-  (8, 2048, 24 heads) on the H200, results/ncu_ssd_h200.md.)"""
+  (8, 2048, 24 heads) on the H200 by Nsight Compute; benchmarks/NOTES_ssd.md.)"""
   b, h, lp = ac_t.shape
   ends = ac_t[:, :, cfg.chunk - 1::cfg.chunk].reshape(b, h, k, -1)
   return jnp.exp(jnp.swapaxes(ends.sum(-1), 1, 2))
@@ -459,7 +375,7 @@ def _segment_starts(x, dt, a, ac_t, B, s0, cfg):
 
 def _segment_grad_ends(dy, a, ac_t, C, ds_final, cfg):
   """Gradient reaching each segment's end state from later tokens: [b, h, K, P, N] float32."""
-  k = cfg.segments_bwd or cfg.segments
+  k = cfg.segments
   b, lp, h, p = dy.shape
   g, n = C.shape[2:]
   if k == 1:
@@ -488,20 +404,6 @@ def _forward(x, dt, A, B, C, D, s0, cfg, save_states):
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   s_seg = _segment_starts(x, dt, a, ac_t, B, s0, cfg)
   prec = _prec(x.dtype)
-  if cfg.fwd == "chunked":
-    # The states are stored either way (the output pass reads them), so the VJP saves them for free.
-    pb = min(cfg.ds_block, p)
-    n_pb = p // pb
-    kern = functools.partial(_state_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
-                             n_pb=n_pb)
-    states, s_end = _call(
-        kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
-        (jax.ShapeDtypeStruct((b, h, k * cps, p, n), x.dtype),
-         jax.ShapeDtypeStruct((b, h, k, p, n), f32)), x, dt_t, ac_t, B, s_seg)
-    kern = functools.partial(_out_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec)
-    y = _call(kern, cfg, cfg.num_warps_fwd, cfg.num_stages_fwd, (b, h, k * cps),
-              jax.ShapeDtypeStruct(x.shape, x.dtype), x, dt_t, ac_t, B, C, D, states)
-    return y, s_end[:, :, -1], (states if save_states else None)
   pb = min(cfg.fwd_block or p, p)
   kern = functools.partial(_fwd_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
                            n_pb=p // pb)
@@ -529,56 +431,33 @@ def _core_bwd(cfg, res, cts):
   dy, ds_final = cts
   b, lp, h, p = x.shape
   g, n = B.shape[2:]
-  k = cfg.segments_bwd or cfg.segments
+  k = cfg.segments
   cps = lp // (cfg.chunk * k)
   a, dt_t, ac_t = _common(x, dt, A, cfg)
   dy = dy.astype(x.dtype)
   ds_end = _segment_grad_ends(dy, a, ac_t, C, ds_final.astype(f32), cfg)
   # Per-head dB/dC: float32 when nothing is summed afterwards, else the compute dtype (the f32 sum over
   # a group's heads then rounds once, and the round trip moves half the bytes).
-  atomic = cfg.group_sum == "atomic" and cfg.bwd == "chunked"
-  part = f32 if (cfg.rep == 1 or x.dtype == f32 or atomic) else x.dtype
+  part = f32 if (cfg.rep == 1 or x.dtype == f32) else x.dtype
   vec = jax.ShapeDtypeStruct((b, h, lp), f32)
   grads = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, lp, h, n), part),
            jax.ShapeDtypeStruct((b, lp, h, n), part), vec, vec, vec)
   ds_seg = jax.ShapeDtypeStruct((b, h, k, p, n), f32)
   prec = _prec(x.dtype)
-  if cfg.bwd == "sequential":
-    kern = functools.partial(_bwd_seq_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec)
-    dx, db_h, dc_h, da, ddt_u, xdy, ds_start = _call(
-        kern, cfg, cfg.num_warps_bwd, cfg.num_stages_bwd, (b, h, k), (*grads, ds_seg),
-        x, dt_t, ac_t, B, C, dy, D, states, ds_end)
-  else:
-    pb = min(cfg.ds_block, p)
-    n_pb = p // pb
-    kern = functools.partial(_ds_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
-                             n_pb=n_pb)
-    ds_chunks, ds_start = _call(
-        kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
-        (jax.ShapeDtypeStruct((b, h, k * cps, p, n), jnp.dtype(cfg.ds_dtype)), ds_seg),
-        dy, ac_t, C, ds_end)
-    ins = (x, dt_t, ac_t, B, C, dy, D, states, ds_chunks)
-    # atomic: dB/dC are [b, lp, g, n] float32 rows every head of a group adds into, zero to start.
-    zeros = (jnp.zeros((b, lp, g, n), f32),) * 2 if atomic else ()
-    bc_out = (jax.ShapeDtypeStruct((b, lp, g, n), f32),) * 2 if atomic else grads[1:3]
-    kern = lambda part: functools.partial(_bwd_chunk_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec,
-                                          part=part, atomic=atomic)
-    grid = (b, h, k * cps)
-    if cfg.bwd_split:
-      dx, ddt_u, xdy = _call(kern("dx"), cfg, cfg.num_warps_chunk, 1, grid,
-                             (grads[0], vec, vec), *ins)
-      db_h, dc_h, da = _call(kern("bc"), cfg, cfg.num_warps_chunk, 1, grid, (*bc_out, vec),
-                             *ins, *zeros, aliases={9: 0, 10: 1} if atomic else None)
-    else:
-      dx, db_h, dc_h, da, ddt_u, xdy = _call(
-          kern("all"), cfg, cfg.num_warps_chunk, 1, grid, (grads[0], *bc_out, *grads[3:]), *ins,
-          *zeros, aliases={9: 1, 10: 2} if atomic else None)
+  pb = min(cfg.ds_block, p)
+  n_pb = p // pb
+  kern = functools.partial(_ds_kernel, q=cfg.chunk, cps=cps, rep=cfg.rep, prec=prec, pb=pb,
+                           n_pb=n_pb)
+  ds_chunks, ds_start = _call(
+      kern, cfg, cfg.num_warps_ds, cfg.num_stages_ds, (b, h, k * n_pb),
+      (jax.ShapeDtypeStruct((b, h, k * cps, p, n), _ds_dtype(x.dtype)), ds_seg),
+      dy, ac_t, C, ds_end)
+  kern = functools.partial(_bwd_chunk_kernel, q=cfg.chunk, rep=cfg.rep, prec=prec)
+  dx, db_h, dc_h, da, ddt_u, xdy = _call(kern, cfg, cfg.num_warps_chunk, 1, (b, h, k * cps), grads,
+                                         x, dt_t, ac_t, B, C, dy, D, states, ds_chunks)
   ddt = jnp.swapaxes(ddt_u + da * A[None, :, None], 1, 2)          # [b, lp, h]
   dA = jnp.sum(da * dt_t, axis=(0, 2))
-  if atomic:
-    group_sum = lambda t: t.astype(B.dtype)                         # already summed in the kernel
-  else:
-    group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
+  group_sum = lambda t: t.astype(f32).reshape(b, lp, g, cfg.rep, n).sum(3).astype(B.dtype)
   dD = jnp.sum(xdy, axis=(0, 2))
   return (dx, ddt.astype(dt.dtype), dA.astype(A.dtype), group_sum(db_h), group_sum(dc_h),
           dD.astype(D.dtype), ds_start[:, :, 0])
@@ -593,70 +472,37 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
                D: jax.Array | None = None, dt_bias: jax.Array | None = None,
                dt_softplus: bool = False, chunk_size: int | None = None,
                initial_state: jax.Array | None = None, return_final_state: bool = False,
-               segments: int | None = None, segments_bwd: int | None = None,
-               num_warps_fwd: int = 4, num_warps_bwd: int = 8,
-               num_stages_fwd: int = 3, num_stages_bwd: int = 2, bwd: str = "chunked",
-               ds_block: int = 16, ds_dtype: str = "auto", num_warps_ds: int = 4,
-               num_stages_ds: int = 3, num_warps_chunk: int = 4, fwd: str = "sequential",
-               bwd_split: bool = False, group_sum: str = "xla", fwd_block: int | None = None,
+               segments: int | None = None, fwd_block: int | None = None,
+               num_warps_fwd: int = 4, num_stages_fwd: int = 3, ds_block: int = 16,
+               num_warps_ds: int = 4, num_stages_ds: int = 3, num_warps_chunk: int = 4,
                interpret: bool | None = None) -> Any:
   """The SSD contract of `ssm_lab.ops.ssd` (validated there) on the Pallas kernels.
 
-  Extra knobs (for benchmarks; defaults are what `impl="pallas"` uses): `segments` (None: from
-  `choose_layout` when `segments`, `segments_bwd` and `fwd_block` are all None and fwd is
-  "sequential", else from `choose_segments`), `segments_bwd` (the backward's cut; None: as
-  `segments`, or from `choose_segments` for bwd="sequential" under `choose_layout`), Triton
-  `num_warps_*` / `num_stages_*`, `bwd` ("chunked": dS pass then one
-  program per chunk; "sequential": one program per segment carrying dS), `ds_block` (head_dim rows
-  per dS-pass program, a power of two >= 16), `ds_dtype` ("float32" or "bfloat16": dS_end between
-  the two passes; "auto": bfloat16 for bfloat16 x, float32 otherwise), `fwd` ("sequential": one
-  program per segment; "chunked": a state pass like the dS pass, then one program per chunk),
-  `bwd_split` (chunked backward: dx/ddt and dB/dC/dA in two kernels), `group_sum` ("xla": per-head
-  dB/dC summed over each group afterwards; "atomic": float32 atomic adds into the group's rows in
-  the chunked backward, order-dependent rounding), `fwd_block` (sequential forward: head_dim rows
-  per program, a power of two >= 16; None: from `choose_layout`, see `segments`),
-  `interpret` (None: on when no GPU).
+  The rest are layout and tiling parameters of the one set of kernels, for benchmarks (the defaults
+  are what `impl="pallas"` uses): `segments` and `fwd_block` (the sequence cut of both passes, and
+  head_dim rows per forward program, a power of two >= 16; both None: from `choose_layout`; one
+  given: the other from `choose_segments` / 0), Triton `num_warps_*` / `num_stages_*` of the forward,
+  the dS pass and the chunk kernel, `ds_block` (head_dim rows per dS-pass program, a power of two
+  >= 16), `interpret` (None: on when no GPU).
   """
-  if bwd not in ("chunked", "sequential"):
-    raise ValueError(f"bwd must be 'chunked' or 'sequential', got {bwd!r}")
   if ds_block < 16 or ds_block & (ds_block - 1):
     raise ValueError(f"ds_block must be a power of two >= 16, got {ds_block}")
   if fwd_block is not None and (fwd_block < 16 or fwd_block & (fwd_block - 1)):
     raise ValueError(f"fwd_block must be a power of two >= 16, got {fwd_block}")
-  if ds_dtype not in ("auto", "float32", "bfloat16"):
-    raise ValueError(f"ds_dtype must be 'auto', 'float32' or 'bfloat16', got {ds_dtype!r}")
-  if ds_dtype == "auto":
-    # bf16 dS_end halves the round trip between the backward's two passes: with num_warps_chunk=4,
-    # 0.60-0.68 of the old default's (float32 dS, 8 warps) fwd+bwd time on the H200
-    # (benchmarks/results/ssd_h200_defaults.md); bf16 inputs' dA error vs the float32 chunked op
-    # 9.3e-4 .. 1.6e-3 at (8, 2048) .. (1, 65536) (float32 dS: 7.9e-4 .. 1.0e-3; ssd_h200_w4_grid.md),
-    # every other gradient unchanged. float32 inputs keep float32 dS.
-    ds_dtype = "bfloat16" if x.dtype == jnp.bfloat16 else "float32"
-  if fwd not in ("chunked", "sequential"):
-    raise ValueError(f"fwd must be 'chunked' or 'sequential', got {fwd!r}")
-  if group_sum not in ("xla", "atomic"):
-    raise ValueError(f"group_sum must be 'xla' or 'atomic', got {group_sum!r}")
-  if group_sum == "atomic" and bwd != "chunked":
-    raise ValueError(f"group_sum='atomic' needs bwd='chunked', got bwd={bwd!r}")
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2], B.shape[3]
   q = chunk_size or DEFAULT_CHUNK
   n_chunks = -(-length // q)
   pp, nn = max(16, _next_pow2(head_dim)), max(16, _next_pow2(d_state))
-  if segments is None and segments_bwd is None and fwd_block is None and fwd == "sequential":
-    k, kb, fwd_block = choose_layout(batch, heads, n_chunks, pp)
-    if bwd == "sequential":                       # one program per segment: the split is no use there
-      kb = choose_segments(batch, heads, n_chunks)
+  if segments is None and fwd_block is None:
+    k, fwd_block = choose_layout(batch, heads, n_chunks, pp)
   else:
     k = segments or choose_segments(batch, heads, n_chunks)
-    kb = segments_bwd or segments or choose_segments(batch, heads, n_chunks)
-  lp = -(-n_chunks // max(k, kb)) * max(k, kb) * q
+  lp = -(-n_chunks // k) * k * q
   cfg = Config(chunk=q, segments=k, rep=heads // groups, num_warps_fwd=num_warps_fwd,
-               num_warps_bwd=num_warps_bwd, num_stages_fwd=num_stages_fwd,
-               num_stages_bwd=num_stages_bwd, bwd=bwd, ds_block=ds_block, ds_dtype=ds_dtype,
-               num_warps_ds=num_warps_ds, num_stages_ds=num_stages_ds,
-               num_warps_chunk=num_warps_chunk, fwd=fwd, bwd_split=bwd_split, group_sum=group_sum,
-               segments_bwd=kb, fwd_block=fwd_block or 0,
+               num_stages_fwd=num_stages_fwd, ds_block=ds_block, num_warps_ds=num_warps_ds,
+               num_stages_ds=num_stages_ds, num_warps_chunk=num_warps_chunk,
+               fwd_block=fwd_block or 0,
                interpret=interpret_mode() if interpret is None else interpret)
 
   # Matrix products run in x's dtype; B and C are cast once here, not per program.
