@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         row["loop_s"] = loop_case(configs)
       rows.append(row)
       print(json.dumps(row), flush=True)
+      table = write(args, meta, rows)  # after every case: a run cut short keeps what it measured
+  print(table)
+  return 0
+
+
+def write(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
   with open(os.path.join(args.out, "population.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=2)
   r, n = args.members, args.steps
@@ -188,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
   table = "\n".join(lines) + "\n"
   with open(os.path.join(args.out, "population.md"), "w") as f:
     f.write(table)
-  print(table)
-  return 0
+  return table
 
 
 if __name__ == "__main__":
