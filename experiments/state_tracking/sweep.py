@@ -41,6 +41,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(d_model=64, lengths=[4, 8], max_depth=2, num_steps=300, batch_size=32,
                 lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
                 models=["transformer", "mamba"]),
+    # More steps on CPU, with the LSTM baseline: lengths 8 and 16, depths 1-2.
+    "cpu2": dict(d_model=64, lengths=[8, 16], max_depth=2, num_steps=1500, batch_size=64,
+                 lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
+                 models=["transformer", "mamba", "lstm"]),
 }
 SMOKE = dict(d_model=16, lengths=[4], max_depth=2, num_steps=4, batch_size=8, lr=1e-2,
              eval_examples=16, segments=1)
