@@ -30,7 +30,7 @@ MODELS: dict[str, tuple[str, dict[str, dict]]] = {
     "mamba2_n128": ("SS", {"mamba2": dict(d_state=128, expand=2)}),
     "hybrid": ("AM", {"attention": dict(num_heads=1, num_kv_heads=1),
                       "mamba": dict(d_state=16, expand=2)}),
-    "hyena": ("HH", {}),  # gated convolution; trained once the "H" mixer exists
+    "hyena": ("HH", {}),  # Hyena order 2, the gated-convolution family
 }
 
 

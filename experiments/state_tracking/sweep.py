@@ -24,7 +24,7 @@ THRESHOLD = 0.9
 GROUPS = ["S5", "A5", "Z60"]
 
 # name -> (mixer config group, block_mlp, deepest model tried). The LSTM is a recurrent baseline at
-# one layer only; it joins once a mixer with config group "lstm" is registered.
+# one layer only.
 MODELS: dict[str, tuple[str, bool, int]] = {
     "transformer": ("attention", True, 8),
     "mamba": ("mamba", False, 8),

@@ -8,8 +8,8 @@ Induction heads (Table 2): 2-layer models trained at length 256, then tested at 
 by the run's `evaluate` (a few sequences per length; a length that runs out of memory ends that
 model's sweep and is recorded, not failed). Run names `induction-<model>`.
 
-Mixers still being added (S4D, Hyena) are looked up by config group; their rows are left out until
-the mixer is registered.
+Mixers are looked up by config group (S4D: `s4d`, Hyena: `hyena`); a row whose mixer is not
+registered is left out.
 """
 
 from __future__ import annotations
