@@ -43,7 +43,6 @@ import time
 import traceback
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

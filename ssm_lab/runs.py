@@ -53,6 +53,12 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   task = make_task(config.task)
   model = build_model(config.model, vocab_size=task.vocab_size,
                       num_classes=getattr(task, "num_classes", 0) or None)
+  step, params = restore_params(workdir, step)
+  return Run(workdir, config, model, params, step, task)
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, parameters) of the run in `workdir` at checkpoint `step` (default: the latest)."""
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
   try:
     step = mngr.latest_step() if step is None else step
@@ -61,4 +67,4 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   finally:
     mngr.close()
-  return Run(workdir, config, model, restored["state"]["params"], int(step), task)
+  return int(step), restored["state"]["params"]

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 

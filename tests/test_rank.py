@@ -160,7 +160,6 @@ def _cli(*args, env=None):
 
 def test_cli_end_to_end_and_errors(collection, tmp_path):
   config = tiny_config("lce")
-  task = task_of(config)
   finetune(config, tmp_path / "ft")
   qrels = collection / "qrels" / "test.tsv"
   base = ["--checkpoint", str(tmp_path / "ft"), "--queries", str(collection / "queries.jsonl"),

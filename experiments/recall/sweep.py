@@ -10,8 +10,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from ssm_lab.config import base_config
-from ssm_lab.experiments import Run, available_letters, best_over, markdown_table, pivot, set_mixer
+from ssm_lab.experiments import (Run, available_letters, best_over, markdown_table, pivot,
+                                 sweep_config)
 
 # (seq_len, num_kv_pairs) and the batch size Zoology uses at that length.
 SETTINGS = [(64, 4), (128, 8), (256, 16), (512, 64)]
@@ -30,7 +30,7 @@ MODELS: dict[str, tuple[str, dict[str, dict]]] = {
     "mamba2_n128": ("SS", {"mamba2": dict(d_state=128, expand=2)}),
     "hybrid": ("AM", {"attention": dict(num_heads=1, num_kv_heads=1),
                       "mamba": dict(d_state=16, expand=2)}),
-    "hyena": ("HH", {}),  # gated convolution; trained once the "H" mixer exists
+    "hyena": ("HH", {}),  # Hyena order 2, the gated-convolution family
 }
 
 
@@ -47,28 +47,10 @@ def make_config(seq_len: int, num_kv_pairs: int, d_model: int, model: str, lr: f
   pattern, mixers = MODELS[model]
   batch_size = batch_size or BATCH[seq_len]
   num_steps = num_steps or EPOCHS * TRAIN_EXAMPLES // batch_size
-  config = base_config()
-  config.task = ml_collections.ConfigDict(dict(
-      name="mqar", vocab_size=vocab, seq_len=seq_len, num_kv_pairs=num_kv_pairs, power_a=0.01,
-      seed=0, num_eval_examples=eval_examples))
-  config.model.pattern = pattern
-  config.model.block_mlp = False
-  config.model.d_model = d_model
-  for group, fields in mixers.items():
-    set_mixer(config, group, **fields)
-  if "S" in pattern:
-    set_mixer(config, "mamba2", head_dim=min(64, 2 * d_model))
-  t = config.train
-  t.batch_size = batch_size
-  t.num_steps = num_steps
-  t.learning_rate = lr
-  t.warmup_steps = min(100, num_steps // 10)
-  t.eval_every = max(1, num_steps // segments)
-  t.checkpoint_every = t.eval_every
-  t.keep_checkpoints = 1
-  t.log_every = min(100, num_steps)
-  t.progress_bar = False
-  return config
+  task = dict(name="mqar", vocab_size=vocab, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
+              power_a=0.01, seed=0, num_eval_examples=eval_examples)
+  return sweep_config(task, pattern=pattern, d_model=d_model, mixers=mixers, batch_size=batch_size,
+                      num_steps=num_steps, learning_rate=lr, segments=segments)
 
 
 def runs(smoke: bool = False) -> list[Run]:

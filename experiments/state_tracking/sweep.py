@@ -17,15 +17,14 @@ from typing import Any, Callable
 
 import ml_collections
 
-from ssm_lab.config import base_config
-from ssm_lab.experiments import Run, markdown_table, pivot, set_mixer
+from ssm_lab.experiments import Run, markdown_table, pivot, sweep_config
 from ssm_lab.experiments.study import letter_of, scored_accuracy
 
 THRESHOLD = 0.9
 GROUPS = ["S5", "A5", "Z60"]
 
 # name -> (mixer config group, block_mlp, deepest model tried). The LSTM is a recurrent baseline at
-# one layer only; it joins once a mixer with config group "lstm" is registered.
+# one layer only.
 MODELS: dict[str, tuple[str, bool, int]] = {
     "transformer": ("attention", True, 8),
     "mamba": ("mamba", False, 8),
@@ -42,6 +41,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(d_model=64, lengths=[4, 8], max_depth=2, num_steps=300, batch_size=32,
                 lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
                 models=["transformer", "mamba"]),
+    # More steps on CPU, with the LSTM baseline: lengths 8 and 16, depths 1-2.
+    "cpu2": dict(d_model=64, lengths=[8, 16], max_depth=2, num_steps=1500, batch_size=64,
+                 lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
+                 models=["transformer", "mamba", "lstm"]),
 }
 SMOKE = dict(d_model=16, lengths=[4], max_depth=2, num_steps=4, batch_size=8, lr=1e-2,
              eval_examples=16, segments=1)
@@ -61,27 +64,11 @@ def make_config(group: str, length: int, model: str, depth: int, *, d_model: int
   if letter is None:
     raise KeyError(f"state_tracking: model {model!r} needs the mixer group {mixer!r}, which no "
                    f"registered mixer has")
-  config = base_config()
-  config.task = ml_collections.ConfigDict(dict(
-      name="word_problem", group=group, seq_len=length, seed=0, num_eval_examples=eval_examples,
-      eval_seq_len=0))
-  m = config.model
-  m.pattern = letter * depth
-  m.d_model = d_model
-  m.block_mlp = block_mlp
-  if mixer == "mamba2":
-    set_mixer(config, "mamba2", head_dim=min(64, 2 * d_model))
-  t = config.train
-  t.batch_size = batch_size
-  t.num_steps = num_steps
-  t.learning_rate = lr
-  t.warmup_steps = min(100, num_steps // 10)
-  t.eval_every = max(1, num_steps // segments)
-  t.checkpoint_every = t.eval_every
-  t.keep_checkpoints = 1
-  t.log_every = min(100, num_steps)
-  t.progress_bar = False
-  return config
+  task = dict(name="word_problem", group=group, seq_len=length, seed=0,
+              num_eval_examples=eval_examples, eval_seq_len=0)
+  return sweep_config(task, pattern=letter * depth, d_model=d_model, block_mlp=block_mlp,
+                      batch_size=batch_size, num_steps=num_steps, learning_rate=lr,
+                      segments=segments)
 
 
 def with_depth(config: ml_collections.ConfigDict, depth: int) -> ml_collections.ConfigDict:

@@ -8,8 +8,8 @@ Induction heads (Table 2): 2-layer models trained at length 256, then tested at 
 by the run's `evaluate` (a few sequences per length; a length that runs out of memory ends that
 model's sweep and is recorded, not failed). Run names `induction-<model>`.
 
-Mixers still being added (S4D, Hyena) are looked up by config group; their rows are left out until
-the mixer is registered.
+Mixers are looked up by config group (S4D: `s4d`, Hyena: `hyena`); a row whose mixer is not
+registered is left out.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from ssm_lab.config import base_config
-from ssm_lab.experiments import Run, markdown_table, set_mixer
+from ssm_lab.experiments import Run, markdown_table, sweep_config
 from ssm_lab.experiments.study import is_out_of_memory, letter_of, scored_accuracy
 
 D_MODEL = 64
@@ -82,30 +81,10 @@ def induction_models() -> dict[str, tuple[tuple[str, ...], dict[str, dict]]]:
 def _base(pattern: str, mixers: dict[str, dict], task: dict[str, Any], *, batch_size: int,
           num_steps: int, lr: float, segments: int, constant_lr: bool
           ) -> ml_collections.ConfigDict:
-  config = base_config()
-  config.task = ml_collections.ConfigDict(task)
-  config.model.pattern = pattern
-  config.model.d_model = D_MODEL
-  config.model.block_mlp = False
-  for group, fields in mixers.items():
-    set_mixer(config, group, **fields)
-  if "mamba2" in mixers:
-    set_mixer(config, "mamba2", head_dim=min(64, 2 * D_MODEL))
-  t = config.train
-  t.batch_size = batch_size
-  t.num_steps = num_steps
-  t.learning_rate = lr
-  if constant_lr:  # the paper's constant rate: no warmup, no decay
-    t.warmup_steps = 0
-    t.min_lr_ratio = 1.0
-  else:
-    t.warmup_steps = min(500, num_steps // 10)
-  t.eval_every = max(1, num_steps // segments)
-  t.checkpoint_every = t.eval_every
-  t.keep_checkpoints = 1
-  t.log_every = min(100, num_steps)
-  t.progress_bar = False
-  return config
+  # constant_lr: the paper's constant rate, no warmup and no decay.
+  return sweep_config(task, pattern=pattern, d_model=D_MODEL, mixers=mixers, batch_size=batch_size,
+                      num_steps=num_steps, learning_rate=lr, warmup_steps=min(500, num_steps // 10),
+                      constant_lr=constant_lr, segments=segments)
 
 
 def copy_config(model: str, lr: float, **over: Any) -> ml_collections.ConfigDict:

@@ -145,6 +145,41 @@ def available_letters() -> set[str]:
   return set(registry.letters())
 
 
+def sweep_config(task: dict[str, Any], *, pattern: str, d_model: int, batch_size: int,
+                 num_steps: int, learning_rate: float, block_mlp: bool = False,
+                 mixers: dict[str, dict[str, Any]] | None = None, warmup_steps: int | None = None,
+                 constant_lr: bool = False, segments: int = 1) -> ml_collections.ConfigDict:
+  """One study run's config: `ssm_lab.config.base_config()` with `task`, the model (`pattern`,
+  `d_model`, mixer group fields), and a quiet schedule evaluated and checkpointed `segments` times
+  (the runner's early-stop checks) keeping one checkpoint.
+
+  Warmup defaults to a tenth of the steps (at most 100); `constant_lr` holds the rate with no warmup
+  and no decay. Mamba-2 blocks get head_dim min(64, 2 * d_model) unless `mixers` sets it.
+  """
+  from ssm_lab.config import base_config  # noqa: PLC0415
+
+  config = base_config()
+  config.task = ml_collections.ConfigDict(task)
+  m = config.model
+  m.pattern, m.d_model, m.block_mlp = pattern, d_model, block_mlp
+  if (letter_of("mamba2") or "?") in pattern and "head_dim" not in (mixers or {}).get("mamba2", {}):
+    set_mixer(config, "mamba2", head_dim=min(64, 2 * d_model))
+  for group, fields in (mixers or {}).items():
+    set_mixer(config, group, **fields)
+  t = config.train
+  t.batch_size, t.num_steps, t.learning_rate = batch_size, num_steps, learning_rate
+  if constant_lr:
+    t.warmup_steps, t.min_lr_ratio = 0, 1.0
+  else:
+    t.warmup_steps = min(100, num_steps // 10) if warmup_steps is None else warmup_steps
+  t.eval_every = max(1, num_steps // segments)
+  t.checkpoint_every = t.eval_every
+  t.keep_checkpoints = 1
+  t.log_every = min(100, num_steps)
+  t.progress_bar = False
+  return config
+
+
 def set_mixer(config: ml_collections.ConfigDict, group: str, **fields: Any) -> None:
   """Sets fields of a mixer's config group, e.g. `set_mixer(cfg, "mamba2", d_state=64)`; a group or
   field the schema does not have raises KeyError naming it."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_lab.data.ranking.task import encode_pair, model_scores
+from ssm_lab.data.ranking.task import model_scores, pack_pairs
 from ssm_lab.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_file
 
 
@@ -61,17 +61,9 @@ class Scorer:
 
   def encode(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """inputs [n, seq_len] int32 and pad_mask [n, seq_len] for (query text, document text) pairs."""
-    tok = self.tokenizer
-    queries = self._tokens([q for q, _ in pairs])
-    docs = self._tokens([d for _, d in pairs])
-    inputs = np.full((len(pairs), self.seq_len), tok.pad_id, np.int32)
-    mask = np.zeros((len(pairs), self.seq_len), np.float32)
-    for row, (q, d) in enumerate(zip(queries, docs, strict=True)):
-      seq = encode_pair(q, d, sep_id=tok.sep_id, eos_id=tok.eos_id, seq_len=self.seq_len,
-                        max_query_len=self.max_query_len)
-      inputs[row, :len(seq)] = seq
-      mask[row, :len(seq)] = 1.0
-    return inputs, mask
+    return pack_pairs(self._tokens([q for q, _ in pairs]), self._tokens([d for _, d in pairs]),
+                      tokenizer=self.tokenizer, seq_len=self.seq_len,
+                      max_query_len=self.max_query_len)
 
   def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
     """Scores [len(pairs)] float64, computed in fixed-size batches (the last one padded)."""
@@ -92,9 +84,9 @@ class Scorer:
                    seq_len: int | None = None) -> "Scorer":
     """The latest (or `step`) checkpoint of an ssm_lab run directory with a classifier head."""
     import ml_collections  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
 
     from ssm_lab.models import build_model  # noqa: PLC0415
+    from ssm_lab.runs import restore_params  # noqa: PLC0415
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
@@ -116,15 +108,8 @@ class Scorer:
     num_classes = config.model.num_classes or (1 if task.get("loss", "pointwise") != "pointwise"
                                                else 2)
     model = build_model(config.model, vocab_size=tokenizer.vocab_size, num_classes=num_classes)
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-    try:
-      step = mngr.latest_step() if step is None else step
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-      mngr.close()
-    return cls(model, restored["state"]["params"], tokenizer,
+    _, params = restore_params(workdir, step)
+    return cls(model, params, tokenizer,
                seq_len=seq_len or int(task.get("seq_len", 512)),
                max_query_len=int(task.get("max_query_len", 64)), batch_size=batch_size)
 

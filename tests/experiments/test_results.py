@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 import pytest
 
 from ssm_lab import config as config_lib

@@ -12,7 +12,6 @@ shapes).
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

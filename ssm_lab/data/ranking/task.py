@@ -67,6 +67,20 @@ def encode_pair(query: np.ndarray, doc: np.ndarray, *, sep_id: int, eos_id: int,
   return np.concatenate([query, [sep_id], doc, [eos_id]]).astype(np.int32)
 
 
+def pack_pairs(queries: list[np.ndarray], docs: list[np.ndarray], *, tokenizer: Any, seq_len: int,
+               max_query_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids of (query, document) pairs as cross-encoder inputs [n, seq_len] int32 (pad-filled)
+  and pad_mask [n, seq_len] float32 (1 on real tokens); each row is `encode_pair`'s layout."""
+  inputs = np.full((len(queries), seq_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(queries), seq_len), np.float32)
+  for row, (q, d) in enumerate(zip(queries, docs, strict=True)):
+    seq = encode_pair(q, d, sep_id=tokenizer.sep_id, eos_id=tokenizer.eos_id, seq_len=seq_len,
+                      max_query_len=max_query_len)
+    inputs[row, :len(seq)] = seq
+    mask[row, :len(seq)] = 1.0
+  return inputs, mask
+
+
 class RankingTask:
   """Cross-encoder re-ranking: pointwise 2-class ("classification") or grouped ("group_ranking")."""
 
@@ -139,17 +153,10 @@ class RankingTask:
 
   def encode_pairs(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """Cross-encoder inputs [n, seq_len] and pad_mask [n, seq_len] for (query id, doc id) pairs."""
-    tok = self.tokenizer
     queries = self._tokens([q for q, _ in pairs], self.collection.queries, self._qtok)
     docs = self._tokens([d for _, d in pairs], self.collection.docs, self._dtok)
-    inputs = np.full((len(pairs), self.seq_len), tok.pad_id, np.int32)
-    mask = np.zeros((len(pairs), self.seq_len), np.float32)
-    for row, (q, d) in enumerate(zip(queries, docs, strict=True)):
-      seq = encode_pair(q, d, sep_id=tok.sep_id, eos_id=tok.eos_id, seq_len=self.seq_len,
-                        max_query_len=self.max_query_len)
-      inputs[row, :len(seq)] = seq
-      mask[row, :len(seq)] = 1.0
-    return inputs, mask
+    return pack_pairs(queries, docs, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                      max_query_len=self.max_query_len)
 
   def _examples(self, rng: np.random.Generator, qids: list[str], n: int) -> Batch:
     pairs, labels = [], []
