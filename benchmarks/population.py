@@ -176,8 +176,8 @@ def write(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, A
            f"{meta['date']}, commit {meta['commit']}, jax {meta['jax']}. MQAR, 2 layers, d_model "
            f"64, vocab {args.vocab}, length {args.seq_len}; {n} steps per run. Member steps/s = "
            f"R x N / run time (compile excluded); 'incl. compile' adds the compile time(s); "
-           f"'loop' is the whole training loop (`train_and_evaluate` x R vs `train_and_evaluate_many`, one eval and "
-           f"one checkpoint).", "",
+           f"'loop' is the whole training loop (`train_and_evaluate` x R vs "
+           f"`train_and_evaluate_many`, one eval and one checkpoint).", "",
            "| pattern | batch | one by one: member steps/s | population: member steps/s | speedup "
            "| compile s (R x 1 vs 1) | wall N steps incl. compile (1x1 vs pop) | loop wall s "
            "(1x1 vs pop) |",
