@@ -728,7 +728,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
   param_sh = shardings.params if t.parallelism == "fsdp" and mesh.size > 1 else None
   step_kw = dict(model=model, kind=kind, tx=tx, accum=t.grad_accum_steps, mesh=mesh,
                  param_shardings=param_sh, group=group)
-  sample = task.train_batch(0, t.batch_size)
+  # Shapes from a one-row batch (a full one would cost a data step and be drawn twice).
+  sample = task.train_batch(0, 1)
   batch_shape = {k: jax.ShapeDtypeStruct((t.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype,
                                          sharding=rows)
                  for k, v in sample.items()}
