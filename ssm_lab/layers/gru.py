@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from ssm_lab.errors import ConfigError
 from ssm_lab.layers import registry
+from ssm_lab.layers.lstm import recurrent_flops
 
 
 def gru_cell(gx: jax.Array, gh: jax.Array, h: jax.Array) -> jax.Array:
@@ -97,10 +98,8 @@ def _module(args: Any, cfg: GRUConfig, *, name: str) -> GRUMixer:
 
 
 def _flops(args: Any, cfg: GRUConfig, seq_len: int) -> float:
-  """Input and recurrent matmuls of the three gates, plus the output projection when present."""
   del seq_len
-  d, h = args.d_model, cfg.hidden or args.d_model
-  return 2 * d * 3 * h + 2 * h * 3 * h + (2 * h * d if h != d else 0)
+  return recurrent_flops(args.d_model, cfg.hidden or args.d_model, gates=3)
 
 
 def _init_cache(args: Any, cfg: GRUConfig, batch: int, max_len: int) -> dict[str, jax.Array]:

@@ -123,11 +123,16 @@ def _module(args: Any, cfg: LSTMConfig, *, name: str) -> LSTMMixer:
                    dtype=args.compute_dtype, param_dtype=args.params_dtype, name=name)
 
 
+def recurrent_flops(d_model: int, hidden: int, gates: int) -> float:
+  """Forward FLOPs per token of a gated RNN layer: the input and recurrent matmuls of `gates` gates,
+  plus the output projection when hidden != d_model."""
+  d, h = d_model, hidden
+  return 2 * d * gates * h + 2 * h * gates * h + (2 * h * d if h != d else 0)
+
+
 def _flops(args: Any, cfg: LSTMConfig, seq_len: int) -> float:
-  """Input and recurrent matmuls of the four gates, plus the output projection when present."""
   del seq_len
-  d, h = args.d_model, cfg.hidden or args.d_model
-  return 2 * d * 4 * h + 2 * h * 4 * h + (2 * h * d if h != d else 0)
+  return recurrent_flops(args.d_model, cfg.hidden or args.d_model, gates=4)
 
 
 def _init_cache(args: Any, cfg: LSTMConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
