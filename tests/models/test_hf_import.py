@@ -77,14 +77,18 @@ def test_imported_logits_match_transformers(hf_models, name, pattern):
 
 def test_imported_config_fields(hf_models):
   model, params = from_pretrained(str(hf_models / "llama_tied"))
-  a = model.args
-  assert (a.num_heads, a.num_kv_heads, a.head_dim, a.d_ff, a.block_mlp) == (4, 1, 16, 40, True)
+  a, att = model.args, model.args.attention
+  assert (att.num_heads, att.num_kv_heads, att.head_dim, a.d_ff, a.block_mlp) == (4, 1, 16, 40, True)
   assert a.tie_embeddings and "lm_head" not in params and a.norm_eps == 1e-6
-  model, params = from_pretrained(str(hf_models / "llama"))
-  assert model.args.rope_theta == 500.0 and not model.args.tie_embeddings
+  model, params = from_pretrained(str(hf_models / "llama"), attention=dict(impl="reference"))
+  assert model.args.attention.rope_theta == 500.0 and not model.args.tie_embeddings
+  assert model.args.attention.impl == "reference"   # an override merged into the imported group
   assert params["lm_head"]["kernel"].shape == (32, 64)
+  with pytest.raises(ValueError, match=r"attention.num_heads.*cannot be overridden"):
+    from_pretrained(str(hf_models / "llama"), attention=dict(num_heads=2))
   model, params = from_pretrained(str(hf_models / "mamba"), param_dtype="bfloat16")
-  assert (model.args.d_state, model.args.dt_rank, model.args.d_conv) == (8, 2, 4)
+  m = model.args.mamba
+  assert (m.d_state, m.dt_rank, m.d_conv) == (8, 2, 4)
   assert params["block_0"]["mixer"]["conv1d"]["kernel"].shape == (4, 1, 64)
   assert params["block_0"]["mixer"]["A_log"].dtype == jnp.bfloat16
 
