@@ -31,7 +31,7 @@ where the kernels zero delta so the state passes through unchanged.
 
 Without a GPU the kernels run in Pallas interpret mode (how CI checks them against the reference).
 Design notes and what was tried: benchmarks/NOTES_selective_scan.md; the kernels deleted from here
-(v3, v5, v7 and the prefetch knobs) are at the git tag kernel-lab-history.
+(v3, v5, v7 and the prefetch knobs) are at the git tag kernel-lab-history (commit bf21041).
 """
 
 from ssm_lab.ops import registry as reg
