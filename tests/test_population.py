@@ -143,25 +143,18 @@ def test_fsdp_populations_are_refused(tmp_path):
 
 SWEEP = '''
 """Population toy study: two learning rates of one config, plus an early-stopping pair."""
-import ml_collections
-
-from ssm_lab.config import base_config
-from ssm_lab.experiments import Run
+from ssm_lab.experiments import Run, sweep_config
 
 
 def tiny(lr, seed=0, steps=4, eval_every=4):
-  config = base_config()
+  config = sweep_config(dict(name="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2,
+                             num_eval_examples=16),
+                        pattern="A", d_model=16,
+                        mixers={"attention": dict(num_heads=1, num_kv_heads=1)},
+                        batch_size=8, num_steps=steps, learning_rate=lr, warmup_steps=1,
+                        segments=steps // eval_every)
   config.seed = seed
-  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=16,
-                                               num_kv_pairs=2, num_eval_examples=16))
-  config.model.pattern = "A"
-  config.model.d_model = 16
-  config.model.attention.num_heads = 1
-  config.model.attention.num_kv_heads = 1
-  t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps, t.learning_rate = 8, steps, 1, lr
-  t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 2, eval_every, eval_every, 1
-  t.progress_bar = False
+  config.train.log_every = 2
   return config
 
 

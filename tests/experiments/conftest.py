@@ -12,10 +12,7 @@ SWEEP = '''
 import os
 import time
 
-import ml_collections
-
-from ssm_lab.config import base_config
-from ssm_lab.experiments import Run, best_over, markdown_table, pivot
+from ssm_lab.experiments import Run, best_over, markdown_table, pivot, sweep_config
 
 STATE = os.environ["TOY_STATE_DIR"]
 
@@ -34,17 +31,13 @@ def flaky():
 
 
 def tiny(lr, steps=4, eval_every=4):
-  config = base_config()
-  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=16,
-                                               num_kv_pairs=2, num_eval_examples=16))
-  config.model.pattern = "A"
-  config.model.d_model = 16
-  config.model.attention.num_heads = 1
-  config.model.attention.num_kv_heads = 1
-  t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps, t.learning_rate = 8, steps, 1, lr
-  t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 2, eval_every, eval_every, 1
-  t.progress_bar = False
+  config = sweep_config(dict(name="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2,
+                             num_eval_examples=16),
+                        pattern="A", d_model=16,
+                        mixers={"attention": dict(num_heads=1, num_kv_heads=1)},
+                        batch_size=8, num_steps=steps, learning_rate=lr, warmup_steps=1,
+                        segments=steps // eval_every)
+  config.train.log_every = 2
   return config
 
 
