@@ -369,6 +369,14 @@ def table(results: list[dict]) -> str:
            f"the full sweep). BM25 alone on the same test queries: SciFact nDCG@10 "
            + ", ".join("–" if z is None else f"{z:.3f}" for z in zs[:1])
            + f". Devices: {', '.join(devices)}.")
+  for r in sorted(backbones, key=lambda r: r["name"]):
+    m = r["metrics"]
+    seeds = {k.split(".")[0] + " " + k.split(".")[1].upper(): v for k, v in m.items()
+             if k.endswith(".seeds")}
+    if m.get("not_run") or any(v < len(FULL.seeds) for v in seeds.values()):
+      text += (f"\n\n{r['name']}: seeds per cell " + ", ".join(f"{k} {v}" for k, v in seeds.items())
+               + "; not run within the unit's time limit: " + (", ".join(m.get("not_run", [])) or "–")
+               + ".")
   tp = [r for r in results if r["tags"].get("kind") == "throughput"]
   if tp:
     m = tp[0]["metrics"]
