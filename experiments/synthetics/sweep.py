@@ -33,6 +33,8 @@ COPY_LRS = [1e-4, 1e-3]  # the paper's constant 1e-4, and 1e-3 for our shorter b
 INDUCTION = dict(seq_len=256, vocab_size=16, batch_size=8, num_steps=10000, lr=1e-3,
                  eval_examples=512, segments=5)
 TEST_LOG2 = list(range(6, 21))
+CPU_INDUCTION = dict(num_steps=2000, eval_examples=256, segments=2)
+CPU_TEST_LOG2 = list(range(6, 15))
 TOKENS_PER_LENGTH = 2 ** 22     # test sequences per length: this many tokens, 16 .. 512 sequences
 MIN_SEQS, MAX_SEQS = 16, 512
 BATCH_TOKENS = 2 ** 18          # tokens per evaluation batch (at least one sequence)
@@ -166,6 +168,12 @@ def runs(smoke: bool = False) -> list[Run]:
   out += [Run(name=f"induction-{m}", config=induction_config(m), evaluate=length_sweep(TEST_LOG2),
               tags=dict(task="induction", model=m, train_seq_len=INDUCTION["seq_len"]))
           for m in induction_models()]
+  # The CPU setting: the paper's task and model, fewer steps, tested to 2^14 (two CPU cores).
+  out += [Run(name=f"cpu-induction-{m}", config=induction_config(m, **CPU_INDUCTION),
+              evaluate=length_sweep(CPU_TEST_LOG2, tokens_per_length=2 ** 17, batch_tokens=2 ** 14,
+                                    min_seqs=8, max_seqs=256),
+              tags=dict(task="induction", model=m, train_seq_len=INDUCTION["seq_len"], setting="cpu"))
+          for m in ("mamba", "attention", "mamba2") if m in induction_models()]
   return out
 
 
@@ -206,7 +214,9 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in sorted(induction, key=lambda r: list(INDUCTION_MODELS).index(r["tags"]["model"])):
       acc, oom = r["metrics"]["accuracy_by_log2_length"], r["metrics"].get("oom_at_log2_length")
-      rows.append([r["tags"]["model"], *(f"{100 * acc[str(k)]:.0f}" if str(k) in acc
+      label = r["tags"]["model"] + (f" (CPU, {r['train']['steps']:,} steps)"
+                                    if r["tags"].get("setting") == "cpu" else "")
+      rows.append([label, *(f"{100 * acc[str(k)]:.0f}" if str(k) in acc
                                           else ("OOM" if k == oom else None) for k in ks)])
     train = sorted({r["tags"]["train_seq_len"] for r in induction})
     parts.append(f"**Induction heads** (accuracy % at the answer position; trained at length "

@@ -64,7 +64,7 @@ def test_full_sweep_matches_the_recipe():
   runs = s.runs()
   sweep = s.sweep_module()
   names = [r.name for r in runs]
-  assert names == ["transformer", "mamba", "mamba2", "hybrid", "throughput"]
+  assert names == ["transformer", "mamba", "mamba2", "hybrid", "throughput", "bm25"]
   b = sweep.FULL
   assert (b.seq_len, b.group_size, b.depth, len(b.seeds), b.folds) == (512, 8, 100, 3, 5)
   assert b.tokenizer == "gpt-neox-20b"
@@ -93,9 +93,13 @@ def test_smoke_sweep_end_to_end(carry, tmp_path):
   workdir = by_name["mamba2"]["workdir"]
   assert os.path.exists(os.path.join(workdir, "runs", "scifact-lce-s0.trec"))
   assert any(k.endswith("train_examples_per_s") for k in by_name["throughput"]["metrics"])
+  bm25 = by_name["bm25"]["metrics"]
+  assert 0.0 <= bm25["scifact.bm25_nDCG@10"] <= 1.0 and "vaswani.bm25_MAP" in bm25
+  # the rerankers' own first-stage numbers are BM25's on the same queries
+  assert abs(m["scifact.lce.bm25_nDCG@10.mean"] - bm25["scifact.bm25_nDCG@10"]) < 1e-9
   paths = experiments.plot_study(s, res, str(tmp_path / "plots"))
   assert paths and all(os.path.exists(p) for p in paths)
   readme = tmp_path / "README.md"
   shutil.copy(s.readme, readme)
   table = experiments.table_study(s, res, str(readme))
-  assert "| mamba2 |" in table and table in readme.read_text()
+  assert "| mamba2 |" in table and "| BM25 (first stage) |" in table and table in readme.read_text()
