@@ -5,20 +5,32 @@ accuracy per model and learning rate beside the paper's Table 1."""
 from __future__ import annotations
 
 import os
+from importlib import util
+
+
+def _sweep():
+  """This study's sweep.py (tables and labels), loaded by path as the runner does."""
+  spec = util.spec_from_file_location("synthetics_sweep", os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "sweep.py"))
+  module = util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
+  sweep = _sweep()
+
   paths = []
   induction = [r for r in results if r["tags"].get("task") == "induction"]
   if induction:
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for r in sorted(induction, key=lambda r: r["tags"]["model"]):
+    for r in sorted(induction, key=sweep.induction_label):
       acc = r["metrics"]["accuracy_by_log2_length"]
       ks = sorted(int(k) for k in acc)
       line, = ax.plot([2 ** k for k in ks], [acc[str(k)] for k in ks], marker="o",
-                      label=r["tags"]["model"])
+                      label=sweep.induction_label(r))
       oom = r["metrics"].get("oom_at_log2_length")
       if oom is not None:
         ax.plot([2 ** oom], [0.0], marker="x", color=line.get_color(), markersize=9,
@@ -38,12 +50,6 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     paths.append(path)
   copy = [r for r in results if r["tags"].get("task") == "copy"]
   if copy:
-    from importlib import util  # noqa: PLC0415
-
-    spec = util.spec_from_file_location("synthetics_sweep", os.path.join(os.path.dirname(
-        os.path.abspath(__file__)), "sweep.py"))
-    sweep = util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
     models = [m for m in sweep.COPY_MODELS if any(r["tags"]["model"] == m for r in copy)]
     lrs = sorted({r["tags"]["lr"] for r in copy})
     width = 0.8 / (len(lrs) + 1)
