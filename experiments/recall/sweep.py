@@ -20,6 +20,8 @@ D_MODELS = [64, 128, 256, 512]
 LEARNING_RATES = [float(x) for x in np.logspace(-4, -2, 4)]
 VOCAB = 8192
 TRAIN_EXAMPLES, EPOCHS, TEST_EXAMPLES = 100_000, 64, 3_000
+CPU = dict(seq_len=128, num_kv_pairs=8, d_models=[64, 128], models=["attention", "mamba", "mamba2_n64"],
+           lr=3e-3, batch_size=64, num_steps=3000, eval_examples=1000, segments=3)
 SEGMENTS = 4  # early-stop checks per run (each resumes training in a new train_and_evaluate call)
 
 # name -> (layer pattern, {mixer group: fields}); every model has 2 blocks and no MLP.
@@ -59,17 +61,30 @@ def runs(smoke: bool = False) -> list[Run]:
     return [Run(name=f"L32-d{d}-{model}-lr{lr:.1e}",
                 config=make_config(32, 4, d, model, lr, vocab=64, batch_size=16, num_steps=4,
                                    eval_examples=32, segments=1),
-                tags=dict(seq_len=32, num_kv_pairs=4, d_model=d, model=model, lr=lr),
+                tags=dict(setting="smoke", seq_len=32, num_kv_pairs=4, d_model=d, model=model,
+                          lr=lr),
                 early_stop=("accuracy", 0.99))
             for model, d, lr in cells if model in models()]
   out = []
+  # This host's CPU: one (length, pairs) setting at two widths, one learning rate, 3,000 steps of 64.
+  for model in CPU["models"]:
+    for d in CPU["d_models"]:
+      seq_len, kv, lr = CPU["seq_len"], CPU["num_kv_pairs"], CPU["lr"]
+      out.append(Run(name=f"cpu-L{seq_len}-d{d}-{model}-lr{lr:.1e}",
+                     config=make_config(seq_len, kv, d, model, lr, batch_size=CPU["batch_size"],
+                                        num_steps=CPU["num_steps"], eval_examples=CPU["eval_examples"],
+                                        segments=CPU["segments"]),
+                     tags=dict(setting="cpu", seq_len=seq_len, num_kv_pairs=kv, d_model=d,
+                               model=model, lr=lr),
+                     early_stop=("accuracy", 0.99)))
   for seq_len, kv in SETTINGS:
     for model in models():
       for d in D_MODELS:
         for lr in LEARNING_RATES:
           out.append(Run(name=f"L{seq_len}-d{d}-{model}-lr{lr:.1e}",
                          config=make_config(seq_len, kv, d, model, lr),
-                         tags=dict(seq_len=seq_len, num_kv_pairs=kv, d_model=d, model=model, lr=lr),
+                         tags=dict(setting="full", seq_len=seq_len, num_kv_pairs=kv, d_model=d,
+                                   model=model, lr=lr),
                          early_stop=("accuracy", 0.99)))
   return out
 
@@ -79,14 +94,15 @@ def table(results: list[dict]) -> str:
   best = best_over(results, key="lr", metric_key="accuracy")
   if not best:
     return "No finished runs yet."
-  header, rows = pivot(best, rows=("seq_len", "model"), col="d_model",
+  header, rows = pivot(best, rows=("setting", "seq_len", "model"), col="d_model",
                        value=lambda r: f"{r['metrics']['accuracy']:.3f}"
                        + ("" if r["best_over"]["ok"] == r["best_over"]["tried"] else
                           f" ({r['best_over']['ok']}/{r['best_over']['tried']} lr)"))
   devices = sorted({f"{r['device']['kind']} x{r['device']['count']}" for r in best})
   commits = sorted({r["commit"][:12] for r in best})
   return (markdown_table(header, rows)
-          + f"\n\nEval accuracy on {TEST_EXAMPLES:,} held-out examples (fewer in smoke runs), the best "
+          + f"\n\nEval accuracy on {TEST_EXAMPLES:,} held-out examples ({CPU['eval_examples']:,} in the "
+          "cpu setting, fewer in smoke runs), the best "
           f"of the learning rates tried ({len(LEARNING_RATES)} in the full sweep); \"(k/n lr)\" "
           f"marks a cell where only k of its n runs finished. Devices: {', '.join(devices)}; "
           f"commits: {', '.join(commits)}.")

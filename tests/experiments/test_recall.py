@@ -19,7 +19,8 @@ def study():
 
 def test_full_sweep_matches_the_paper_setting():
   s = study()
-  runs = s.runs()
+  every = s.runs()
+  runs = [r for r in every if r.tags["setting"] == "full"]
   sweep = s.sweep_module()
   models = sweep.models()
   assert set(models) >= {"attention", "mamba", "mamba2_n64", "mamba2_n128", "hybrid"}
@@ -36,6 +37,9 @@ def test_full_sweep_matches_the_paper_setting():
   lrs = sorted({r.tags["lr"] for r in runs})
   assert len(lrs) == 4 and abs(lrs[0] - 1e-4) < 1e-12 and abs(lrs[-1] - 1e-2) < 1e-12
   assert len(experiments.select(runs, "L64-*-mamba-*")) == 16
+  cpu = [r for r in every if r.tags["setting"] == "cpu"]
+  assert len(cpu) + len(runs) == len(every) and all(r.name.startswith("cpu-L") for r in cpu)
+  assert experiments.select(every, "cpu-*") == cpu
 
 
 def test_smoke_sweep_end_to_end(tmp_path):
@@ -50,5 +54,6 @@ def test_smoke_sweep_end_to_end(tmp_path):
   readme = tmp_path / "README.md"
   shutil.copy(s.readme, readme)
   table = experiments.table_study(s, res, str(readme))
-  assert "| seq_len | model | d_model=16 |" in table and "| 32 | attention |" in table
+  assert "| setting | seq_len | model | d_model=16 |" in table
+  assert "| smoke | 32 | attention |" in table
   assert table in readme.read_text()
