@@ -1,4 +1,5 @@
-"""Figures of the ranking study: nDCG@10 per backbone and collection (mean ± std over seeds), and
+"""Figures of the ranking study: nDCG@10 per backbone and collection (mean ± std over seeds) beside
+BM25 alone, and
 training/scoring throughput against input length."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import os
 
 COLUMNS = [("scifact.lce.rerank_nDCG@10", "SciFact"), ("scifact.lce.dl20_rerank_nDCG@10", "DL20 0-shot"),
            ("wikiqa.lce.rerank_nDCG@10", "WikiQA"), ("vaswani.lce.rerank_nDCG@10", "Vaswani")]
+BM25_KEYS = ["scifact.bm25_nDCG@10", "dl20.bm25_nDCG@10", "wikiqa.bm25_nDCG@10", "vaswani.bm25_nDCG@10"]
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
@@ -15,16 +17,18 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
   paths = []
   backbones = sorted((r for r in results if r["tags"].get("kind") == "reranker"),
                      key=lambda r: r["name"])
+  bm25 = next((r["metrics"] for r in results if r["tags"].get("kind") == "bm25"), None)
+  bars = ([("BM25", [bm25.get(k, 0.0) for k in BM25_KEYS], [0.0] * len(COLUMNS))] if bm25 else [])
+  bars += [(r["name"], [r["metrics"].get(f"{k}.mean", 0.0) for k, _ in COLUMNS],
+            [r["metrics"].get(f"{k}.std", 0.0) for k, _ in COLUMNS]) for r in backbones]
   fig, ax = plt.subplots(figsize=(6.4, 3.0))
-  width = 0.8 / max(1, len(backbones))
-  for i, r in enumerate(backbones):
-    m = r["metrics"]
-    means = [m.get(f"{k}.mean", 0.0) for k, _ in COLUMNS]
-    stds = [m.get(f"{k}.std", 0.0) for k, _ in COLUMNS]
-    ax.bar([j + i * width for j in range(len(COLUMNS))], means, width, yerr=stds, label=r["name"])
+  width = 0.8 / max(1, len(bars))
+  for i, (name, means, stds) in enumerate(bars):
+    ax.bar([j + i * width for j in range(len(COLUMNS))], means, width, yerr=stds, label=name,
+           color="0.6" if name == "BM25" else None)
   ax.set_xticks([j + 0.4 - width / 2 for j in range(len(COLUMNS))], [c for _, c in COLUMNS])
   ax.set_ylabel("nDCG@10 (rerank BM25 top 100)")
-  if backbones:
+  if bars:
     ax.legend(fontsize=7)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
@@ -47,7 +51,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
       style = "-" if "auto" in label else ":"
       axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
       axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=label)
-  for ax, title in zip(axes, ("training", "inference")):
+  for ax, title in zip(axes, ("training", "inference"), strict=True):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("input length (tokens)")
