@@ -13,7 +13,6 @@ builds the cache as a prefill of `context - 1` tokens leaves it, then times sing
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,14 +30,9 @@ BUDGET_MS, BUDGET_GB = 100.0, 4.0  # a small device's budget: 100 ms a token, 4 
 
 def generation_module() -> Any:
   """benchmarks/generation.py as a module (its model zoo, random weights and cache filler)."""
-  path = os.path.join(ROOT, "benchmarks", "generation.py")
-  if "ssm_lab_bench_generation" in sys.modules:
-    return sys.modules["ssm_lab_bench_generation"]
-  spec = importlib.util.spec_from_file_location("ssm_lab_bench_generation", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  from ssm_lab.experiments import load_file  # noqa: PLC0415
+
+  return load_file(os.path.join(ROOT, "benchmarks", "generation.py"))
 
 
 def _proc_kib(field: str) -> int | None:

@@ -10,10 +10,8 @@ that keeps that file's device, date and commit.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -26,14 +24,9 @@ ARCHS = ("transformer", "mamba", "mamba2", "hybrid")
 
 
 def generation_module() -> Any:
-  key = "ssm_lab_bench_generation"
-  if key not in sys.modules:
-    spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "benchmarks",
-                                                                    "generation.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-  return sys.modules[key]
+  from ssm_lab.experiments import load_file  # noqa: PLC0415
+
+  return load_file(os.path.join(ROOT, "benchmarks", "generation.py"))
 
 
 def _model(name: str, smoke: bool) -> tuple[Any, Any, Any]:

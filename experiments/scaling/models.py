@@ -12,7 +12,6 @@ rematerialisation is retried once with `remat="block"` (recorded per point).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -53,11 +52,9 @@ SMOKE = {
 
 
 def train_throughput_module() -> Any:
-  path = os.path.join(ROOT, "benchmarks", "train_throughput.py")
-  spec = importlib.util.spec_from_file_location("ssm_lab_bench_train_throughput", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from ssm_lab.experiments import load_file  # noqa: PLC0415
+
+  return load_file(os.path.join(ROOT, "benchmarks", "train_throughput.py"))
 
 
 def _child(spec: dict[str, Any], seq_len: int, steps: int, rounds: int, timeout_s: float

@@ -149,7 +149,7 @@ def growth_exponent(points: list[dict[str, Any]], min_length: int = 2048) -> flo
           if p.get("ms_per_sequence", 0) > 0]
   if len(xy) < 2:
     return None
-  return float(np.polyfit(*zip(*xy), 1)[0])
+  return float(np.polyfit(*zip(*xy, strict=True), 1)[0])
 
 
 def crossover(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float | None:

@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from ssm_lab.experiments import best_over, markdown_table
+from ssm_lab.experiments import best_over, load_file, markdown_table
 
 NOT_MEASURED = "not yet measured"
 
@@ -39,15 +39,10 @@ def _ops_crossovers(ops: list[dict], crossover) -> list[str]:
 
 
 def ops_table(results: list[dict]) -> str:
-  import importlib.util  # noqa: PLC0415
-
   ops = _part(results, "ops")
   if not ops:
     return f"**Ops** (time and memory against length): {NOT_MEASURED}."
-  spec = importlib.util.spec_from_file_location(
-      "ssm_lab_study_scaling_ops_for_plot", os.path.join(os.path.dirname(__file__), "ops.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops.py"))
   lengths = sorted({p["length"] for r in ops for p in r["metrics"]["points"]})
   rows = []
   for r in sorted(ops, key=lambda r: r["name"]):
@@ -225,7 +220,7 @@ def figure(results: list[dict], which: str):
               mode="min"))
       axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
       axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o")
-    for ax, y in zip(axes, ("eval loss", "bits per byte")):
+    for ax, y in zip(axes, ("eval loss", "bits per byte"), strict=True):
       ax.set_xscale("log")
       ax.set_title(f"{y} against training FLOPs", fontsize=9)
       ax.set_xlabel("training FLOPs")

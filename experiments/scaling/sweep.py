@@ -14,12 +14,10 @@ The measuring code lives beside this file (ops.py, models.py, inference.py, qual
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import sys
 import types
 
-from ssm_lab.experiments import Run
+from ssm_lab.experiments import Run, load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EDGE_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -29,13 +27,7 @@ FITS_CONTEXTS = {"transformer": (131072, 262144, 393216), "hybrid": (524288, 104
 
 def part(name: str) -> types.ModuleType:
   """A module of this folder (loaded by path: the study folder is not a package)."""
-  key = f"ssm_lab_study_scaling_{name}"
-  if key not in sys.modules:
-    spec = importlib.util.spec_from_file_location(key, os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-  return sys.modules[key]
+  return load_file(os.path.join(HERE, f"{name}.py"))
 
 
 def _ops_runs(smoke: bool) -> list[Run]:

@@ -20,7 +20,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups), 3.0), sharey=True,
                              squeeze=False)
     colors = {m: f"C{i}" for i, m in enumerate(models)}
-    for ax, group in zip(axes[0], groups):
+    for ax, group in zip(axes[0], groups, strict=False):
       for i, model in enumerate(models):
         points = sorted((r["tags"]["seq_len"], r["metrics"]["min_depth"], r["tags"]["max_depth"])
                         for r in rows if r["tags"]["group"] == group and r["tags"]["model"] == model)
@@ -31,9 +31,9 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
         ys = [p[1] if p[1] is not None else p[2] + 1 for p in points]
         ax.plot(xs, ys, marker="o", color=colors[model], alpha=0.85,
                 linestyle="-" if len(points) > 1 else "none")
-        missed = [(x, y) for x, y, p in zip(xs, ys, points) if p[1] is None]
+        missed = [(x, y) for x, y, p in zip(xs, ys, points, strict=True) if p[1] is None]
         if missed:
-          ax.plot(*zip(*missed), marker="o", linestyle="none", markerfacecolor="white",
+          ax.plot(*zip(*missed, strict=True), marker="o", linestyle="none", markerfacecolor="white",
                   color=colors[model], markersize=8)
       ax.set_title(group, fontsize=9)
       ax.set_xscale("log", base=2)

@@ -5,22 +5,14 @@ accuracy per model and learning rate beside the paper's Table 1."""
 from __future__ import annotations
 
 import os
-from importlib import util
 
-
-def _sweep():
-  """This study's sweep.py (tables and labels), loaded by path as the runner does."""
-  spec = util.spec_from_file_location("synthetics_sweep", os.path.join(os.path.dirname(
-      os.path.abspath(__file__)), "sweep.py"))
-  module = util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ssm_lab.experiments import load_file
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  sweep = _sweep()
+  sweep = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep.py"))
 
   paths = []
   induction = [r for r in results if r["tags"].get("task") == "induction"]

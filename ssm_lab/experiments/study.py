@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import sys
 import types
 from typing import Any, Callable
 
@@ -72,6 +73,26 @@ def _load_module(path: str, name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_file(path: str) -> types.ModuleType:
+  """The Python file `path` as a module, executed once per process (kept in sys.modules under a
+  name made from its absolute path). Study folders and benchmarks/ scripts are not packages; their
+  parts import each other through this."""
+  path = os.path.abspath(path)
+  key = "ssm_lab_file_" + re.sub(r"\W", "_", path)
+  if key not in sys.modules:
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:
+      raise FileNotFoundError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+      spec.loader.exec_module(module)
+    except BaseException:
+      del sys.modules[key]
+      raise
+  return sys.modules[key]
 
 
 @dataclasses.dataclass

@@ -46,6 +46,11 @@ def test_full_sweep_matches_the_paper_setting():
   assert sweep.TEST_LOG2[0] == 6 and sweep.TEST_LOG2[-1] == 20
   assert [r.name for r in experiments.select(list(runs.values()), "induction-mamba")] == [
       "induction-mamba"]
+  steps = {r.name: r.config.train.num_steps for r in induction}
+  assert steps["induction-mamba"] == 10_000 and steps["induction40k-mamba"] == 40_000
+  assert steps["cpu-induction-mamba"] == 2_000 and runs["cpu-induction-mamba"].tags["setting"] == "cpu"
+  assert {n.split("-", 1)[1] for n in steps if n.startswith("induction40k-")} == {
+      n.split("-", 1)[1] for n in steps if n.startswith("induction-")}
 
 
 def test_smoke_sweep_end_to_end_and_oom_stop(tmp_path, monkeypatch):
@@ -81,5 +86,5 @@ def test_smoke_sweep_end_to_end_and_oom_stop(tmp_path, monkeypatch):
   shutil.copy(s.readme, readme)
   table = experiments.table_study(s, res, str(readme))
   assert "| mamba_s6 | Mamba / S6 |" in table and "99.8" in table
-  assert "| model | 2^4 | 2^5 | 2^6 |" in table and "| mamba |" in table
+  assert "| model | 2^4 | 2^5 | 2^6 |" in table and "| mamba (4 steps) |" in table
   assert table in readme.read_text()
