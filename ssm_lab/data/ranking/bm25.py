@@ -106,7 +106,10 @@ def get_index(collection: Collection, params: BM25Params, cache_dir: str = "") -
   return index
 
 
-def first_stage_run(collection: Collection, k: int, params: BM25Params = BM25Params(),
+DEFAULT_PARAMS = BM25Params()
+
+
+def first_stage_run(collection: Collection, k: int, params: BM25Params = DEFAULT_PARAMS,
                     cache_dir: str = "") -> Run:
   """BM25's top-k for every query of the collection; for collections whose queries come with their
   own candidate lists (WikiQA), BM25 scores of exactly those candidates instead. Cached."""

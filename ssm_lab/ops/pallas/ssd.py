@@ -154,8 +154,10 @@ def _chunk_decays(ac, causal, is_last):
 
 # ----------------------------------------------------------------------------------------- kernels
 
+ALL = slice(None)  # every column of a ref (the default `cols` of _chunk_out)
+
 def _chunk_out(x_ref, dt_ref, ac_ref, b_ref, c_ref, y_ref, s, *, bi, hi, gi, t0, d_h, masks,
-               q, prec, cols=slice(None)):
+               q, prec, cols=ALL):
   """Writes one chunk's y given s [P, N], the state it starts from; returns (u, acum, acum_Q, B).
   The caller computes gi, t0 and the masks (the sequential forward: once, outside its loop). `cols`:
   the head_dim rows this program owns (s is then their [Pb, N] block)."""
