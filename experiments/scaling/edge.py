@@ -13,14 +13,15 @@ builds the cache as a prefill of `context - 1` tokens leaves it, then times sing
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
+from ssm_lab.experiments import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")  # run_point, emit
 MODELS = ("transformer-130m", "mamba-130m", "mamba2-130m")
 SMOKE_MODELS = ("transformer-tiny", "mamba-tiny", "mamba2-tiny")
 CONTEXTS = (1024, 4096, 16384, 32768, 65536)
@@ -30,8 +31,6 @@ BUDGET_MS, BUDGET_GB = 100.0, 4.0  # a small device's budget: 100 ms a token, 4 
 
 def generation_module() -> Any:
   """benchmarks/generation.py as a module (its model zoo, random weights and cache filler)."""
-  from ssm_lab.experiments import load_file  # noqa: PLC0415
-
   return load_file(os.path.join(ROOT, "benchmarks", "generation.py"))
 
 
@@ -105,22 +104,13 @@ def sweep_model(name: str, contexts: tuple[int, ...], steps: int, timeout_s: flo
     if cache_memory.cache_bytes_per_sequence(args, context)["total"] > stop_over_gb * 2**30:
       skipped.append({"context": context, "why": f"cache over {stop_over_gb} GiB"})
       continue
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--context", str(context),
-           "--steps", str(steps)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-      skipped.append({"context": context, "why": f"timed out after {timeout_s:.0f} s"})
+    point = load_file(CHILD).run_point(
+        __file__, ["--child", name, "--context", str(context), "--steps", str(steps)], timeout_s,
+        env={"JAX_PLATFORMS": "cpu"})
+    if "error" in point:
+      skipped.append({"context": context, "why": point["error"]})
       break
-    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("EDGE_POINT ")]
-    if proc.returncode != 0 or not found:
-      tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
-      skipped.append({"context": context, "why": f"rc {proc.returncode}: {tail[:300]}"})
-      break
-    point = json.loads(found[-1].split(" ", 1)[1])
     point["wall_s"] = round(time.perf_counter() - t0, 1)
     points.append(point)
     print(f"  edge {name} context {context}: {point['ms_per_token']:.1f} ms/token, peak RSS "
@@ -135,7 +125,7 @@ def main() -> int:
   p.add_argument("--context", type=int, required=True)
   p.add_argument("--steps", type=int, default=8)
   a = p.parse_args()
-  print("EDGE_POINT " + json.dumps(measure_point(a.child, a.context, a.steps)), flush=True)
+  load_file(CHILD).emit(measure_point(a.child, a.context, a.steps))
   return 0
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
+from ssm_lab.experiments import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")  # run_point, emit
 TOKENS_PER_STEP = 65_536
 LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 SMOKE_LENGTHS = (32, 64)
@@ -52,25 +54,14 @@ SMOKE = {
 
 
 def train_throughput_module() -> Any:
-  from ssm_lab.experiments import load_file  # noqa: PLC0415
-
   return load_file(os.path.join(ROOT, "benchmarks", "train_throughput.py"))
 
 
 def _child(spec: dict[str, Any], seq_len: int, steps: int, rounds: int, timeout_s: float
            ) -> dict[str, Any]:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--seq_len",
-         str(seq_len), "--steps", str(steps), "--rounds", str(rounds)]
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout_s:.0f} s"}
-  found = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE_RESULT ")]
-  if proc.returncode == 0 and found:
-    return json.loads(found[-1].split(" ", 1)[1])
-  tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
-  return {"error": f"rc {proc.returncode}: {tail[:400]}"}
+  args = ["--child", json.dumps(spec), "--seq_len", str(seq_len), "--steps", str(steps),
+          "--rounds", str(rounds)]
+  return load_file(CHILD).run_point(__file__, args, timeout_s)
 
 
 def sweep(size: str, model: str, smoke: bool = False, budget_s: float = 450.0,
@@ -89,7 +80,7 @@ def sweep(size: str, model: str, smoke: bool = False, budget_s: float = 450.0,
       continue
     spec = dict(base, batch=max(1, tokens // seq_len))
     point = _child(spec, seq_len, steps, rounds, case_timeout_s)
-    if "error" in point and "timed out" not in point["error"]:
+    if "error" in point and not point.get("timed_out"):
       first_error = point["error"]
       point = _child(dict(spec, remat="block"), seq_len, steps, rounds, case_timeout_s)
       point["remat"], point["error_without_remat"] = "block", first_error
@@ -112,7 +103,7 @@ def main() -> int:
   a = p.parse_args()
   record = train_throughput_module().run_case("scaling", json.loads(a.child), a.seq_len, a.steps,
                                               a.rounds)
-  print("CASE_RESULT " + json.dumps(record), flush=True)
+  load_file(CHILD).emit(record)
   return 0
 
 

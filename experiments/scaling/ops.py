@@ -6,14 +6,19 @@ Layer shapes (d_model 1024, bfloat16 inputs, float32 state and accumulation insi
   Mamba scan  d_inner 2048, d_state 16 (selective_scan: u, delta, z [b, L, 2048]; B, C [b, L, 16])
   SSD         32 heads x 64, d_state 128, one B/C group (ssd: x [b, L, 32, 64]; B, C [b, L, 1, 128])
 
-Each length is compiled once (`jax.jit(...).lower(...).compile()`) and timed both synchronised and
-pipelined (ssm_lab.timing). Memory is XLA's memory analysis of the compiled program (arguments +
+Each length runs in a child process with a time limit (`python ops.py --child OP IMPL --length L
+--shape JSON`, child.py), is compiled once (`jax.jit(...).lower(...).compile()`) and timed both
+synchronised and pipelined (ssm_lab.timing). Memory is XLA's memory analysis of the compiled program (arguments +
 outputs + temporaries), which needs no device counters and is the same on every backend.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -22,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_lab import timing
+from ssm_lab.experiments import load_file
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")  # run_point, emit
 
 TOKENS = 32_768
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -118,24 +126,36 @@ def measure(op: str, impl: str, length: int, *, tokens: int = TOKENS, window: in
 
 
 def sweep(op: str, impl: str, window: int | None = None, smoke: bool = False,
-          budget_s: float = 420.0) -> dict[str, Any]:
-  """Every length of one (op, impl): a measurement unit's metrics. Stops starting lengths after
-  `budget_s` (the rest are listed as skipped)."""
+          budget_s: float = 420.0, point_timeout_s: float = 150.0) -> dict[str, Any]:
+  """Every length of one (op, impl): a measurement unit's metrics. Each length runs in a child
+  process limited to `point_timeout_s` (on 2026-12-07 the Pallas scan stalled at 64K and took the
+  unit's six finished lengths with it); after a timeout, and once `budget_s` is spent, the longer
+  lengths are listed as skipped."""
   lengths, tokens = (SMOKE_LENGTHS, SMOKE_TOKENS) if smoke else (LENGTHS, TOKENS)
   shape = (SMOKE_SHAPES if smoke else SHAPES)[op]
-  dtype = jnp.float32 if smoke else jnp.bfloat16
-  t0, points = time.perf_counter(), []
+  t0, points, stop = time.perf_counter(), [], None
   for length in lengths:
-    if time.perf_counter() - t0 > budget_s:
-      points.append({"length": length, "error": "skipped: unit budget spent"})
+    if stop is None and time.perf_counter() - t0 > budget_s:
+      stop = "skipped: unit budget spent"
+    if stop is not None:
+      points.append({"length": length, "error": stop})
       continue
-    point = measure(op, impl, length, tokens=tokens, window=window, shape=shape, dtype=dtype,
-                    reps=3 if smoke else 10)
+    args = ["--child", op, impl, "--length", str(length), "--tokens", str(tokens), "--shape",
+            json.dumps(shape), "--reps", str(3 if smoke else 10)]
+    if window is not None:
+      args += ["--window", str(window)]
+    if smoke:
+      args += ["--float32"]
+    point = load_file(CHILD).run_point(__file__, args, point_timeout_s)
+    if "error" in point:
+      point = {"op": op, "impl": impl, "window": window, "length": length, **point}
+      if point.pop("timed_out", False):
+        stop = f"skipped: L={length} timed out"
     print(f"  {op}/{impl}{'' if window is None else f'/w{window}'} L={length}: "
           f"{point.get('ms_pipelined', point.get('error'))}", flush=True)
     points.append(point)
   return {"op": op, "impl": impl, "window": window, "shape": shape, "tokens_per_batch": tokens,
-          "dtype": str(jnp.dtype(dtype)), "points": points,
+          "dtype": "float32" if smoke else "bfloat16", "points": points,
           "growth_exponent": growth_exponent(points)}
 
 
@@ -168,3 +188,24 @@ def crossover(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float | None:
     return float(common[0])
   x0, x1 = math.log(common[i - 1]), math.log(common[i])
   return float(math.exp(x0 + (x1 - x0) * ratio[i - 1] / (ratio[i - 1] - ratio[i])))
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description="one point of an ops unit (prints its JSON)")
+  p.add_argument("--child", nargs=2, metavar=("OP", "IMPL"), required=True)
+  p.add_argument("--length", type=int, required=True)
+  p.add_argument("--tokens", type=int, default=TOKENS)
+  p.add_argument("--shape", required=True, help="JSON dict of the op's shape")
+  p.add_argument("--window", type=int, default=None)
+  p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--float32", action="store_true", help="float32 inputs (default bfloat16)")
+  a = p.parse_args()
+  op, impl = a.child
+  load_file(CHILD).emit(measure(op, impl, a.length, tokens=a.tokens, window=a.window,
+                                shape=json.loads(a.shape),
+                                dtype=jnp.float32 if a.float32 else jnp.bfloat16, reps=a.reps))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

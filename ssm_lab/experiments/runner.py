@@ -299,8 +299,6 @@ def run_study(study: Study, *, smoke: bool = False, only: str | None = None,
   groups in the order of their first runs. Returns the names {"ok", "failed", "skipped",
   "remaining"} of this call.
   """
-  if vmap == "auto":
-    vmap = vmap_default()
   paths = Paths.for_study(study, smoke=smoke, out=out, results_dir=results_dir)
   runs = select(study.runs(smoke=smoke), only)
   pending, skipped, previous = [], [], {}
@@ -321,7 +319,10 @@ def run_study(study: Study, *, smoke: bool = False, only: str | None = None,
       say(f"[{i}/{len(pending)}] {run.name}{note}")
     summary["remaining"] = [r.name for r in pending]
     return summary
-  units = sweep_groups(pending) if vmap else [[run] for run in pending]
+  groups = sweep_groups(pending)
+  if vmap == "auto":  # asks the backend only when a population could form (measurement-only
+    vmap = any(len(g) > 1 for g in groups) and vmap_default()  # sweeps leave the device alone)
+  units = groups if vmap else [[run] for run in pending]
   order = [run for unit in units for run in unit]
   t0 = time.perf_counter()
   walls: list[float] = []
