@@ -9,40 +9,19 @@ import shutil
 import textwrap
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ssm_lab import config as config_lib
 from ssm_lab import train
 from ssm_lab.metrics import read_scalars
+from lm_helpers import latest_state, tiny_lm_config
 
 
 def tiny_config(lr=1e-2, seed=0, steps=6, **train_kw):
-  config = config_lib.base_config()
-  config.seed = seed
-  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=24,
-                                               num_kv_pairs=3, num_eval_examples=32))
-  config.model.pattern = "MA"
-  config.model.d_model = 32
-  config.model.attention.num_heads = 2
-  config.model.attention.num_kv_heads = 2
-  t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps, t.learning_rate = 8, steps, 2, lr
-  t.log_every, t.eval_every, t.checkpoint_every = 1, 3, 3
-  t.progress_bar = False
-  for k, v in train_kw.items():
-    t[k] = v
-  return config
+  return tiny_lm_config("MA", steps, seed, **{"learning_rate": lr, "log_every": 1, "eval_every": 3,
+                                              "checkpoint_every": 3, **train_kw})
 
-
-def load_state(workdir):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  mngr.close()
-  return step, state
 
 
 def losses(workdir):
@@ -60,7 +39,7 @@ def assert_same_run(got, want, rtol=1e-5):
   assert ew.keys() == eg.keys()
   for k in ew:
     assert eg[k][0] == ew[k][0] and eg[k][1] == pytest.approx(ew[k][1], rel=rtol, abs=1e-6), k
-  (sw, pw), (sg, pg) = load_state(want), load_state(got)
+  (sw, pw), (sg, pg) = latest_state(want), latest_state(got)
   assert sw == sg
   for a, b in zip(jax.tree.leaves(pw), jax.tree.leaves(pg), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -86,7 +65,7 @@ def test_population_resumed_after_stop_at_equals_single_runs(tmp_path, singles):
   single_dirs, single_metrics = singles
   dirs = [str(tmp_path / f"p{i}") for i in range(len(CONFIGS))]
   first = train.train_and_evaluate_many(CONFIGS, dirs, stop_at=3)
-  assert [load_state(d)[0] for d in dirs] == [3, 3]
+  assert [latest_state(d)[0] for d in dirs] == [3, 3]
   assert all(isinstance(m, dict) and "accuracy" in m for m in first)
   alone = str(tmp_path / "alone")
   shutil.copytree(dirs[1], alone)
@@ -111,7 +90,7 @@ def test_a_diverging_member_is_frozen_while_the_other_finishes(tmp_path):
   assert isinstance(ok, dict) and np.isfinite(ok["loss"])
   assert isinstance(failed, FloatingPointError) and "2 consecutive steps" in str(failed)
   assert "learning_rate=1e+29" in str(failed)
-  assert load_state(dirs[0])[0] == 8
+  assert latest_state(dirs[0])[0] == 8
   steps = sorted(int(n) for n in os.listdir(os.path.join(dirs[1], "checkpoints")) if n.isdigit())
   assert not steps, steps  # the diverged member never wrote its state
   assert max(losses(dirs[0])) == 8 and max(losses(dirs[1]), default=0) < 8
@@ -143,19 +122,11 @@ def test_fsdp_populations_are_refused(tmp_path):
 
 SWEEP = '''
 """Population toy study: two learning rates of one config, plus an early-stopping pair."""
-from ssm_lab.experiments import Run, sweep_config
+from lm_helpers import tiny_study_config as tiny
+
+from ssm_lab.experiments import Run
 
 
-def tiny(lr, seed=0, steps=4, eval_every=4):
-  config = sweep_config(dict(name="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2,
-                             num_eval_examples=16),
-                        pattern="A", d_model=16,
-                        mixers={"attention": dict(num_heads=1, num_kv_heads=1)},
-                        batch_size=8, num_steps=steps, learning_rate=lr, warmup_steps=1,
-                        segments=steps // eval_every)
-  config.seed = seed
-  config.train.log_every = 2
-  return config
 
 
 def extra(workdir, config):

@@ -8,36 +8,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ssm_lab import config as config_lib
 from ssm_lab import train
 from ssm_lab.metrics import read_scalars
+from lm_helpers import latest_state, tiny_lm_config
 
 
 def tiny_config(pattern="MA", steps=12, **train_kw):
-  config = config_lib.base_config()
-  config.task = ml_collections.ConfigDict(dict(name="mqar", vocab_size=32, seq_len=24,
-                                               num_kv_pairs=3, num_eval_examples=32))
-  config.model.pattern = pattern
-  config.model.d_model = 32
-  config.model.attention.num_heads = 2
-  config.model.attention.num_kv_heads = 2
-  t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps = 8, steps, 2
-  t.log_every, t.eval_every, t.checkpoint_every = 2, 6, 3
-  t.progress_bar = False
-  for k, v in train_kw.items():
-    t[k] = v
-  return config
+  return tiny_lm_config(pattern, steps, **{"log_every": 2, "eval_every": 6, "checkpoint_every": 3,
+                                           **train_kw})
 
 
 def load_params(workdir):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  mngr.close()
+  step, state = latest_state(workdir)
   return step, state["params"]
 
 

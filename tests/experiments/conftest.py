@@ -12,7 +12,9 @@ SWEEP = '''
 import os
 import time
 
-from ssm_lab.experiments import Run, best_over, markdown_table, pivot, sweep_config
+from lm_helpers import tiny_study_config as tiny
+
+from ssm_lab.experiments import Run, best_over, markdown_table, pivot
 
 STATE = os.environ["TOY_STATE_DIR"]
 
@@ -30,15 +32,6 @@ def flaky():
   return {"value": 1.0}
 
 
-def tiny(lr, steps=4, eval_every=4):
-  config = sweep_config(dict(name="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2,
-                             num_eval_examples=16),
-                        pattern="A", d_model=16,
-                        mixers={"attention": dict(num_heads=1, num_kv_heads=1)},
-                        batch_size=8, num_steps=steps, learning_rate=lr, warmup_steps=1,
-                        segments=steps // eval_every)
-  config.train.log_every = 2
-  return config
 
 
 def long_eval(workdir, config):
