@@ -100,13 +100,9 @@ def _parity_child(work: str, small: bool) -> None:
   from ml_collections import config_flags  # noqa: PLC0415,F401  (fails early without the wheel)
 
   from ssm_lab import parallel, train  # noqa: PLC0415
-  import importlib.util  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("quickstart",
-                                                os.path.join(REPO, "configs", "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from ssm_lab.config import load_config  # noqa: PLC0415
   for name, devices, par in (("one", 1, "dp"), ("dp", None, "dp"), ("fsdp", None, "fsdp")):
-    config = module.get_config()
+    config = load_config(os.path.join(REPO, "configs", "quickstart.py"))
     for flag in _overrides(small):
       key, value = flag[len("--config."):].split("=")
       group, field = key.split(".")

@@ -66,12 +66,21 @@ def experiments_dir(explicit: str | None = None) -> str:
   return os.path.join(os.path.dirname(package), "experiments")
 
 
-def _load_module(path: str, name: str) -> types.ModuleType:
+def _load_module(path: str, name: str, register: bool = False) -> types.ModuleType:
+  """Executes the file `path` as a new module `name` (kept in sys.modules under it with
+  `register`, from before its code runs, as an import does)."""
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"cannot load {path}")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  if register:
+    sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    if register:
+      del sys.modules[name]
+    raise
   return module
 
 
@@ -82,16 +91,7 @@ def load_file(path: str) -> types.ModuleType:
   path = os.path.abspath(path)
   key = "ssm_lab_file_" + re.sub(r"\W", "_", path)
   if key not in sys.modules:
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-      raise FileNotFoundError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-      spec.loader.exec_module(module)
-    except BaseException:
-      del sys.modules[key]
-      raise
+    _load_module(path, key, register=True)
   return sys.modules[key]
 
 
