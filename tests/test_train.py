@@ -177,3 +177,25 @@ def test_bf16_compute_keeps_float32_master_weights_and_optimizer_state():
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
                                                     jax.tree.leaves(new_state.params), strict=True)]
   assert any(moved)
+
+
+def test_prefetched_batches_are_the_synchronous_ones_and_errors_surface():
+  from ssm_lab.data.mqar import MQAR  # noqa: PLC0415
+
+  task = MQAR(vocab_size=64, seq_len=32, num_kv_pairs=4)
+  pre = train._Prefetcher(task, batch_size=4, end=6)
+  try:
+    for step in [0, 1, 2, 5, 6, 7]:   # a resume can jump; steps at or past `end` still come
+      got, want = pre.get(step), task.train_batch(step, 4)
+      assert all(np.array_equal(got[k], want[k]) for k in want)
+  finally:
+    pre.close()
+
+  class Broken:
+    def train_batch(self, step, batch_size):
+      raise ValueError(f"bad batch {step}")
+
+  pre = train._Prefetcher(Broken(), batch_size=4, end=10)
+  with pytest.raises(ValueError, match="bad batch 3"):
+    pre.get(3)
+  pre.close()

@@ -55,14 +55,16 @@ class MQAR(SeededSynthetic):
     """`n` examples from `rng`."""
     kv, space = self.num_kv_pairs, self._space
     half = self.vocab_size // 2
-    # Keys without replacement per example: argsort of uniform noise picks a random subset.
-    keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :kv] + 1
+    keys = _distinct(rng, n, kv, 1, half)                     # from [1, half)
     # Values are distinct too, as in Zoology's generator (each value then names exactly one key).
-    values = np.argsort(rng.random((n, self.vocab_size - half)), axis=1)[:, :kv] + half
+    values = _distinct(rng, n, kv, half, self.vocab_size)     # from [half, vocab)
     context = np.empty((n, 2 * kv), np.int64)
     context[:, 0::2], context[:, 1::2] = keys, values
-    # Query slots (even offsets after the context), chosen without replacement with power-law odds.
-    slots = np.stack([rng.choice(space, size=kv, replace=False, p=self._gap_p) for _ in range(n)])
+    # Query slots (even offsets after the context), without replacement with power-law odds: the kv
+    # largest of log p + Gumbel noise are a draw without replacement in proportion to p (Gumbel
+    # top-k), one vectorised step instead of a sampler call per example.
+    scores = np.log(self._gap_p) + rng.gumbel(size=(n, space))
+    slots = np.argpartition(-scores, kv - 1, axis=1)[:, :kv]
     total = self.seq_len + 1
     tail = np.zeros((n, total - 2 * kv), np.int64)
     labels = np.full((n, total), -1, np.int64)
@@ -83,3 +85,16 @@ class MQAR(SeededSynthetic):
         "targets": np.maximum(targets, 0).astype(np.int32),
         "loss_mask": (targets >= 0).astype(np.float32),
     }
+
+
+def _distinct(rng: np.random.Generator, n: int, k: int, low: int, high: int) -> np.ndarray:
+  """[n, k] integers from [low, high), distinct within each row, each row a uniform draw of an
+  ordered k-subset: iid draws, with rows holding a repeat drawn again (rejection keeps the
+  distribution exact). Costs O(n k) where sorting noise over the whole range cost O(n (high-low))."""
+  out = rng.integers(low, high, size=(n, k))
+  while True:
+    s = np.sort(out, axis=1)
+    bad = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+    if bad.size == 0:
+      return out
+    out[bad] = rng.integers(low, high, size=(bad.size, k))

@@ -49,6 +49,21 @@ def test_mqar_matches_zoology_definition():
       assert x[j] in kv and y[j] == kv[x[j]]
 
 
+def test_mqar_query_slots_follow_the_power_law_without_replacement():
+  # The vectorised draw (Gumbel top-k) against the per-example sampler it replaced: how often each
+  # slot holds a query agrees within sampling noise.
+  task = MQAR(vocab_size=64, seq_len=40, num_kv_pairs=4, power_a=0.3, random_non_queries=False)
+  n, space, kv = 20000, task._space, task.num_kv_pairs
+  b = task.generate(np.random.default_rng(0), n)
+  offsets = np.nonzero(b["loss_mask"])[1] - 2 * kv       # 2 * slot, the query key's position
+  ours = np.bincount(offsets // 2, minlength=space) / n
+  rng = np.random.default_rng(1)
+  ref = np.bincount(np.concatenate([rng.choice(space, kv, replace=False, p=task._gap_p)
+                                    for _ in range(n)]), minlength=space) / n
+  assert ours.sum() == pytest.approx(kv)
+  np.testing.assert_allclose(ours, ref, atol=0.02)
+
+
 def test_selective_copying_targets_are_the_data_tokens_in_order():
   task = SelectiveCopying(vocab_size=10, seq_len=40, num_tokens=5)
   b = task.train_batch(0, 32)
