@@ -243,6 +243,20 @@ class Checkpointer:
     self.manager.reload()
     return dst
 
+  def set_aside_after(self, step: int) -> str:
+    """Moves every checkpoint newer than `step` to `<workdir>/checkpoints_ahead/<step>-<time>`
+    (kept, never deleted), so the next restore and save continue from `step`."""
+    self._seal()
+    root = self.directory + "_ahead"
+    for s in [s for s in self.steps() if s > step]:
+      if parallel.is_primary():
+        os.makedirs(root, exist_ok=True)
+        os.replace(os.path.join(self.directory, str(s)),
+                   os.path.join(root, f"{s}-{int(time.time())}"))
+    parallel.barrier(f"ssm_lab_set_aside_after_{step}")
+    self.manager.reload()
+    return root
+
   def close(self) -> None:
     self._seal()
     self.manager.close()

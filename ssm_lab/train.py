@@ -570,6 +570,28 @@ def _last_logged(workdir: str) -> dict[str, float]:
 POPULATION_FIELDS = ("train.learning_rate", "seed")
 
 
+def _align_population(members: list[Any], say: Any) -> None:
+  """Brings the members of a population back to one step when a run stopped between their saves
+  (a kill during a preemption checkpoint saves some members and not others): the newest step every
+  member has a checkpoint at is where they resume together, as one program, and the newer
+  checkpoints of the members ahead are moved aside (kept, under `checkpoints_ahead/`). Batches
+  are a function of the step, so the steps retrained are the ones those members already took.
+  Nothing changes when the members agree or share no step."""
+  steps = [set(m.ckpt.steps()) for m in members]
+  if len({max(s, default=0) for s in steps}) <= 1:
+    return
+  common = set.intersection(*steps)
+  if not common:
+    return
+  at = max(common)
+  for m, s in zip(members, steps, strict=True):
+    ahead = sorted(x for x in s if x > at)
+    if ahead:
+      where = m.ckpt.set_aside_after(at)
+      say(f"{m.workdir}: resuming the population together at step {at}; this member's newer "
+          f"checkpoint(s) {ahead} moved to {where}")
+
+
 class PopulationError(RunError):
   """A population that cannot train as one program (members at different steps, FSDP): train its
   members one by one instead."""
@@ -800,6 +822,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
           save_artifacts(m.workdir)
 
       m.ckpt = Checkpointer(m.workdir, keep=t.keep_checkpoints, save_every=t.checkpoint_every)
+    if stacked:
+      _align_population(members, say)
+    for m in members:
       got = m.ckpt.restore_latest(abstract1)
       if got is None and m.ckpt.set_aside and not restart:
         listing = "; ".join(f"step {a.step} -> {a.path} ({a.reason})" for a in m.ckpt.set_aside)

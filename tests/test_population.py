@@ -82,6 +82,22 @@ def test_population_resumed_after_stop_at_equals_single_runs(tmp_path, singles):
   assert_same_run(alone, single_dirs[1])
 
 
+def test_members_stopped_between_their_saves_resume_together(tmp_path, singles):
+  """A kill during a population's preemption save can leave one member ahead; the population then
+  resumes all members at the newest step they share (the newer checkpoint moved aside, not lost)
+  and still ends where the single runs end."""
+  single_dirs, _ = singles
+  dirs = [str(tmp_path / f"p{i}") for i in range(len(CONFIGS))]
+  train.train_and_evaluate_many(CONFIGS, dirs, stop_at=3)
+  train.train_and_evaluate(CONFIGS[0], dirs[0], stop_at=5)     # member 0 alone, two steps ahead
+  assert [latest_state(d)[0] for d in dirs] == [5, 3]
+  train.train_and_evaluate_many(CONFIGS, dirs)
+  for got, want in zip(dirs, single_dirs, strict=True):
+    assert_same_run(got, want)
+  aside = os.listdir(os.path.join(dirs[0], "checkpoints_ahead"))
+  assert [n.split("-")[0] for n in aside] == ["5"]
+
+
 def test_a_diverging_member_is_frozen_while_the_other_finishes(tmp_path):
   configs = [tiny_config(lr=1e-2, steps=8, max_bad_steps=2, grad_clip_norm=1e30, warmup_steps=0),
              tiny_config(lr=1e30, steps=8, max_bad_steps=2, grad_clip_norm=1e30, warmup_steps=0)]
