@@ -43,13 +43,19 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
   copy = [r for r in results if r["tags"].get("task") == "copy"]
   if copy:
     models = [m for m in sweep.COPY_MODELS if any(r["tags"]["model"] == m for r in copy)]
-    lrs = sorted({r["tags"]["lr"] for r in copy})
-    width = 0.8 / (len(lrs) + 1)
+    # One bar series per (setting, learning rate): the full setting and the CPU one side by side.
+    series = sorted({(r["tags"].get("setting", "full"), r["tags"]["lr"]) for r in copy},
+                    key=lambda x: (x[0] != "full", x[1]))
+    lrs = series
+    width = 0.8 / (len(series) + 1)
     fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(models), 3.2))
-    for j, lr in enumerate(lrs):
-      ys = [next((100 * r["metrics"]["accuracy"] for r in copy
-                  if r["tags"]["model"] == m and r["tags"]["lr"] == lr), 0.0) for m in models]
-      ax.bar([i + j * width for i in range(len(models))], ys, width, label=f"ours, lr {lr:g}")
+    for j, (setting, lr) in enumerate(series):
+      hits = [r for r in copy if r["tags"].get("setting", "full") == setting and r["tags"]["lr"] == lr]
+      ys = [next((100 * r["metrics"]["accuracy"] for r in hits if r["tags"]["model"] == m), 0.0)
+            for m in models]
+      length = hits[0]["config"]["task"]["seq_len"]
+      ax.bar([i + j * width for i in range(len(models))], ys, width,
+             label=f"ours ({setting}, L {length}), lr {lr:g}")
     ax.bar([i + len(lrs) * width for i in range(len(models))],
            [sweep.PAPER_COPY.get(m, 0.0) for m in models], width, label="paper (Table 1)",
            color="lightgray", edgecolor="gray")
