@@ -16,7 +16,7 @@ with w_k = 10000^(-k / bands) and rate_c log-spaced in [decay_min, decay_max] ac
 feeds the MLP the lag normalised by the sequence length; here the features are of the absolute lag
 so that h[t] does not depend on the length of the call: the filter extrapolates to any length, and
 prefill, decode and the full pass see the same filter. The convolution is an FFT over 2L points
-(`ssm_lab.layers.s4d.causal_fft_conv`), O(L log L) per channel.
+(`ssm_lab.layers.s4d.causal_conv`), O(L log L) per channel (directly on the CPU, O(L^2)).
 
 Decoding: a long convolution reads the whole input history, so the cache holds u = k * v of every
 position so far, "history" [batch, max_len, d_model] (compute dtype), plus the short conv's last
@@ -40,7 +40,7 @@ import numpy as np
 from ssm_lab.errors import ConfigError
 from ssm_lab.layers import registry
 from ssm_lab.layers.mamba import causal_depthwise_conv
-from ssm_lab.layers.s4d import causal_fft_conv
+from ssm_lab.layers.s4d import causal_conv
 
 
 def lag_features(lags: jax.Array, bands: int) -> jax.Array:
@@ -139,7 +139,7 @@ class HyenaMixer(nn.Module):
       taps = jnp.where((lags >= 0)[..., None], h[jnp.clip(lags, 0, max_len - 1)], 0.0)
       y = jnp.einsum("nsd,bsd->bnd", taps, history.astype(f32)) + uf * D
     else:
-      y = causal_fft_conv(uf, filt(n)) + uf * D
+      y = causal_conv(uf, filt(n)) + uf * D
     out = dense(d, "out_proj")((q.astype(f32) * y).astype(self.dtype))
     if mode == "full":
       return out

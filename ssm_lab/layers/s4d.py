@@ -22,7 +22,11 @@ Because the system is time-invariant, the whole sequence is one causal convoluti
 
 computed by FFT over 2L points (impl "fft": O(L log L) per channel, no [L, d_inner, d_state]
 tensor of states); impl "scan" runs the recurrence through `ssm_lab.ops.selective_scan` instead,
-with B and C broadcast to one group per channel. Decoding always steps the recurrence from the
+with B and C broadcast to one group per channel. "auto" is "fft" on accelerators and "scan" on the
+CPU: there XLA runs independent FFTs at once on its thread pool and each waits for pool threads the
+others hold, a deadlock that stopped our 2-core CPU runs at random steps with every thread idle
+(the same wedge as PyAutoLabs/PyAutoFit#1530; `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` also
+avoids it, at the cost of single-threaded CPU matmuls). Decoding always steps the recurrence from the
 cache {"conv": [batch, d_conv - 1, d_inner] (only with conv), "ssm": [batch, d_inner, d_state]
 float32}, constant in the context length.
 """
@@ -53,6 +57,23 @@ def log_dt_init(dt_min: float, dt_max: float):
     u = jax.random.uniform(key, shape, jnp.float32)
     return (u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).astype(dtype)
   return init
+
+
+def causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The causal long convolution of `causal_fft_conv` (same arguments and result): by FFT on
+  accelerators, directly on the CPU (O(L^2) per channel, as one depthwise convolution), where XLA's
+  concurrent FFTs can deadlock its thread pool (see the module docstring)."""
+  if jax.default_backend() != "cpu":
+    return causal_fft_conv(u, kernel)
+  length, ch = u.shape[1], u.shape[2]
+  if kernel.shape != (length, ch):
+    raise ValueError(f"causal_conv: kernel must be [length, ch] = {(length, ch)}, got "
+                     f"{tuple(kernel.shape)}")
+  # Cross-correlation with the flipped kernel, left-padded: y[t] = sum_s kernel[t - s] u[s].
+  rhs = kernel.astype(jnp.float32)[::-1, None, :]                      # [length, 1, ch]  (WIO)
+  return jax.lax.conv_general_dilated(u.astype(jnp.float32), rhs, window_strides=(1,),
+                                      padding=[(length - 1, 0)], dimension_numbers=("NWC", "WIO", "NWC"),
+                                      feature_group_count=ch)
 
 
 def causal_fft_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -156,7 +177,7 @@ class S4DMixer(nn.Module):
 
     if mode == "decode":
       y, new_cache["ssm"] = scan("reference" if length == 1 else "auto", cache["ssm"])
-    elif self.impl == "scan":
+    elif self.impl == "scan" or (self.impl == "auto" and jax.default_backend() == "cpu"):
       out = scan("auto", None)
       y = out if mode == "full" else out[0]
       if mode == "prefill":
@@ -203,7 +224,7 @@ class S4DConfig:
   gate: bool = True            # y * silu(z); False: the "No gate" S4 of Gu & Dao 2023, Table 1
   dt_min: float = 0.001
   dt_max: float = 0.1
-  impl: str = "auto"           # "fft" (auto) or "scan" (ssm_lab.ops.selective_scan); decode: scan
+  impl: str = "auto"           # "fft", "scan" (ssm_lab.ops.selective_scan); auto: fft, scan on CPU
 
 
 def _module(args: Any, cfg: S4DConfig, *, name: str) -> S4DMixer:

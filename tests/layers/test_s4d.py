@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssm_lab import config as config_lib
-from ssm_lab.layers.s4d import S4DMixer, causal_fft_conv, init_s4d_cache, s4d_kernel
+from ssm_lab.layers.s4d import S4DMixer, causal_conv, causal_fft_conv, init_s4d_cache, s4d_kernel
 
 KEY = jax.random.PRNGKey(0)
 
@@ -39,10 +39,11 @@ def test_causal_fft_conv_equals_direct_convolution():
   for t in range(13):
     for s in range(t + 1):
       direct[:, t] += k[t - s] * u[:, s]
-  np.testing.assert_allclose(causal_fft_conv(jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32)),
-                             direct, atol=1e-5, rtol=1e-5)
-  with pytest.raises(ValueError, match="kernel must be"):
-    causal_fft_conv(jnp.zeros((1, 4, 2)), jnp.zeros((3, 2)))
+  for conv in (causal_fft_conv, causal_conv):   # causal_conv: the direct form on this CPU
+    np.testing.assert_allclose(conv(jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32)),
+                               direct, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kernel must be"):
+      conv(jnp.zeros((1, 4, 2)), jnp.zeros((3, 2)))
 
 
 def test_fft_kernel_convolution_equals_the_recurrence():
