@@ -37,7 +37,7 @@ def test_shifted_sum_matches_grouped_conv_values_and_gradients(d_conv):
                              rtol=1e-5, atol=1e-5)
   g_new = jax.grad(loss(new), argnums=(0, 1, 2))(xs, kernel, bias)
   g_old = jax.grad(loss(grouped_conv), argnums=(0, 1, 2))(xs, kernel, bias)
-  for gn, go in zip(g_new, g_old):
+  for gn, go in zip(g_new, g_old, strict=True):
     np.testing.assert_allclose(gn, go, rtol=1e-5, atol=1e-5)
 
 
