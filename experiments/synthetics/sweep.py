@@ -32,7 +32,7 @@ COPY_LRS = [1e-4, 1e-3]  # the paper's constant 1e-4, and 1e-3 for our shorter b
 # This host's CPU: the same task shortened to length 256 (16 tokens to copy), 2,000 steps of 16, at
 # 1e-3; the LTI rows against S6, the ranking Table 1 is about.
 CPU_COPY = dict(seq_len=256, batch_size=16, num_steps=2000, eval_examples=256, segments=4)
-CPU_COPY_MODELS = ["s4d_nogate", "mamba_s4d", "mamba_s6"]
+CPU_COPY_MODELS = ["s4d_nogate", "mamba_s4d", "h3_hyena", "mamba_s6"]
 
 # Induction heads: train at 2^8, test at 2^6 .. 2^20.
 INDUCTION = dict(seq_len=256, vocab_size=16, batch_size=8, num_steps=10000, lr=1e-3,
