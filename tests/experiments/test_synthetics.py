@@ -23,7 +23,8 @@ def test_full_sweep_matches_the_paper_setting():
   s = study()
   sweep = s.sweep_module()
   runs = {r.name: r for r in s.runs()}
-  copy = [r for r in runs.values() if r.tags["task"] == "copy"]
+  copy = [r for r in runs.values() if r.tags["task"] == "copy" and "setting" not in r.tags]
+  cpu_copy = [r for r in runs.values() if r.tags["task"] == "copy" and r.tags.get("setting") == "cpu"]
   induction = [r for r in runs.values() if r.tags["task"] == "induction"]
   assert {r.tags["model"] for r in copy} == set(sweep.copy_models())
   assert {"mamba_s6", "mamba2"} <= set(sweep.copy_models())
@@ -38,6 +39,12 @@ def test_full_sweep_matches_the_paper_setting():
     assert (len(m.pattern), m.d_model, t.batch_size) == (2, 64, 64)
     assert t.warmup_steps == 0 and t.min_lr_ratio == 1.0   # constant learning rate
   assert abs(runs["copy-mamba_s6-lr1.0e-04"].config.train.learning_rate - 1e-4) < 1e-12
+  # The CPU setting: the same task at length 256, one learning rate, the LTI rows against S6.
+  assert {r.tags["model"] for r in cpu_copy} == set(sweep.CPU_COPY_MODELS) & set(sweep.copy_models())
+  for run in cpu_copy:
+    config_lib.validate(run.config)
+    task, t = run.config.task, run.config.train
+    assert (task.seq_len, task.num_tokens, t.batch_size, t.num_steps) == (256, 16, 16, 2000)
   assert {"mamba", "attention", "mamba2", "hybrid"} <= {r.tags["model"] for r in induction}
   for run in induction:
     config_lib.validate(run.config)
