@@ -231,10 +231,11 @@ class Checkpointer:
       return step, out.state, dict(out.meta)
     return None
 
-  def _set_aside(self, step: int) -> str:
-    """Moves a broken checkpoint out of the manager's way (kept for inspection, never deleted)."""
+  def _set_aside(self, step: int, into: str = "_unreadable") -> str:
+    """Moves checkpoint `step` out of the manager's way, to `<checkpoints><into>/<step>-<time>`
+    (kept for inspection, never deleted)."""
     src = os.path.join(self.directory, str(step))
-    dst_root = self.directory + "_unreadable"
+    dst_root = self.directory + into
     dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
     if parallel.is_primary():
       os.makedirs(dst_root, exist_ok=True)
@@ -244,18 +245,12 @@ class Checkpointer:
     return dst
 
   def set_aside_after(self, step: int) -> str:
-    """Moves every checkpoint newer than `step` to `<workdir>/checkpoints_ahead/<step>-<time>`
-    (kept, never deleted), so the next restore and save continue from `step`."""
+    """Moves every checkpoint newer than `step` to `<workdir>/checkpoints_ahead/` (kept, never
+    deleted), so the next restore and save continue from `step`; returns that folder."""
     self._seal()
-    root = self.directory + "_ahead"
     for s in [s for s in self.steps() if s > step]:
-      if parallel.is_primary():
-        os.makedirs(root, exist_ok=True)
-        os.replace(os.path.join(self.directory, str(s)),
-                   os.path.join(root, f"{s}-{int(time.time())}"))
-    parallel.barrier(f"ssm_lab_set_aside_after_{step}")
-    self.manager.reload()
-    return root
+      self._set_aside(s, into="_ahead")
+    return self.directory + "_ahead"
 
   def close(self) -> None:
     self._seal()

@@ -20,13 +20,14 @@ Because the system is time-invariant, the whole sequence is one causal convoluti
 
   K[c, t] = delta_c sum_n C[c, n] B[c, n] exp(delta_c A[c, n])^t          t = 0 .. L - 1
 
-computed by FFT over 2L points (impl "fft": O(L log L) per channel, no [L, d_inner, d_state]
-tensor of states); impl "scan" runs the recurrence through `ssm_lab.ops.selective_scan` instead,
-with B and C broadcast to one group per channel. "auto" is "fft" on accelerators and "scan" on the
-CPU: there XLA runs independent FFTs at once on its thread pool and each waits for pool threads the
-others hold, a deadlock that stopped our 2-core CPU runs at random steps with every thread idle
-(the same wedge as PyAutoLabs/PyAutoFit#1530; `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` also
-avoids it, at the cost of single-threaded CPU matmuls). Decoding always steps the recurrence from the
+computed by FFT over 2L points (impl "fft", the default: O(L log L) per channel, no
+[L, d_inner, d_state] tensor of states); impl "scan" runs the recurrence through
+`ssm_lab.ops.selective_scan` instead, with B and C broadcast to one group per channel. On the CPU
+`causal_conv` runs the same convolution directly (O(L^2) per channel): there XLA runs independent
+FFTs at once on its thread pool and each waits for pool threads the others hold, a deadlock that
+stopped our 2-core CPU runs at random steps with every thread idle (the same wedge as
+PyAutoLabs/PyAutoFit#1530; `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` also avoids it, at the
+cost of single-threaded CPU matmuls). Decoding always steps the recurrence from the
 cache {"conv": [batch, d_conv - 1, d_inner] (only with conv), "ssm": [batch, d_inner, d_state]
 float32}, constant in the context length.
 """
@@ -61,8 +62,8 @@ def log_dt_init(dt_min: float, dt_max: float):
 
 def causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
   """The causal long convolution of `causal_fft_conv` (same arguments and result): by FFT on
-  accelerators, directly on the CPU (O(L^2) per channel, as one depthwise convolution), where XLA's
-  concurrent FFTs can deadlock its thread pool (see the module docstring)."""
+  accelerators, directly on the CPU (O(L^2) per channel, one depthwise convolution), where XLA's
+  concurrent FFTs can deadlock its thread pool (see the module docstring). S4D and Hyena call this."""
   if jax.default_backend() != "cpu":
     return causal_fft_conv(u, kernel)
   length, ch = u.shape[1], u.shape[2]
@@ -177,7 +178,7 @@ class S4DMixer(nn.Module):
 
     if mode == "decode":
       y, new_cache["ssm"] = scan("reference" if length == 1 else "auto", cache["ssm"])
-    elif self.impl == "scan" or (self.impl == "auto" and jax.default_backend() == "cpu"):
+    elif self.impl == "scan":
       out = scan("auto", None)
       y = out if mode == "full" else out[0]
       if mode == "prefill":
@@ -186,7 +187,7 @@ class S4DMixer(nn.Module):
       u = xs.astype(f32)
       powers = s4d_powers(dt, A, length)
       kernel = jnp.einsum("cn,cnt->tc", C * B * dt[:, None], powers)
-      y = causal_fft_conv(u, kernel) + u * D
+      y = causal_conv(u, kernel) + u * D
       if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
       y = y.astype(xs.dtype)
@@ -224,7 +225,7 @@ class S4DConfig:
   gate: bool = True            # y * silu(z); False: the "No gate" S4 of Gu & Dao 2023, Table 1
   dt_min: float = 0.001
   dt_max: float = 0.1
-  impl: str = "auto"           # "fft", "scan" (ssm_lab.ops.selective_scan); auto: fft, scan on CPU
+  impl: str = "auto"           # "fft" (auto; direct on the CPU) or "scan" (ssm_lab.ops.selective_scan)
 
 
 def _module(args: Any, cfg: S4DConfig, *, name: str) -> S4DMixer:

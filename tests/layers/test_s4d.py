@@ -44,6 +44,12 @@ def test_causal_fft_conv_equals_direct_convolution():
                                direct, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="kernel must be"):
       conv(jnp.zeros((1, 4, 2)), jnp.zeros((3, 2)))
+  # Gradients of the direct form against the FFT form, for the input and the kernel.
+  w = jnp.asarray(rng.normal(size=u.shape), jnp.float32)
+  grads = [jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * w), argnums=(0, 1))(
+      jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32)) for f in (causal_fft_conv, causal_conv)]
+  for got, want in zip(grads[1], grads[0], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_fft_kernel_convolution_equals_the_recurrence():
