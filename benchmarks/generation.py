@@ -644,7 +644,7 @@ def main() -> int:
               lambda c=ctx: _raise_or(rows[c]))
   # Then decode (the comparison the section is about), smallest models first.
   decode_only = [n for n in args.decode_models.split(",") if n]
-  for size, names in by_size.items():
+  for names in by_size.values():
     for name in names:
       a = margs[name]
       if decode_only and name not in decode_only:

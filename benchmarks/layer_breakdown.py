@@ -300,11 +300,11 @@ def programs(fn: Callable, args: tuple):
 
   def fwdbwd(args, ct):
     flat = jax.tree.leaves(args)
-    floats = [a for a, f in zip(flat, is_f) if f]
+    floats = [a for a, f in zip(flat, is_f, strict=True) if f]
 
     def g(*floats):
       it = iter(floats)
-      full = [next(it) if f else a for a, f in zip(flat, is_f)]
+      full = [next(it) if f else a for a, f in zip(flat, is_f, strict=True)]
       return fn(*jax.tree.unflatten(tree, full))
     out, vjp = jax.vjp(g, *floats)
     return out, vjp(ct)
@@ -316,7 +316,7 @@ def cotangent(fn, args, key):
   leaves, tree = jax.tree.flatten(shapes)
   ks = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(tree, [jax.random.normal(k, s.shape, F32).astype(s.dtype)
-                                   for k, s in zip(ks, leaves)])
+                                   for k, s in zip(ks, leaves, strict=True)])
 
 
 def cost(exe) -> dict[str, float]:
@@ -442,7 +442,7 @@ def main():
       return RuntimeError("compile still running at the end of the budget")
 
   exes = {}
-  for i, (group, part, fn, args, grouped) in sorted(enumerate(cases), key=lambda ic: ic[1][4]):
+  for i, (group, part, _fn, args, _grouped) in sorted(enumerate(cases), key=lambda ic: ic[1][4]):
     name = f"{group}/{part}"
     row = dict(group=group, part=part, order=i)
     for mode in ("fwd", "fwdbwd"):
@@ -481,7 +481,7 @@ def main():
     try:
       args = next(c[3] for c in cases if f"{c[0]}/{c[1]}" == new)
       got, ref = e_new(args, cts[new]), e_old(args, cts[new])
-      errs = [rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+      errs = [rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)]
       checks.append(dict(case=f"{new} vs {old}", max_rel_err=max(errs),
                          per_leaf=[round(e, 5) for e in errs]))
     except Exception as e:  # noqa: BLE001

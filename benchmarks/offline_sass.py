@@ -213,7 +213,7 @@ def resource_usage(text: str) -> dict:
   if not m:
     return {}
   keys = ("registers", "stack_bytes", "shared_bytes", "local_bytes")
-  return dict(zip(keys, map(int, m.groups())))
+  return dict(zip(keys, map(int, m.groups()), strict=True))
 
 
 def opcode_mix(sass: str) -> dict:

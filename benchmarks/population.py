@@ -28,18 +28,13 @@ import tempfile
 import time
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import ml_collections
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ssm_lab import config as config_lib  # noqa: E402
-from ssm_lab import parallel, train  # noqa: E402
-from ssm_lab.provenance import git_commit  # noqa: E402
+from ssm_lab import config as config_lib
+from ssm_lab import parallel, train
+from ssm_lab.provenance import git_commit
 
 
 def make_config(pattern: str, batch_size: int, steps: int, lr: float, vocab: int = 8192,

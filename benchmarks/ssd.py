@@ -447,7 +447,7 @@ def main():
     errors = {}
     first = len(results)
     for rnd in range(opts.rounds):
-      for name, _, with_fwd in rows:
+      for name, _, _with_fwd in rows:
         if name in errors:
           continue
         try:
@@ -469,7 +469,7 @@ def main():
           if not per_round.get((name, "fwdbwd")):
             errors[name] = repr(e)[:400]
       del results[first:]
-      for name, _, with_fwd in rows:
+      for name, _, _with_fwd in rows:
         row = dict(shape=list(shape), impl=name)
         for mode in ("fwd", "fwdbwd"):
           if (name, mode) in per_round:

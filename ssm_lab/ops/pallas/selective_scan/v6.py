@@ -6,7 +6,7 @@
 one warp of 32 channels. jaxlib's Triton gives each lane 16-byte vectors: 4 channels x 4 states, 8
 lanes over the channels and 4 over the states at d_state 16, so a sum over states takes two shuffle
 levels and one over channels three (48 SHFL a token in the backward). The tile shapes were found with
-benchmarks/scan_prototype.py.
+a bare prototype of these kernels (tag kernel-lab-history, benchmarks/scan_prototype.py).
 
 Backward: per chunk of T tokens (the forward's checkpoint interval) the kernel recomputes the state at
 every `_V6_SUB` tokens from the checkpoint; per sub-chunk it recomputes and keeps those states and
@@ -38,8 +38,7 @@ def recompute_sub_chunks(step, h, t0: int, T: int, U: int, before_sub=None):
   """The v6 backward's recompute of one chunk of T tokens from its checkpoint h (the state before
   token t0). `step(h, t) -> (decay a_t, h_t)`. Recomputes the state at every U tokens, then, sub-chunk
   by sub-chunk from the last, calls `before_sub(j)` (if given) and yields (j, states, decays): the
-  U + 1 states from before the sub-chunk's first token t0 + j U to after its last, and the U decays.
-  (Also used by benchmarks/scan_prototype.py.)"""
+  U + 1 states from before the sub-chunk's first token t0 + j U to after its last, and the U decays."""
   subs = [h]
   for j in range(1, T // U):
     for i in range(U):
