@@ -117,20 +117,40 @@ def generation_tables(results: list[dict]) -> str:
   return "\n\n".join(out)
 
 
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The compute frontier of (FLOPs, loss) points: those no cheaper point beats, cheapest first."""
+  out: list[tuple[float, float]] = []
+  for flops, loss in sorted(points):
+    if not out or loss < out[-1][1]:
+      out.append((flops, loss))
+  return out
+
+
+def _families(records: list[dict]) -> list[list[dict]]:
+  """Quality records split into byte-level CPU sizes and GPT-NeoX sizes (losses in other units)."""
+  cpu = [r for r in records if r["tags"]["size"].startswith("cpu")]
+  gpu = [r for r in records if not r["tags"]["size"].startswith("cpu")]
+  return [f for f in (cpu, gpu) if f]
+
+
 def quality_table(results: list[dict]) -> str:
   quality = _part(results, "quality")
   best = best_over(quality, key="lr", metric_key="loss", mode="min")
   if not best:
     return f"**Quality per compute**: {NOT_MEASURED}."
+  on_front = {p for family in _families(best)
+              for p in frontier([(r["metrics"]["train_flops"], r["metrics"]["loss"]) for r in family])}
   rows = [[r["tags"]["size"], r["tags"]["arch"], f"{r['metrics']['non_embedding_params'] / 1e6:.2f}M",
            f"{r['metrics']['train_flops']:.3g}", f"{r['metrics']['loss']:.4f}",
            f"{r['metrics'].get('bits_per_byte', float('nan')):.4f}",
            f"{r['tags']['lr']:.0e} (best of {r['best_over']['tried']})"]
-          for r in sorted(best, key=lambda r: (r["tags"]["size"], r["metrics"]["loss"]))]
-  return (f"**Quality per compute** (eval on held-out Gutenberg books; best learning rate). Device: "
-          f"{_device(best)}.\n\n" + markdown_table(
-              ["size", "arch", "non-emb. params", "train FLOPs", "eval loss", "bits/byte", "lr"],
-              rows))
+          + ["yes" if (r["metrics"]["train_flops"], r["metrics"]["loss"]) in on_front else ""]
+          for r in sorted(best, key=lambda r: (r["metrics"]["train_flops"], r["metrics"]["loss"]))]
+  return (f"**Quality per compute** (eval on held-out Gutenberg books; best learning rate; the "
+          f"frontier is taken within the byte-level CPU sizes and within the GPT-NeoX sizes, whose "
+          f"losses are in different units). Device: {_device(best)}.\n\n" + markdown_table(
+              ["size", "arch", "non-emb. params", "train FLOPs", "eval loss", "bits/byte", "lr",
+               "on frontier"], rows))
 
 
 def edge_table(results: list[dict]) -> str:
@@ -220,6 +240,11 @@ def figure(results: list[dict], which: str):
               mode="min"))
       axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
       axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o")
+    for i, family in enumerate(_families(best_over(recs, key="lr", metric_key="loss", mode="min"))):
+      front = frontier([(r["metrics"]["train_flops"], r["metrics"]["loss"]) for r in family])
+      if len(front) > 1:
+        axes[0].plot(*zip(*front, strict=True), color="k", ls="--", lw=0.8,
+                     label=None if i else "frontier")
     for ax, y in zip(axes, ("eval loss", "bits per byte"), strict=True):
       ax.set_xscale("log")
       ax.set_title(f"{y} against training FLOPs", fontsize=9)

@@ -24,7 +24,9 @@ SIZES: dict[str, tuple[int, int, int, int, int, tuple[float, ...]]] = {
     "5m": (256, 6, 25_000_000, 64, 1024, (1e-3, 2e-3, 4e-3)),
     "15m": (384, 8, 50_000_000, 64, 1024, (6e-4, 1.2e-3, 2.4e-3)),
     "40m": (512, 12, 100_000_000, 64, 1024, (4e-4, 8e-4, 1.6e-3)),
-    # CPU scale: byte-level, ~0.8M non-embedding parameters.
+    # CPU scale: byte-level, ~0.2M and ~0.8M non-embedding parameters (a larger CPU size costs an
+    # hour a Mamba run on 2 cores: the cpu1m Mamba step takes ~4 s there).
+    "cpu0p2m": (64, 4, 307_200, 8, 256, (3e-3, 9e-3)),
     "cpu1m": (128, 4, 614_400, 16, 256, (2e-3, 6e-3)),
 }
 SMOKE = (32, 1, 2048, 4, 32, (3e-3,))

@@ -4,7 +4,7 @@ constant state, measured end to end (issue 26). Five parts, each a set of units:
   ops-<op>-<impl>[-w<window>]     one mixer's forward+backward time and memory against length (GPU)
   train-<size>-<arch>             training tokens/s and peak memory against length (GPU)
   gen-decode-<model>, gen-prefill-<model>, fits-*   generation throughput, prefill, longest context
-  quality-<size>-<arch>-lr<lr>    eval loss and bits per byte against training FLOPs (GPU; cpu1m: CPU)
+  quality-<size>-<arch>-lr<lr>    eval loss and bits per byte against training FLOPs (GPU; cpu0p2m, cpu1m: CPU)
   edge-<model>                    batch-1 decode latency and resident memory on the CPU
 
 The measuring code lives beside this file (ops.py, models.py, inference.py, quality.py, edge.py);

@@ -23,7 +23,7 @@ def test_full_sweep_lists_every_unit():
           "train-350m-hybrid", "gen-decode-mamba2-1.3b", "fits-closed-form",
           "fits-confirm-transformer-1.3b", "edge-mamba-130m"} <= names
   quality = [r for r in runs if r.config is not None]
-  assert len(quality) == 4 * (3 * 3 + 2)
+  assert len(quality) == 4 * (3 * 3 + 2 + 2)
   for run in quality:
     config_lib.validate(run.config)
   hybrid = next(r for r in quality if r.tags["arch"] == "hybrid" and r.tags["size"] == "40m")
@@ -60,3 +60,12 @@ def test_committed_results_give_the_table():
   s = study()
   table = experiments.table_study(s, s.results_dir)
   assert "(imported)" in table and "NVIDIA H200" in table
+
+
+def test_quality_frontier_keeps_points_no_cheaper_point_beats():
+  plot = study().plot_module()
+  pts = [(4.0, 2.0), (1.0, 3.0), (2.0, 3.5), (3.0, 2.5), (8.0, 2.1)]
+  assert plot.frontier(pts) == [(1.0, 3.0), (3.0, 2.5), (4.0, 2.0)]
+  cpu = {"tags": {"size": "cpu1m"}}
+  gpu = {"tags": {"size": "5m"}}
+  assert plot._families([gpu, cpu]) == [[cpu], [gpu]]
