@@ -75,7 +75,7 @@ def step_case(configs: list[ml_collections.ConfigDict], steps: int) -> dict[str,
 
   compile_s = run_s = 0.0
   for c in configs:  # one by one: each run compiles its own step (its schedule is a constant)
-    tx = train.make_optimizer(c.train)
+    tx = train.make_optimizer(c.train, c.model.pattern)
     init = train._state_initializer(task, model, tx)
     state = jax.jit(init)(jax.random.PRNGKey(c.seed))
     step = jax.jit(functools.partial(train.train_step, tx=tx, **kw), donate_argnums=0)
@@ -89,7 +89,7 @@ def step_case(configs: list[ml_collections.ConfigDict], steps: int) -> dict[str,
     run_s += dt
   out["one_by_one"] = {"compile_s": compile_s, "run_s": run_s}
 
-  tx = train.make_optimizer(t, unit_lr=True)
+  tx = train.make_optimizer(t, config.model.pattern, unit_lr=True)
   init = train._state_initializer(task, model, tx)
   keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
   state = jax.jit(jax.vmap(init))(keys)

@@ -158,7 +158,7 @@ def run_case(name: str, spec: dict[str, Any], seq_len: int, steps: int, rounds: 
   args = model.args
   t = types.SimpleNamespace(learning_rate=3e-4, warmup_steps=10, num_steps=1000, min_lr_ratio=0.1,
                             weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0)
-  tx = train.make_optimizer(t)
+  tx = train.make_optimizer(t, args.pattern)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   rng = np.random.default_rng(0)
 

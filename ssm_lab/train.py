@@ -53,10 +53,6 @@ from ssm_lab.models import LanguageModel, build_model, flops_per_token, param_co
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5e": 197e12, "TPU v5p": 459e12}
 
-# Parameters the mixers keep out of weight decay (besides every 1-D parameter), from their registry
-# entries (Mamba's A_log, D and dt_bias, for example).
-_NO_DECAY = registry.no_weight_decay()
-
 # A state is checkpointed only while its parameters' global norm stays within this factor of the
 # initial parameters' norm: healthy training moves it by a small factor, a run on its way to
 # diverging (too high a learning rate) by orders of magnitude before its loss turns non-finite.
@@ -99,15 +95,33 @@ def make_schedule(t: ml_collections.ConfigDict, peak: float | None = None) -> op
       decay_steps=max(t.num_steps, warmup + 1), end_value=peak * t.min_lr_ratio)
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Any, pattern: str) -> Any:
+  """True where AdamW decays a parameter: every parameter of 2 or more dimensions except those a
+  block's mixer names in its registry entry (`no_weight_decay`, e.g. Mamba's A_log), which are
+  matched only inside that block's mixer (`block_<i>/<module_name>/.../<name>`, the mixer of
+  `pattern[i]`), so one mixer's names never exempt another mixer's weights."""
+  exempt = {}
+  for i, letter in enumerate(pattern):
+    spec = registry.get(letter)
+    exempt[f"block_{i}"] = (spec.module_name, frozenset(spec.no_weight_decay))
+
   def keep(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim >= 2 and name not in _NO_DECAY
+    if x.ndim < 2:
+      return False
+    keys = [str(getattr(p, "key", p)) for p in path]
+    for j, k in enumerate(keys[:-1]):
+      if k in exempt:
+        module, names = exempt[k]
+        return not (keys[j + 1] == module and keys[-1] in names)
+    return True
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(t: ml_collections.ConfigDict, unit_lr: bool = False) -> optax.GradientTransformation:
+def make_optimizer(t: ml_collections.ConfigDict, pattern: str,
+                   unit_lr: bool = False) -> optax.GradientTransformation:
   """AdamW after global-norm clipping; its moments take the parameters' dtype (float32 masters).
+  `pattern` is the model's layer pattern (config.model.pattern): it says which mixer's
+  `no_weight_decay` names apply to which block (`decay_mask`).
 
   `unit_lr`: the schedule peaks at 1.0 instead of t.learning_rate, for `train_step(lr_scale=...)`
   (AdamW's update is -lr(t) * (adam + wd * p), so scaling it by the peak gives the same update).
@@ -115,7 +129,7 @@ def make_optimizer(t: ml_collections.ConfigDict, unit_lr: bool = False) -> optax
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip_norm),
       optax.adamw(make_schedule(t, 1.0 if unit_lr else None), b1=t.b1, b2=t.b2,
-                  weight_decay=t.weight_decay, mask=decay_mask))
+                  weight_decay=t.weight_decay, mask=functools.partial(decay_mask, pattern=pattern)))
 
 
 def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -192,7 +206,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Languag
   """One optimizer update (over `accum` micro-batches); non-finite updates are skipped.
 
   `lr_scale` multiplies the optimizer's updates: the peak learning rate of a `tx` built with
-  `make_optimizer(t, unit_lr=True)` (one per member of a vmapped population).
+  `make_optimizer(t, pattern, unit_lr=True)` (one per member of a vmapped population).
 
   batch: {name: [batch, ...]}. Micro-batch j holds rows j, j + accum, j + 2 accum, ... so that each
   one stays spread over every device of a batch-sharded mesh. With `param_shardings` (FSDP), the
@@ -247,7 +261,7 @@ def population_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Arra
                     active: jax.Array, **step_kw: Any) -> tuple[TrainState, dict]:
   """`train_step` vmapped over a population: state [members, ...], lr and active [members]; every
   member sees the same batch (its data follows config.task, which the members share). `step_kw`
-  as for train_step, with `tx` from `make_optimizer(t, unit_lr=True)`."""
+  as for train_step, with `tx` from `make_optimizer(t, pattern, unit_lr=True)`."""
   def one(s, l, a):
     new, metrics = train_step(s, batch, lr_scale=l, **step_kw)
     # A frozen (diverged) member keeps its state: its updates are dropped.
@@ -415,7 +429,7 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   task = make_task(config.task)
   model = build_model(config.model, vocab_size=task.vocab_size,
                       num_classes=getattr(task, "num_classes", 0) or None)
-  init_state = _state_initializer(task, model, make_optimizer(config.train))
+  init_state = _state_initializer(task, model, make_optimizer(config.train, config.model.pattern))
   return jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
 
 
@@ -759,7 +773,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, sto
   primary = parallel.is_primary()
   say = print if primary else (lambda *a, **k: None)
 
-  tx = make_optimizer(t, unit_lr=stacked)
+  tx = make_optimizer(t, configs[0].model.pattern, unit_lr=stacked)
   init_one = _state_initializer(task, model, tx)
   keys = [jax.random.PRNGKey(c.seed) for c in configs]
   with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)

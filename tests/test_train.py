@@ -127,9 +127,23 @@ def _step_setup(config):
   """(task, model, tx, initial state) for step-level tests of `train.train_step`."""
   task = train.make_task(config.task)
   model = train.build_model(config.model, vocab_size=task.vocab_size)
-  tx = train.make_optimizer(config.train)
+  tx = train.make_optimizer(config.train, config.model.pattern)
   state = jax.jit(train._state_initializer(task, model, tx))(jax.random.PRNGKey(config.seed))
   return task, model, tx, state
+
+
+def test_weight_decay_exemptions_apply_only_inside_the_mixer_that_names_them():
+  w = jnp.zeros((2, 2))
+  params = {"embed": {"embedding": w},
+            "block_0": {"mixer": {"A_log": w, "B": w, "in_proj": {"kernel": w}}, "norm": {"scale": w[0]}},
+            "block_1": {"mixer": {"A_log": w, "B": w}},
+            "block_2": {"mixer": {"A_log": w, "B": w}}}
+  mask = train.decay_mask(params, "MAD")  # Mamba-1, attention, S4D
+  assert mask["embed"]["embedding"] and mask["block_0"]["mixer"]["in_proj"]["kernel"]
+  assert not mask["block_0"]["norm"]["scale"]                       # 1-D: never decayed
+  assert not mask["block_0"]["mixer"]["A_log"] and mask["block_0"]["mixer"]["B"]   # Mamba: A_log only
+  assert mask["block_1"]["mixer"]["A_log"] and mask["block_1"]["mixer"]["B"]       # attention: none
+  assert not mask["block_2"]["mixer"]["A_log"] and not mask["block_2"]["mixer"]["B"]  # S4D: both
 
 
 def test_grad_accumulation_4x8_equals_1x32():

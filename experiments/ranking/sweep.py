@@ -333,7 +333,7 @@ def throughput(b: Budget, backbones: tuple[str, ...]) -> dict[str, float]:
         mask = jnp.ones((n, length), jnp.float32)
         params = model.init(jax.random.PRNGKey(0), x[:1], pad_mask=mask[:1])["params"]
         # The training loop's own step (AdamW, the grouped LCE loss over groups of min(n, 8) rows).
-        tx = train_lib.make_optimizer(config.train)
+        tx = train_lib.make_optimizer(config.train, config.model.pattern)
         zero = jnp.zeros((), jnp.int32)
         state = train_lib.TrainState(step=zero, params=params, opt_state=tx.init(params),
                                      skipped=zero, consecutive_bad=zero)

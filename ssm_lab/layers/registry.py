@@ -58,7 +58,8 @@ class MixerSpec:
     cache_bytes: `f(args, cfg, context_len) -> {"kv"|"conv"|"ssm"|"state": bytes}` for one sequence,
       equal to what init_cache allocates per sequence.
     validate: `f(args, cfg, prefix)` raising `ssm_lab.errors.ConfigError` naming `prefix.<field>`.
-    no_weight_decay: parameter names the optimizer keeps out of weight decay (besides 1-D ones).
+    no_weight_decay: parameter names the optimizer keeps out of weight decay (besides 1-D ones),
+      matched within this mixer's own submodule of each block that uses it.
     renamed: {old flat `config.model` field: field of this group}; the old name is rejected with
       an error naming the new one.
     hf_architectures: {Hugging Face architecture: converter(config, tensors) -> (ModelArgs kwargs,
@@ -155,10 +156,6 @@ def renamed_fields() -> dict[str, list[str]]:
 def hf_converters() -> dict[str, Callable[..., Any]]:
   """{Hugging Face architecture: converter} over every mixer."""
   return {arch: fn for s in specs() for arch, fn in s.hf_architectures.items()}
-
-
-def no_weight_decay() -> tuple[str, ...]:
-  return tuple(sorted({n for s in specs() for n in s.no_weight_decay}))
 
 
 def describe() -> str:
