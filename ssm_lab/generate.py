@@ -46,13 +46,6 @@ def init_cache(model: LanguageModel, batch: int, max_len: int) -> Cache:
   return model.init_cache(batch, max_len)
 
 
-def cache_capacity(cache: Cache) -> int | None:
-  """Positions a cache can hold before a linear KV cache wraps around: the smallest attention
-  cache length that is not a ring buffer; None when no layer limits it (SSM-only stacks)."""
-  lengths = [c["k"].shape[1] for c in cache["blocks"].values() if "k" in c]
-  return min(lengths) if lengths else None
-
-
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
 def prefill(model: LanguageModel, params: Any, prompt: jax.Array,
             cache: Cache) -> tuple[jax.Array, Cache]:

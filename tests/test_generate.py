@@ -185,7 +185,6 @@ def test_jitted_prefill_and_decode_step_follow_the_full_forward():
   for t in range(6, 11):
     logits, cache = gen.decode_step(model, params, tokens[:, t], cache)
     np.testing.assert_allclose(logits, full[:, t], atol=ATOL, rtol=RTOL)
-  assert gen.cache_capacity(cache) == 11
 
 
 @pytest.mark.parametrize("pattern", ["AA", "MAS"])
