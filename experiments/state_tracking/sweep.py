@@ -45,6 +45,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu2": dict(d_model=64, lengths=[8, 16], max_depth=2, num_steps=1500, batch_size=64,
                  lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
                  models=["transformer", "mamba", "lstm"]),
+    # The gpu setting's width, learning rate and batch on two CPU cores: S5 and Z60 at lengths 4 and
+    # 8, depths 1-2, 3,000 steps per depth; every model (a Mamba layer step costs ~0.06 s here).
+    "cpu3": dict(d_model=128, lengths=[4, 8], max_depth=2, num_steps=3000, batch_size=64,
+                 lr=1e-3, eval_examples=512, segments=3, groups=["S5", "Z60"]),
 }
 SMOKE = dict(d_model=16, lengths=[4], max_depth=2, num_steps=4, batch_size=8, lr=1e-2,
              eval_examples=16, segments=1)
