@@ -143,7 +143,7 @@ def quality_table(results: list[dict]) -> str:
   rows = [[r["tags"]["size"], r["tags"]["arch"], f"{r['metrics']['non_embedding_params'] / 1e6:.2f}M",
            f"{r['metrics']['train_flops']:.3g}", f"{r['metrics']['loss']:.4f}",
            f"{r['metrics'].get('bits_per_byte', float('nan')):.4f}",
-           f"{r['tags']['lr']:.0e} (best of {r['best_over']['tried']})"]
+           f"{r['tags']['lr']:.1e} (best of {r['best_over']['tried']})"]
           + ["yes" if (r["metrics"]["train_flops"], r["metrics"]["loss"]) in on_front else ""]
           for r in sorted(best, key=lambda r: (r["metrics"]["train_flops"], r["metrics"]["loss"]))]
   return (f"**Quality per compute** (eval on held-out Gutenberg books; best learning rate; the "

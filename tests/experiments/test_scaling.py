@@ -23,7 +23,7 @@ def test_full_sweep_lists_every_unit():
           "train-350m-hybrid", "gen-decode-mamba2-1.3b", "fits-closed-form",
           "fits-confirm-transformer-1.3b", "edge-mamba-130m"} <= names
   quality = [r for r in runs if r.config is not None]
-  assert len(quality) == 4 * (3 * 3 + 2 + 2)
+  assert len(quality) == 4 * (3 * 3 + 3 + 3)
   for run in quality:
     config_lib.validate(run.config)
   hybrid = next(r for r in quality if r.tags["arch"] == "hybrid" and r.tags["size"] == "40m")
