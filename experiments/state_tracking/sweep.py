@@ -48,9 +48,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu2": dict(d_model=64, lengths=[8, 16], max_depth=2, num_steps=1500, batch_size=64,
                  lr=3e-3, eval_examples=512, segments=3, groups=["A5", "Z60"],
                  models=["transformer", "mamba", "lstm"]),
-    # The gpu setting on two CPU cores at length 4 only: S5 and Z60, depths 1-2, every model. (With
+    # The gpu setting on two CPU cores at lengths 4 and 8: S5 and Z60, depths 1-2, every model. (With
     # 10,000 steps the cosine schedule decays too early: the LSTM ended at 71% on S5.)
-    "cpu3": dict(d_model=128, lengths=[4], max_depth=2, num_steps=20000, batch_size=64,
+    "cpu3": dict(d_model=128, lengths=[4, 8], max_depth=2, num_steps=20000, batch_size=64,
                  lr=1e-3, eval_examples=512, segments=10, groups=["S5", "Z60"]),
 }
 SMOKE = dict(d_model=16, lengths=[4], max_depth=2, num_steps=4, batch_size=8, lr=1e-2,
