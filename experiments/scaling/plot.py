@@ -127,10 +127,12 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _families(records: list[dict]) -> list[list[dict]]:
-  """Quality records split into byte-level CPU sizes and GPT-NeoX sizes (losses in other units)."""
-  cpu = [r for r in records if r["tags"]["size"].startswith("cpu")]
-  gpu = [r for r in records if not r["tags"]["size"].startswith("cpu")]
-  return [f for f in (cpu, gpu) if f]
+  """Quality records grouped by tokenizer (byte-level CPU sizes, GPT-NeoX GPU sizes): losses per
+  token of different tokenizers are in different units, so each group has its own frontier."""
+  groups: dict[str, list[dict]] = {}
+  for r in records:
+    groups.setdefault(r["config"]["task"]["tokenizer"], []).append(r)
+  return [groups[k] for k in sorted(groups)]
 
 
 def quality_table(results: list[dict]) -> str:
@@ -147,8 +149,8 @@ def quality_table(results: list[dict]) -> str:
           + ["yes" if (r["metrics"]["train_flops"], r["metrics"]["loss"]) in on_front else ""]
           for r in sorted(best, key=lambda r: (r["metrics"]["train_flops"], r["metrics"]["loss"]))]
   return (f"**Quality per compute** (eval on held-out Gutenberg books; best learning rate; the "
-          f"frontier is taken within the byte-level CPU sizes and within the GPT-NeoX sizes, whose "
-          f"losses are in different units). Device: {_device(best)}.\n\n" + markdown_table(
+          f"frontier is taken per tokenizer: byte-level CPU sizes, GPT-NeoX GPU sizes, whose losses "
+          f"are in different units). Device: {_device(best)}.\n\n" + markdown_table(
               ["size", "arch", "non-emb. params", "train FLOPs", "eval loss", "bits/byte", "lr",
                "on frontier"], rows))
 

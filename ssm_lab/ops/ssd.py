@@ -87,8 +87,7 @@ def _chunked(x, dt, A, B, C, *, D, dt_bias, dt_softplus, chunk_size, initial_sta
   groups, d_state = B.shape[2], B.shape[3]
   rep = heads // groups
   # A sequence shorter than a chunk is one chunk of its own length: padding it to the chunk would
-  # multiply the work (64 / length times at short lengths; 10-18x the fwd+bwd time at length 4 on
-  # this CPU) for the same result.
+  # multiply the intra-chunk work by chunk / length for the same result.
   q = min(chunk_size or DEFAULT_CHUNK, length)
   f32 = jnp.float32
   # Matrix products take the inputs' dtype (bf16 on tensor cores) and accumulate in float32.

@@ -66,6 +66,6 @@ def test_quality_frontier_keeps_points_no_cheaper_point_beats():
   plot = study().plot_module()
   pts = [(4.0, 2.0), (1.0, 3.0), (2.0, 3.5), (3.0, 2.5), (8.0, 2.1)]
   assert plot.frontier(pts) == [(1.0, 3.0), (3.0, 2.5), (4.0, 2.0)]
-  cpu = {"tags": {"size": "cpu1m"}}
-  gpu = {"tags": {"size": "5m"}}
+  cpu = {"tags": {"size": "cpu1m"}, "config": {"task": {"tokenizer": "bytes"}}}
+  gpu = {"tags": {"size": "5m"}, "config": {"task": {"tokenizer": "gpt-neox-20b"}}}
   assert plot._families([gpu, cpu]) == [[cpu], [gpu]]
